@@ -1,0 +1,158 @@
+"""``torch.ops.distr.attention``: the registered operator, its autograd, and the Python entry point.
+
+The op is a ``torch.library.triton_op``: Inductor and AOTInductor see (and compile) the Triton
+kernels it launches on CUDA, ``torch.export`` keeps it as one node, and its body doubles as the
+fake implementation. Dispatch, decided per call from the tensors:
+
+* CUDA, fp16/bf16, head dim a power of two in [16, 256] with d/G >= 16, v's head dim equal to
+  q's: Triton grouping kernel (LSH) + Triton forward;
+* everything else (CPU, float32/float64 anywhere, other head dims): the PyTorch reference.
+  float32 on CUDA takes the reference on purpose: the kernel would run the dots in tf32.
+
+Schema (version 1, stable; a change bumps ``SCHEMA_VERSION`` and gets a new overload):
+
+    distr::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal,
+                     float? scale, bool enable_gqa, int group_size, int block_m,
+                     int num_hyperplanes, str representative, str grouping, int seed)
+        -> (Tensor out, Tensor lse)
+
+``out`` has q's shape with v's head dim; ``lse`` is float32 (float64 for float64 inputs) of shape
+q.shape[:-1]: the natural-log log-sum-exp of each query row (-inf for a fully masked row).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .config import DistrConfig
+from .inputs import canonicalize
+from .kernels.attention import distr_forward
+from .kernels.grouping import lsh_group
+
+SCHEMA_VERSION = 1
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def uses_kernel(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> bool:
+    """Whether these inputs run the Triton kernels (else the PyTorch reference)."""
+    d = q.shape[-1]
+    return (
+        q.is_cuda
+        and q.dtype in KERNEL_DTYPES
+        and d in KERNEL_HEAD_DIMS
+        and d // config.group_size >= 16
+        and v.shape[-1] == d
+    )
+
+
+def group_columns(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+    """The grouping for canonical q, computed where the forward computes it, so the backward
+    (which recomputes it) sees exactly the forward's grouping."""
+    if config.grouping == "lsh" and uses_kernel(q, v, config):
+        return lsh_group(q, config)
+    return reference.group_columns(q, config)
+
+
+def _config(group_size: int, block_m: int, num_hyperplanes: int, representative: str, grouping: str, seed: int) -> DistrConfig:
+    return DistrConfig(group_size, block_m, num_hyperplanes, representative, grouping, seed)
+
+
+@torch.library.triton_op("distr::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    group_size: int,
+    block_m: int,
+    num_hyperplanes: int,
+    representative: str,
+    grouping: str,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    config = _config(group_size, block_m, num_hyperplanes, representative, grouping, seed)
+    c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, group_size)
+    perm = None if config.exact else group_columns(c.q, c.v, config)
+    if uses_kernel(c.q, c.v, config):
+        out, lse = distr_forward(
+            c.q, c.k, c.v, perm, c.attn_mask, is_causal, scale, group_size, block_m, representative
+        )
+    else:
+        out, lse = reference.distr_attention(c.q, c.k, c.v, c.attn_mask, is_causal, scale, config, perm=perm)
+    return c.restore(out), c.restore(lse)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, attn_mask, *args = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.args = args
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+    """Gradient of the approximate function with the grouping held fixed: autograd through the
+    reference (exact attention on the representative-replaced q) with the forward's grouping."""
+    q, k, v, attn_mask = ctx.saved_tensors
+    is_causal, scale, enable_gqa, *knobs = ctx.args
+    config = _config(*knobs)
+    wants = ctx.needs_input_grad[:4]
+    with torch.enable_grad():
+        inputs = [t if t is None else t.detach().requires_grad_(w) for t, w in zip((q, k, v, attn_mask), wants)]
+        c = canonicalize(*inputs[:3], inputs[3], 0.0, is_causal, scale, enable_gqa, config.group_size)
+        perm = None if config.exact else group_columns(c.q.detach(), c.v, config)
+        out, lse = reference.distr_attention(c.q, c.k, c.v, c.attn_mask, is_causal, scale, config, perm=perm)
+        outputs, grads = [c.restore(out)], [grad_out]
+        if grad_lse is not None:
+            outputs.append(c.restore(lse))
+            grads.append(grad_lse)
+        needed = [t for t, w in zip(inputs, wants) if w]
+        found = iter(torch.autograd.grad(outputs, needed, grads, allow_unused=True))
+    return (*(next(found) if w else None for w in wants), *([None] * len(ctx.args)))
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def distr_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    config: DistrConfig | None = None,
+) -> torch.Tensor:
+    """DistrAttention with the calling convention of ``F.scaled_dot_product_attention``.
+
+    Shapes (..., L, E); masks bool (True = attend) or additive, broadcastable to
+    (..., Hq, Lq, Lk); ``is_causal`` aligned top-left like SDPA; ``scale`` defaults to 1/sqrt(E)
+    of the original head dim; GQA reads shared K/V heads without copies when ``enable_gqa``.
+    ``config`` (default ``DistrConfig()``) sets G and the grouping; G = 1 is exactly SDPA.
+
+    Runs the Triton kernels on CUDA in fp16/bf16 and the PyTorch reference otherwise (see
+    ``distr_compile.ops``). ``dropout_p > 0`` runs the reference with dropout on the attention
+    weights (no kernel). A fully masked row gives zeros, like SDPA; NaN in an input propagates to
+    every output row it reaches, like SDPA's math backend.
+    """
+    config = DistrConfig() if config is None else config
+    if config.exact:
+        canonicalize(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    if dropout_p > 0.0:
+        c = canonicalize(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config.group_size)
+        out, _ = reference.distr_attention(c.q, c.k, c.v, c.attn_mask, is_causal, scale, config, dropout_p)
+        return c.restore(out)
+    return torch.ops.distr.attention(
+        q, k, v, attn_mask, is_causal, scale, enable_gqa,
+        config.group_size, config.block_m, config.num_hyperplanes, config.representative, config.grouping, config.seed,
+    )[0]

@@ -1,0 +1,151 @@
+"""DistrAttention in plain, vectorised PyTorch: runs on any device and is the oracle for every test.
+
+Tensors here are canonical: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) with
+Hq % Hkv == 0 (GQA without copies), and an optional mask already broadcast to (B, Hq, Lq, Lk).
+
+The approximation has a closed form that keeps this file short: replacing, inside each block of
+``block_m`` query rows, every Q column by its group's representative (``q_tilde``) gives
+
+    q_tilde @ K^T  ==  Q_rep @ K_fused^T      (Q_rep: block_m x d/G, K_fused: Lk x d/G)
+
+because each group contributes rep_g * sum_{c in g} K[:, c]. So the reference is exact attention
+on ``q_tilde``: autograd through it is the gradient of the approximate function with the grouping
+held fixed, and nothing of size (query blocks x Lk x d/G) is ever materialised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import DistrConfig
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (murmur3's finaliser) on int64 tensors holding uint32 values."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & _MASK32
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Deterministic uniforms in (0, 1), float32, one per int64 entry of ``index``.
+
+    A counter-based generator built from integer ops only: identical on every device, with no RNG
+    state, so it traces cleanly under torch.compile and export."""
+    x = _mix32(_mix32(index + 0x9E3779B9 * (seed + 1)) + index)
+    return (x.to(torch.float32) + 0.5) / 2.0**32
+
+
+def hyperplanes(num: int, block_m: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The LSH hyperplanes: (num, block_m) float32 standard Gaussians (Box-Muller on
+    :func:`hash_uniform`), a pure function of the seed shared by the kernel and this oracle."""
+    index = torch.arange(2 * num * block_m, device=device, dtype=torch.int64).view(2, num, block_m)
+    u = hash_uniform(seed, index)
+    return torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
+
+
+def _blocks(q: torch.Tensor, block_m: int) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, nb, block_m, D), the last block zero-padded."""
+    B, H, L, D = q.shape
+    nb = math.ceil(L / block_m)
+    q = torch.nn.functional.pad(q, (0, 0, 0, nb * block_m - L))
+    return q.view(B, H, nb, block_m, D)
+
+
+def group_columns(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+    """Per block of query rows, the order of the d columns whose consecutive runs of G form the
+    groups: (B, H, nb, D) int64, a permutation of range(D) in each block.
+
+    "lsh": each column (a block_m-long vector) gets an integer code from the signs of its
+    projections on ``num_hyperplanes`` Gaussian hyperplanes; columns sort by (code, index).
+    "random": a seeded random permutation per block.
+    """
+    B, H, L, D = q.shape
+    nb = math.ceil(L / config.block_m)
+    if config.grouping == "random":
+        index = torch.arange(B * H * nb * D, device=q.device, dtype=torch.int64).view(B, H, nb, D)
+        return hash_uniform(config.seed, index).argsort(-1)
+    planes = hyperplanes(config.num_hyperplanes, config.block_m, config.seed, q.device)
+    proj = torch.einsum("rm,bhnmd->bhnrd", planes, _blocks(q.detach().float(), config.block_m))
+    bit_values = 2 ** torch.arange(config.num_hyperplanes, device=q.device)
+    codes = ((proj > 0).long() * bit_values[:, None]).sum(-2)
+    return (codes * D + torch.arange(D, device=q.device)).argsort(-1)
+
+
+def representative_query(q: torch.Tensor, perm: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+    """q with every column replaced by its group's representative inside each block (q_tilde).
+    Differentiable in q; ``perm`` (from :func:`group_columns`) is held fixed."""
+    B, H, L, D = q.shape
+    G = config.group_size
+    blocks = _blocks(q, config.block_m)
+    index = perm.long()[..., None, :].expand(blocks.shape)
+    grouped = blocks.gather(-1, index).unflatten(-1, (D // G, G))
+    rep = grouped.mean(-1) if config.representative == "mean" else grouped[..., 0]
+    rep = rep.repeat_interleave(G, dim=-1)
+    q_tilde = torch.empty_like(blocks).scatter(-1, index, rep)
+    return q_tilde.flatten(2, 3)[:, :, :L]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention with native GQA, computed in float32 (float64 stays float64).
+
+    Returns (out in q's dtype, lse float32/64 of shape (B, Hq, Lq)). Fully masked rows give zeros
+    and lse = -inf (as SDPA gives zeros); NaN in the inputs propagates to the rows it touches.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qg = q.to(acc).unflatten(1, (Hkv, Hq // Hkv))  # (B, Hkv, r, Lq, D)
+    s = (qg @ k.to(acc)[:, :, None].transpose(-1, -2)).flatten(1, 2) * scale
+    if is_causal:
+        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask.to(acc)
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(m == -math.inf, torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    denom = e.sum(-1, keepdim=True)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse = (m + denom.log()).squeeze(-1)
+    if dropout_p > 0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    out = (p.unflatten(1, (Hkv, Hq // Hkv)) @ v.to(acc)[:, :, None]).flatten(1, 2)
+    return out.to(q.dtype), lse
+
+
+def distr_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    config: DistrConfig = DistrConfig(),
+    dropout_p: float = 0.0,
+    perm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DistrAttention on canonical tensors: (out, lse). ``perm`` overrides the grouping (tests
+    use it to share one grouping between the kernel and this oracle)."""
+    dtype = q.dtype
+    if not config.exact:
+        if perm is None:
+            perm = group_columns(q, config)
+        q = representative_query(q.to(torch.promote_types(dtype, torch.float32)), perm, config)
+    out, lse = attention(q, k, v, attn_mask, is_causal, scale, dropout_p)
+    return out.to(dtype), lse
