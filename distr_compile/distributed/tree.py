@@ -1,0 +1,52 @@
+"""Tree Attention (arXiv 2408.04093): exact attention over a KV cache sharded across ranks.
+
+Each rank attends the (replicated) queries to its own KV shard, then the partials are merged by a
+logarithmic-depth reduction: bytes per step depend on the query rows, not on the context length,
+which is what makes it beat passing KV blocks around a ring (see ring.py and comm.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .combine import combine
+from .comm import CommCounter
+from .partial import Positions, local_partial
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    *,
+    group=None,
+    scale: float | None = None,
+    q_pos: Positions | None = None,
+    k_pos: Positions = 0,
+    mode: str = "auto",
+    backend: str = "auto",
+    counter: CommCounter | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention of q to the union of every rank's KV shard.
+
+    Args:
+        q: (B, Hq, Tq, D), the same on every rank (Tq >= 1).
+        k_local, v_local: this rank's shard, (B, Hkv, Tk_local, D) and (..., Dv); Hq % Hkv == 0,
+            Tk_local may differ between ranks and may be 0.
+        group: None (default group), a ProcessGroup, a :class:`Topology` (e.g. two-level) or a
+            2-d DeviceMesh (nodes, local).
+        scale: softmax scale, default 1/sqrt(D).
+        q_pos, k_pos: global positions for causal masking (int start or 1-d tensor); q_pos None
+            means no causal mask.
+        mode: combine algorithm, "auto", "three", "fused" or "allgather" (see combine.py).
+        backend: local partial, "auto", "triton" or "torch" (see partial.py).
+        counter: a :class:`CommCounter` that records the bytes communicated.
+        return_lse: also return the global log-sum-exp (B, Hq, Tq), fp32.
+
+    Returns:
+        out (B, Hq, Tq, Dv) in q's dtype, identical on every rank (and lse if asked).
+    """
+    out, lse = local_partial(q, k_local, v_local, scale=scale, q_pos=q_pos, k_pos=k_pos, backend=backend)
+    out, lse = combine(out, lse, group, mode=mode, counter=counter)
+    return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
