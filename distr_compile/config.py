@@ -17,6 +17,8 @@ BLOCK_SIZES = (16, 32, 64, 128)
 REPRESENTATIVES = ("mean", "sample")
 GROUPINGS = ("lsh", "random")
 MAX_HYPERPLANES = 16
+APPROXIMATE = ("auto", "guarded", "always")
+METRICS = ("rel_fro", "cosine", "max_abs")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,27 @@ class DistrConfig:
         grouping: "lsh" sorts columns by their LSH code (the paper); "random" groups columns by a
             seeded random permutation per block (the baseline LSH is measured against).
         seed: seeds the hyperplanes (or the random permutation); same seed, same result.
+
+    Compiler and guard knobs (``torch.compile(..., backend="distr", options={...})``):
+
+        approximate: where the backend approximates. "auto" (default): the guard decides per
+            site on CUDA; on CPU every site stays exact (the approximation does not pay there).
+            "guarded": the guard decides on any device. "always": every matched site is
+            approximated with ``group_size``, no guard (testing and benchmarks).
+        tolerance: a site is approximated only if its measured error (``metric``) on the
+            calibration inputs is at most this. The default is strict because zero-shot errors on
+            pretrained models are 0.3-1.0 (DESIGN.md section 2): most layers stay exact.
+        metric: "rel_fro" (relative Frobenius error of the attention output, default), "cosine"
+            (1 - cosine similarity) or "max_abs" (max absolute error).
+        group_sizes: candidate G values the guard may pick per site, tried cheapest (largest)
+            first; empty means just ``group_size``. ``group_size=[4, 2]`` in options sets this.
+        output_tolerance: if set, the end-to-end guard compares the graph outputs (relative
+            Frobenius error) with and without the approximation and moves the worst layers back
+            to exact until they agree within this.
+        monitor_every: if > 0, every N calls the runtime monitor rechecks a sample of heads of
+            each approximated site and demotes a site whose error drifted over ``tolerance``
+            (disabled, with a warning, under CUDA graphs).
+        plan: path of a saved ``DistrPlan`` (JSON): its decisions are used instead of calibrating.
     """
 
     group_size: int = 2
@@ -42,6 +65,13 @@ class DistrConfig:
     representative: str = "mean"
     grouping: str = "lsh"
     seed: int = 0
+    approximate: str = "auto"
+    tolerance: float = 0.05
+    metric: str = "rel_fro"
+    group_sizes: tuple[int, ...] = ()
+    output_tolerance: float | None = None
+    monitor_every: int = 0
+    plan: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("group_size", self.group_size, GROUP_SIZES)
@@ -54,6 +84,26 @@ class DistrConfig:
             )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        _check_choice("approximate", self.approximate, APPROXIMATE)
+        _check_choice("metric", self.metric, METRICS)
+        for name in ("tolerance", "output_tolerance"):
+            value = getattr(self, name)
+            if value is None and name == "output_tolerance":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        object.__setattr__(self, "group_sizes", tuple(self.group_sizes))
+        for g in self.group_sizes:
+            _check_choice("group_sizes entry", g, GROUP_SIZES)
+        if not isinstance(self.monitor_every, int) or isinstance(self.monitor_every, bool) or self.monitor_every < 0:
+            raise ValueError(f"monitor_every must be a non-negative int, got {self.monitor_every!r}")
+        if self.plan is not None and not isinstance(self.plan, str):
+            raise TypeError(f"plan must be a path (str), got {type(self.plan).__name__}")
+
+    @property
+    def candidates(self) -> tuple[int, ...]:
+        """The G values the guard may pick, cheapest (largest) first."""
+        return tuple(sorted(set(self.group_sizes or (self.group_size,)), reverse=True))
 
     @property
     def exact(self) -> bool:
@@ -68,6 +118,9 @@ class DistrConfig:
     def from_options(cls, options: Mapping[str, Any] | None) -> "DistrConfig":
         """Build a config from a ``torch.compile(..., options=...)`` dict; unknown keys are an error."""
         options = dict(options or {})
+        if isinstance(options.get("group_size"), (list, tuple)):
+            options["group_sizes"] = tuple(options["group_size"])
+            options["group_size"] = max(options["group_sizes"], default=cls.group_size)
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:

@@ -1,0 +1,10 @@
+"""FX passes over the Dynamo graph: find attention sites and rewrite them to ``distr::attention``.
+
+Plain functions over ``torch.fx.Graph`` in the style of ``torch/_inductor/fx_passes``:
+``find_attention`` only reads, ``rewrite_attention`` only writes the sites it is given.
+"""
+
+from .match import AttentionSite, SkippedSite, find_attention
+from .rewrite import SITE_META, rewrite_attention
+
+__all__ = ["AttentionSite", "SITE_META", "SkippedSite", "find_attention", "rewrite_attention"]

@@ -1,0 +1,94 @@
+"""Replace matched attention sites by ``torch.ops.distr.attention``.
+
+Each rewritten site becomes ``getitem(distr.attention(q, k, v, mask, is_causal, scale, enable_gqa,
+*knobs), 0)``, with a few small nodes in front when the scores were spelled out by hand: the mask
+terms combined into one mask, non-constant scales applied to q, a k^T transposed back. The op
+node carries ``meta["distr_site"]`` (the site name) so calibration can find it. Nodes of the old
+spelling that become dead are erased; nothing else in the graph is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Mapping
+
+import torch
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (registers torch.ops.distr.attention)
+from ..config import DistrConfig
+from .match import AttentionSite
+
+SITE_META = "distr_site"
+
+
+def rewrite_attention(graph: fx.Graph, sites: list[AttentionSite], configs: Mapping[str, DistrConfig]) -> list[fx.Node]:
+    """Rewrite each site whose name is in ``configs`` to the op with that config (G = 1 gives
+    exact attention through the op). Sites not in ``configs`` are left unchanged. Returns the new
+    op nodes."""
+    rewritten = []
+    for site in sites:
+        config = configs.get(site.name)
+        if config is None:
+            continue
+        with graph.inserting_before(site.output):
+            rewritten.append(_emit(graph, site, config))
+        _erase_dead(graph, site)
+    graph.lint()
+    return rewritten
+
+
+def _emit(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> fx.Node:
+    q = site.q
+    for kind, factor in site.scale_factors:
+        q = graph.call_function(operator.mul if kind == "mul" else operator.truediv, (q, factor))
+    k = graph.call_method("transpose", (site.k, -2, -1)) if site.k_transposed else site.k
+    args = (
+        q, k, site.v, _mask(graph, site), site.is_causal, site.scale, site.enable_gqa,
+        config.group_size, config.block_m, config.num_hyperplanes, config.representative,
+        config.grouping, config.seed,
+    )
+    op = graph.call_function(torch.ops.distr.attention.default, args)
+    op.meta[SITE_META] = site.name
+    out = graph.call_function(operator.getitem, (op, 0))
+    want = site.output.meta.get("example_value")
+    have = q.meta.get("example_value") if isinstance(q, fx.Node) else None
+    if isinstance(want, torch.Tensor) and isinstance(have, torch.Tensor) and want.dtype != have.dtype:
+        out = graph.call_method("to", (out, want.dtype))
+    out.meta.update({k: v for k, v in site.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    site.output.replace_all_uses_with(out)
+    return op
+
+
+def _mask(graph: fx.Graph, site: AttentionSite) -> fx.Node | None:
+    """One mask from the site's terms: bool (True = attend) when there are only -inf fills,
+    else additive (float)."""
+    if site.attn_mask is not None:
+        return site.attn_mask
+    keep = None
+    for cond, fill_where_true in site.neg_inf_fills:
+        term = graph.call_function(operator.invert, (cond,)) if fill_where_true else cond
+        keep = term if keep is None else graph.call_function(operator.and_, (keep, term))
+    additive = None
+    for node, multiplier in site.additive_masks:
+        term = node if multiplier == 1.0 else graph.call_function(operator.mul, (node, multiplier))
+        additive = term if additive is None else graph.call_function(operator.add, (additive, term))
+    for cond, value, fill_where_true in site.finite_fills:
+        where = (value, 0.0) if fill_where_true else (0.0, value)
+        term = graph.call_function(torch.where, (cond, *where))
+        additive = term if additive is None else graph.call_function(operator.add, (additive, term))
+    if additive is None:
+        return keep
+    if keep is None:
+        return additive
+    return graph.call_function(torch.where, (keep, additive, -math.inf))
+
+
+def _erase_dead(graph: fx.Graph, site: AttentionSite) -> None:
+    """Erase the old spelling's nodes, consumers first, where nothing uses them any more."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    pending = sorted({n for n in (*site.erase, site.output) if n in order}, key=order.get, reverse=True)
+    for node in pending:
+        if not node.users:
+            graph.erase_node(node)
