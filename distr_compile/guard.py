@@ -1,0 +1,414 @@
+"""Per-site accuracy guard: calibrate, decide, fall back, remember, report.
+
+For every attention site the guard runs exact attention and DistrAttention on the site's real
+q/k/v (captured by running the graph, with every site rewritten to the exact op, through an
+``fx.Interpreter`` on real inputs) and measures the error of the attention output. A site is
+approximated with the cheapest candidate G whose error is within ``tolerance``; otherwise it keeps
+exact attention. Decisions are keyed by the site's module path (``layers.3.self_attn``), stored
+per model so recompiles reuse them, and form a :class:`DistrPlan` that saves to JSON.
+
+Zero-shot, DistrAttention errs 0.3-1.0 (relative Frobenius) on pretrained models (DESIGN.md
+section 2), so with the default tolerance most layers stay exact; the report says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .config import DistrConfig
+from .passes import SITE_META, AttentionSite, SkippedSite, find_attention, rewrite_attention
+
+log = logging.getLogger("distr_compile")
+
+PLAN_VERSION = 1
+EXACT = 1
+_OP = torch.ops.distr.attention.default
+_SCHEMA_KNOBS = ("group_size", "block_m", "num_hyperplanes", "representative", "grouping", "seed")
+
+
+@dataclass
+class SiteDecision:
+    """What the guard decided for one site and why. ``group_size`` 1 means exact attention;
+    ``errors`` maps each measured G to its metrics (``rel_fro``, ``cosine``, ``max_abs``), the
+    worst over every calibration call."""
+
+    name: str
+    pattern: str
+    shapes: str
+    group_size: int
+    reason: str
+    source: str
+    errors: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def approximated(self) -> bool:
+        return self.group_size != EXACT
+
+    def error(self, metric: str) -> float | None:
+        """The error of the chosen G, or of the best measured candidate for an exact site."""
+        if self.approximated and self.group_size in self.errors:
+            return metric_error(self.errors[self.group_size], metric)
+        measured = [metric_error(m, metric) for m in self.errors.values()]
+        return min(measured) if measured else None
+
+
+@dataclass
+class DistrPlan:
+    """The decisions for a model: per-site G (1 = exact) with evidence, plus the op knobs and
+    guard settings they were made with. Saved as JSON (never pickle)."""
+
+    config: dict[str, Any]
+    sites: dict[str, SiteDecision] = field(default_factory=dict)
+    skipped: dict[str, SkippedSite] = field(default_factory=dict)
+
+    def save(self, path: str) -> str:
+        """Write the plan as JSON; returns ``path`` (handy for ``options={"plan": ...}``)."""
+        data = {
+            "version": PLAN_VERSION,
+            "config": self.config,
+            "sites": [asdict(d) | {"errors": {str(g): m for g, m in d.errors.items()}} for d in self.sites.values()],
+            "skipped": [{"name": s.name, "pattern": s.pattern, "reason": s.reason} for s in self.skipped.values()],
+        }
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "DistrPlan":
+        """Read a plan written by :meth:`save`."""
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"{path}: plan version {data.get('version')!r}, expected {PLAN_VERSION}")
+        sites = {}
+        for d in data["sites"]:
+            d["errors"] = {int(g): m for g, m in d["errors"].items()}
+            sites[d["name"]] = SiteDecision(**d)
+        skipped = {s["name"]: SkippedSite(**s) for s in data["skipped"]}
+        return cls(data["config"], sites, skipped)
+
+    @property
+    def tolerance(self) -> float:
+        return self.config["tolerance"]
+
+    @property
+    def metric(self) -> str:
+        return self.config["metric"]
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+def measure(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Relative Frobenius error, cosine similarity and max abs error of ``out`` against ``ref``."""
+    o, r = out.detach().double(), ref.detach().double()
+    diff = (o - r).norm().item()
+    ref_norm, out_norm = r.norm().item(), o.norm().item()
+    return {
+        "rel_fro": diff / ref_norm if ref_norm > 0 else (0.0 if diff == 0 else math.inf),
+        "cosine": (o * r).sum().item() / (out_norm * ref_norm) if out_norm * ref_norm > 0 else float(diff == 0),
+        "max_abs": (o - r).abs().max().item() if o.numel() else 0.0,
+    }
+
+
+def metric_error(metrics: Mapping[str, float], metric: str) -> float:
+    """The error under ``metric`` (cosine similarity becomes 1 - cosine)."""
+    return 1.0 - metrics["cosine"] if metric == "cosine" else metrics[metric]
+
+
+def _worst(a: Mapping[str, float] | None, b: Mapping[str, float]) -> dict[str, float]:
+    if a is None:
+        return dict(b)
+    return {"rel_fro": max(a["rel_fro"], b["rel_fro"]), "cosine": min(a["cosine"], b["cosine"]),
+            "max_abs": max(a["max_abs"], b["max_abs"])}
+
+
+def op_knobs(config: DistrConfig) -> tuple:
+    """The op's trailing knob arguments for ``config``."""
+    return tuple(getattr(config, k) for k in _SCHEMA_KNOBS)
+
+
+class SiteProbe(fx.Interpreter):
+    """Runs a graph whose sites were rewritten to the op, measuring candidates at every site.
+
+    At a site the exact output is computed; each candidate config in ``candidates[name]`` is run
+    on the same inputs and its worst-case metrics are kept in ``self.errors[name][G]``. What
+    flows on is the exact output, or the approximated one for sites in ``propagate``. A
+    ``heads`` limit measures only the first KV group's heads (the runtime monitor's sample).
+    """
+
+    def __init__(self, gm: fx.GraphModule, candidates: Mapping[str, Iterable[DistrConfig]],
+                 propagate: Mapping[str, DistrConfig] | None = None, sample_heads: bool = False):
+        super().__init__(gm, garbage_collect_values=True)
+        self.candidates = {name: list(cfgs) for name, cfgs in candidates.items()}
+        self.propagate = dict(propagate or {})
+        self.sample_heads = sample_heads
+        self.errors: dict[str, dict[int, dict[str, float]]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        name = n.meta.get(SITE_META)
+        if name is None or n.target is not _OP:
+            return super().run_node(n)
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        base = args[:7]
+        exact = _OP(*base, EXACT, *args[8:])
+        for cfg in self.candidates.get(name, ()):
+            sample = _first_kv_group(base) if self.sample_heads else base
+            ref = _OP(*sample, EXACT, *args[8:])[0] if self.sample_heads else exact[0]
+            got = _OP(*sample, *op_knobs(cfg))[0]
+            per_g = self.errors.setdefault(name, {})
+            per_g[cfg.group_size] = _worst(per_g.get(cfg.group_size), measure(got, ref))
+        if name in self.propagate:
+            return _OP(*base, *op_knobs(self.propagate[name]))
+        return exact
+
+
+def _first_kv_group(args: tuple) -> tuple:
+    """The op's (q, k, v, mask, ...) narrowed to KV head 0 and the query heads that read it."""
+    q, k, v, mask, *rest = args
+    if q.dim() < 3:
+        return args
+    hq, hkv = q.shape[-3], k.shape[-3]
+    rq = hq // hkv
+    q, k, v = q.narrow(-3, 0, rq), k.narrow(-3, 0, 1), v.narrow(-3, 0, 1)
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] == hq:
+        mask = mask.narrow(-3, 0, rq)
+    return (q, k, v, mask, *rest)
+
+
+def probe_module(gm: fx.GraphModule, names: Iterable[str] | None = None) -> fx.GraphModule:
+    """A copy of ``gm`` with the named sites (default: all) rewritten to the exact op."""
+    graph = copy.deepcopy(gm.graph)
+    sites, _ = find_attention(graph)
+    wanted = None if names is None else set(names)
+    exact = DistrConfig(group_size=EXACT)
+    rewrite_attention(graph, sites, {s.name: exact for s in sites if wanted is None or s.name in wanted})
+    return fx.GraphModule(gm, graph)
+
+
+def run_probe(probe: SiteProbe, inputs: list) -> Any:
+    """Run a probe on real inputs without touching the caller's state: no autograd, the RNG state
+    restored, and every non-parameter input cloned (so in-place updates of buffers or caches in
+    the graph are not applied twice)."""
+    inputs = [x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else x
+              for x in inputs]
+    devices = [x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda][:1]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        return probe.run(*inputs)
+
+
+def divides_head_dim(site: AttentionSite, g: int) -> bool:
+    """Whether G divides the site's head dim (known at compile time)."""
+    q = site.q.meta.get("example_value")
+    return q is not None and statically_known_true(q.shape[-1] % g == 0)
+
+
+def has_real_inputs(example_inputs: list) -> bool:
+    return not any(isinstance(x, FakeTensor) for x in example_inputs)
+
+
+# ------------------------------------------------------------------------------- deciding
+
+
+def decide(errors: Mapping[int, Mapping[str, float]], config: DistrConfig) -> tuple[int, str]:
+    """The cheapest candidate G within tolerance, else exact; with the reason."""
+    tol, metric = config.tolerance, config.metric
+    for g in config.candidates:
+        if g in errors and metric_error(errors[g], metric) <= tol:
+            return g, f"G={g}: {metric} {metric_error(errors[g], metric):.3g} <= tolerance {tol:g}"
+    if not errors:
+        return EXACT, "no calibration data reached this site"
+    shown = ", ".join(f"G={g} {metric_error(errors[g], metric):.3g}" for g in config.candidates if g in errors)
+    return EXACT, f"{metric} over tolerance {tol:g} ({shown}): keeps exact attention"
+
+
+def calibrate_sites(gm: fx.GraphModule, inputs_list: Iterable[list], sites: list[AttentionSite],
+                    config: DistrConfig, progress: bool = False) -> dict[str, dict[int, dict[str, float]]]:
+    """Worst-case metrics per site and candidate G over every input list (each the graph's
+    positional inputs)."""
+    probe_gm = probe_module(gm, [s.name for s in sites])
+    candidates = {s.name: [config.replace(group_size=g) for g in config.candidates if divides_head_dim(s, g)]
+                  for s in sites}
+    errors: dict[str, dict[int, dict[str, float]]] = {}
+    batches = _progress(inputs_list, "distr calibration") if progress else inputs_list
+    for inputs in batches:
+        probe = SiteProbe(probe_gm, candidates)
+        run_probe(probe, inputs)
+        for name, per_g in probe.errors.items():
+            merged = errors.setdefault(name, {})
+            for g, m in per_g.items():
+                merged[g] = _worst(merged.get(g), m)
+    return errors
+
+
+def end_to_end(gm: fx.GraphModule, inputs_list: list[list], decisions: dict[str, SiteDecision],
+               config: DistrConfig) -> None:
+    """Demote approximated sites, worst error/tolerance first, until the graph outputs with the
+    approximation agree with exact ones within ``output_tolerance`` on every input list."""
+    probe_gm = probe_module(gm)
+    exact_outputs = [run_probe(SiteProbe(probe_gm, {}), inputs) for inputs in inputs_list]
+    while True:
+        approx = {n: config.replace(group_size=d.group_size) for n, d in decisions.items() if d.approximated}
+        if not approx:
+            return
+        worst = max(
+            _output_error(run_probe(SiteProbe(probe_gm, {}, approx), inputs), ref)
+            for inputs, ref in zip(inputs_list, exact_outputs)
+        )
+        if worst <= config.output_tolerance:
+            log.info("end-to-end output error %.3g <= %g with %d approximated sites", worst, config.output_tolerance, len(approx))
+            return
+        victim = max(approx, key=lambda n: decisions[n].error(config.metric) or 0.0)
+        d = decisions[victim]
+        d.group_size, d.source = EXACT, "end-to-end"
+        d.reason = f"demoted: graph output error {worst:.3g} > output_tolerance {config.output_tolerance:g}"
+        log.info("end-to-end guard: %s back to exact (%s)", victim, d.reason)
+
+
+def _output_error(out: Any, ref: Any) -> float:
+    outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    refs = [r for r in torch.utils._pytree.tree_leaves(ref) if isinstance(r, torch.Tensor) and r.is_floating_point()]
+    if not outs:
+        return 0.0
+    return measure(torch.cat([o.flatten().double() for o in outs]), torch.cat([r.flatten().double() for r in refs]))["rel_fro"]
+
+
+def _progress(items: Iterable, desc: str) -> Iterable:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=None)
+
+
+# ---------------------------------------------------------------------------------- store
+
+
+class DecisionStore:
+    """Decisions per (module object, site name, config): recompiles of the same model with the
+    same options reuse them. Module objects are identified by ``id``, as in Dynamo's
+    ``nn_module_stack``; sites outside any module are not remembered."""
+
+    def __init__(self) -> None:
+        self._decisions: dict[tuple[int, str, DistrConfig], SiteDecision] = {}
+        self._skipped: dict[tuple[int, str, DistrConfig], SkippedSite] = {}
+
+    def get(self, module_id: int | None, name: str, config: DistrConfig) -> SiteDecision | None:
+        return self._decisions.get((module_id, name, config)) if module_id is not None else None
+
+    def put(self, module_id: int | None, decision: SiteDecision, config: DistrConfig) -> None:
+        if module_id is not None:
+            self._decisions.pop((module_id, decision.name, config), None)
+            self._decisions[(module_id, decision.name, config)] = decision
+
+    def put_skipped(self, skipped: SkippedSite, config: DistrConfig) -> None:
+        if skipped.module_id is not None:
+            self._skipped[(skipped.module_id, skipped.name, config)] = skipped
+
+    def plan_for(self, module_ids: set[int]) -> DistrPlan | None:
+        """The latest decisions whose module is one of ``module_ids``, as a plan."""
+        config, sites, skipped = None, {}, {}
+        for (mid, name, cfg), d in self._decisions.items():
+            if mid in module_ids:
+                config, sites[name] = cfg, d
+        for (mid, name, cfg), s in self._skipped.items():
+            if mid in module_ids and (config is None or cfg == config):
+                config, skipped[name] = cfg, s
+        return None if config is None else DistrPlan(plan_config(config), sites, skipped)
+
+
+STORE = DecisionStore()
+
+
+def plan_config(config: DistrConfig) -> dict[str, Any]:
+    """The config fields a plan records (everything but the plan path)."""
+    data = asdict(config)
+    data.pop("plan")
+    data["group_sizes"] = list(config.group_sizes)
+    return data
+
+
+def module_ids(model: torch.nn.Module) -> set[int]:
+    model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a module compiled with backend='distr', got {type(model).__name__}")
+    return {id(m) for m in model.modules()}
+
+
+def plan_of(compiled: torch.nn.Module) -> DistrPlan:
+    """The plan of a module compiled with ``backend="distr"`` (after at least one call)."""
+    plan = STORE.plan_for(module_ids(compiled))
+    if plan is None:
+        raise ValueError("no distr decisions for this model: compile it with backend='distr' and call it first")
+    return plan
+
+
+# ------------------------------------------------------------------------- user calibration
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable, **options: Any) -> DistrPlan:
+    """Calibrate every attention site of ``model`` on user batches and return the plan.
+
+    Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments. The
+    model is traced by Dynamo (a capture-only backend, nothing is compiled), every site is
+    measured on every batch (worst case kept), and decided as the backend would with ``options``
+    (``approximate`` is taken as "guarded"). The decisions replace the model's stored ones; to use
+    them, save the plan and compile with ``options={"plan": path}``.
+    """
+    config = DistrConfig.from_options(options).replace(approximate="guarded", plan=None)
+    model = getattr(model, "_orig_mod", model)
+    recorded: list[tuple[fx.GraphModule, list[AttentionSite], list[SkippedSite], list[list]]] = []
+
+    def capture(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        sites, skipped = find_attention(gm.graph)
+        entry = (gm, sites, skipped, [])
+        recorded.append(entry)
+
+        def run(*args):
+            entry[3].append(list(args))
+            return gm(*args)
+        return run
+
+    traced = torch.compile(model, backend=capture)
+    with torch.no_grad():
+        for batch in _progress(list(batches), "distr calibration"):
+            if isinstance(batch, dict):
+                traced(**batch)
+            elif isinstance(batch, (tuple, list)):
+                traced(*batch)
+            else:
+                traced(batch)
+    plan = DistrPlan(plan_config(config))
+    for gm, sites, skipped, inputs_list in recorded:
+        if inputs_list:
+            decisions = decide_sites(gm, inputs_list, sites, config)
+            plan.sites.update(decisions)
+            for s in skipped:
+                plan.skipped[s.name] = s
+                STORE.put_skipped(s, config)
+            for site in sites:
+                STORE.put(site.module_id, decisions[site.name], config)
+    return plan
+
+
+def decide_sites(gm: fx.GraphModule, inputs_list: list[list], sites: list[AttentionSite],
+                 config: DistrConfig) -> dict[str, SiteDecision]:
+    """Calibrate ``sites`` on the inputs, decide each, then run the end-to-end guard if asked."""
+    errors = calibrate_sites(gm, inputs_list, sites, config, progress=len(inputs_list) > 1)
+    decisions = {}
+    for site in sites:
+        g, reason = decide(errors.get(site.name, {}), config)
+        decisions[site.name] = SiteDecision(site.name, site.pattern, site.shapes, g, reason, "calibrated",
+                                            errors.get(site.name, {}))
+        log.info("%s: %s", site.name, reason)
+    if config.output_tolerance is not None:
+        end_to_end(gm, inputs_list, decisions, config)
+    return decisions
