@@ -95,7 +95,7 @@ def canonicalize(
             raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-        target = (*lead_shape, k.shape[-2])
+        target = (*q.shape[:-1], k.shape[-2])
         try:
             mask = attn_mask.expand(target)
         except RuntimeError:

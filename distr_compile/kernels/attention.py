@@ -28,13 +28,20 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def _configs() -> list[triton.Config]:
+    """Autotune space: BLOCK_N, warps and pipeline depth (BLOCK_M is the grouping block, fixed by
+    the config). One config under the interpreter, or with DISTR_COMPILE_AUTOTUNE=0 (tests)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    default = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3)
+    if os.environ.get("DISTR_COMPILE_AUTOTUNE", "1") == "0":
+        return [default]
     return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn in (32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
+        default,
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
     ]
 
 

@@ -1,0 +1,126 @@
+"""Triton kernels against the reference: under TRITON_INTERPRET=1 on the CPU (small shapes), and
+natively on a GPU (``gpu`` marker, bf16/fp16 on every shape class).
+
+The attention kernel is checked with the reference given the kernel's own grouping, so the two
+compute the same function; the grouping kernel is checked separately against the reference's.
+bf16 is GPU-only: Triton 3.6's interpreter multiplies bf16 dot operands as raw uint16 bits.
+"""
+
+import math
+
+import pytest
+import torch
+
+from distr_compile import DistrConfig, reference
+from distr_compile.kernels.attention import distr_forward
+from distr_compile.kernels.grouping import lsh_group
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, layout="contiguous"):
+    shape_q, shape_k = (B, Hq, Lq, D), (B, Hkv, Lk, D)
+    if layout == "bshd":  # (B, L, H, D) storage seen through a transpose: non-contiguous strides
+        make = lambda s: torch.randn(s[0], s[2], s[1], s[3], device=DEVICE, dtype=dtype).transpose(1, 2)
+    else:
+        make = lambda s: torch.randn(s, device=DEVICE, dtype=dtype)
+    return make(shape_q), make(shape_k), make(shape_k)
+
+
+def make_mask(kind, B, Hq, Lq, Lk):
+    if kind == "bool":
+        m = torch.rand(B, 1, Lq, Lk, device=DEVICE) > 0.3
+    elif kind == "additive":
+        m = torch.randn(1, Hq, Lq, Lk, device=DEVICE)
+    else:
+        return None
+    return m.expand(B, Hq, Lq, Lk)
+
+
+def check_forward(B, Hq, Hkv, Lq, Lk, D, dtype, group_size, block_m, mask_kind="none",
+                  causal=False, representative="mean", layout="contiguous", tol=2e-3):
+    config = DistrConfig(group_size=group_size, block_m=block_m, representative=representative)
+    q, k, v = make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, layout)
+    mask = make_mask(mask_kind, B, Hq, Lq, Lk)
+    perm = lsh_group(q, config) if group_size > 1 else None
+    out, lse = distr_forward(q, k, v, perm, mask, causal, None, group_size, block_m, representative)
+    ref_out, ref_lse = reference.distr_attention(
+        q.double(), k.double(), v.double(), mask, causal, None, config, perm=perm
+    )
+    assert out.dtype == dtype and out.shape == q.shape
+    assert out.isfinite().all(), "unwritten or non-finite output"
+    assert rel_err(out, ref_out) < tol
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+
+
+CPU_DTYPES = [torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_small(dtype, group_size, causal):
+    check_forward(2, 2, 2, 37, 45, 64, dtype, group_size, 16, causal=causal)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_forward_masks(mask_kind):
+    check_forward(2, 2, 2, 21, 40, 32, torch.float16, 2, 16, mask_kind=mask_kind)
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_forward_gqa(ratio):
+    check_forward(1, 2 * ratio, 2, 20, 33, 32, torch.float16, 2, 16, causal=True)
+
+
+def test_forward_non_contiguous_and_odd_lengths():
+    check_forward(1, 3, 3, 17, 5, 32, torch.float32, 2, 32, layout="bshd")
+
+
+def test_forward_sample_representative_and_group_of_8():
+    check_forward(1, 2, 1, 33, 33, 128, torch.float16, 8, 16, representative="sample")
+
+
+def test_forward_queries_longer_than_keys_causal():
+    # top-left alignment: query rows past the last key still see every key
+    check_forward(1, 1, 1, 40, 24, 32, torch.float16, 2, 16, causal=True)
+
+
+@pytest.mark.parametrize("num_hyperplanes", [1, 16])
+def test_grouping_kernel_matches_reference(num_hyperplanes):
+    config = DistrConfig(block_m=32, num_hyperplanes=num_hyperplanes, seed=5)
+    q = torch.randn(2, 3, 70, 64, device=DEVICE, dtype=torch.float16)
+    got = lsh_group(q, config).long()
+    expected = reference.group_columns(q, config)
+    # A projection within rounding of 0 may flip one sign bit between the two summation orders;
+    # allow a handful of blocks to differ, never more.
+    differing = (got != expected).any(-1).float().mean().item()
+    assert differing <= 0.05
+    assert torch.equal(got.sort(-1).values, torch.arange(64, device=DEVICE).expand_as(got))
+
+
+# ---- GPU: every shape class in bf16 and fp16, relative error < 1e-2 -------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+@pytest.mark.parametrize("case", ["plain", "causal", "bool", "additive", "gqa", "odd", "strided", "sample"])
+def test_forward_gpu(dtype, D, group_size, case):
+    if D // group_size < 16:
+        pytest.skip("d/G < 16 runs the reference")
+    kw = dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300, D=D, dtype=dtype, group_size=group_size, block_m=64, tol=1e-2)
+    kw.update({
+        "causal": dict(causal=True),
+        "bool": dict(mask_kind="bool"),
+        "additive": dict(mask_kind="additive"),
+        "gqa": dict(Hkv=1, causal=True),
+        "odd": dict(Lq=129, Lk=77, block_m=32),
+        "strided": dict(layout="bshd", block_m=128),
+        "sample": dict(representative="sample", block_m=16),
+    }.get(case, {}))
+    check_forward(**kw)

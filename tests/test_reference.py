@@ -1,0 +1,135 @@
+"""The PyTorch reference against a literal float64 transcription of the algorithm and against SDPA."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distr_compile import DistrConfig, reference
+
+
+def rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
+    """DistrAttention written out step by step (DESIGN.md section 2), loops over blocks and groups:
+    Q_rep (block x d/G) times the group sums of K (Lk x d/G), scale from the original d."""
+    B, H, Lq, D = q.shape
+    G, bm = config.group_size, config.block_m
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    out = torch.empty_like(q)
+    for b in range(B):
+        for h in range(H):
+            kh, vh = k[b, h * k.shape[1] // H], v[b, h * k.shape[1] // H]
+            for blk in range(math.ceil(Lq / bm)):
+                rows = slice(blk * bm, min(Lq, (blk + 1) * bm))
+                groups = perm[b, h, blk].view(D // G, G)
+                qb = q[b, h, rows]
+                q_rep = torch.stack(
+                    [qb[:, g].mean(-1) if config.representative == "mean" else qb[:, g[0]] for g in groups], -1
+                )
+                k_fused = torch.stack([kh[:, g].sum(-1) for g in groups], -1)
+                s = q_rep @ k_fused.T * scale
+                if causal:
+                    idx = torch.arange(rows.start, rows.stop)[:, None]
+                    s = s.masked_fill(torch.arange(kh.shape[0])[None, :] > idx, -math.inf)
+                out[b, h, rows] = s.softmax(-1) @ vh
+    return out
+
+
+def literal_lsh_codes(q, config):
+    """Each column's LSH code, bit j = sign of its projection on hyperplane j: (B, H, nb, D)."""
+    planes = reference.hyperplanes(config.num_hyperplanes, config.block_m, config.seed, q.device)
+    B, H, L, D = q.shape
+    nb = math.ceil(L / config.block_m)
+    qp = F.pad(q.float(), (0, 0, 0, nb * config.block_m - L)).view(B, H, nb, config.block_m, D)
+    codes = torch.zeros(B, H, nb, D, dtype=torch.int64)
+    for j in range(config.num_hyperplanes):
+        bit = (torch.einsum("m,bhnmd->bhnd", planes[j], qp) > 0).long()
+        codes += bit << j
+    return codes
+
+
+@pytest.mark.parametrize("representative", ["mean", "sample"])
+@pytest.mark.parametrize("group_size", [2, 4, 8])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_literal_formula(representative, group_size, causal):
+    config = DistrConfig(group_size=group_size, block_m=16, representative=representative)
+    q, k, v = rand(2, 2, 37, 32), rand(2, 2, 29, 32), rand(2, 2, 29, 32)
+    perm = reference.group_columns(q, config)
+    out, _ = reference.distr_attention(q, k, v, is_causal=causal, config=config)
+    expected = literal_distr_attention(q, k, v, config, perm, causal=causal)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("grouping", ["lsh", "random"])
+def test_grouping_is_a_permutation_sorted_by_code(grouping):
+    config = DistrConfig(block_m=16, grouping=grouping, seed=3)
+    q = rand(2, 3, 40, 64)
+    perm = reference.group_columns(q, config)
+    assert perm.shape == (2, 3, 3, 64)
+    assert torch.equal(perm.sort(-1).values, torch.arange(64).expand_as(perm))
+    if grouping == "lsh":
+        codes = literal_lsh_codes(q, config).gather(-1, perm)
+        assert (codes.diff(dim=-1) >= 0).all(), "columns are not sorted by their LSH code"
+
+
+def test_lsh_groups_equal_columns_together():
+    """Columns that are copies of each other hash alike and, with G = 2, an exact duplicate pairing
+    makes the approximation exact."""
+    config = DistrConfig(group_size=2, block_m=16, representative="mean")
+    base = rand(1, 1, 16, 16)
+    q = base.repeat_interleave(2, dim=-1)  # columns 2i and 2i+1 are equal
+    k, v = rand(1, 1, 24, 32), rand(1, 1, 24, 32)
+    out, _ = reference.distr_attention(q, k, v, config=config)
+    exact, _ = reference.attention(q, k, v)
+    torch.testing.assert_close(out, exact, rtol=1e-10, atol=1e-10)
+
+
+def test_seed_determinism():
+    q, k, v = rand(1, 2, 50, 32), rand(1, 2, 50, 32), rand(1, 2, 50, 32)
+    a = reference.distr_attention(q, k, v, config=DistrConfig(seed=1))[0]
+    b = reference.distr_attention(q, k, v, config=DistrConfig(seed=1))[0]
+    c = reference.distr_attention(q, k, v, config=DistrConfig(seed=2))[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "mask_kind", ["none", "causal", "bool", "additive", "bool-broadcast"],
+)
+@pytest.mark.parametrize("gqa", [1, 3])
+def test_exact_config_equals_sdpa(mask_kind, gqa):
+    q, k, v = rand(2, 6, 19, 16), rand(2, 6 // gqa, 23, 16), rand(2, 6 // gqa, 23, 16)
+    mask = {
+        "bool": torch.rand(2, 6, 19, 23) > 0.3,
+        "additive": rand(2, 1, 19, 23),
+        "bool-broadcast": torch.rand(19, 23) > 0.3,
+    }.get(mask_kind)
+    causal = mask_kind == "causal"
+    out, lse = reference.distr_attention(
+        q, k, v, attn_mask=None if mask is None else mask.expand(2, 6, 19, 23), is_causal=causal,
+        config=DistrConfig(group_size=1),
+    )
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa > 1)
+    torch.testing.assert_close(out, expected)
+    assert lse.shape == (2, 6, 19)
+
+
+def test_lse_is_log_sum_exp_of_scores():
+    q, k, v = rand(1, 2, 9, 8), rand(1, 2, 11, 8), rand(1, 2, 11, 8)
+    _, lse = reference.attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) * 0.3, -1))
+
+
+def test_fully_masked_row_gives_zeros_and_finite_gradients():
+    q, k, v = (rand(1, 1, 4, 8).requires_grad_() for _ in range(3))
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[2] = False
+    out, lse = reference.distr_attention(q, k, v, attn_mask=mask.expand(1, 1, 4, 4), config=DistrConfig(block_m=16))
+    assert torch.equal(out[0, 0, 2], torch.zeros(8, dtype=torch.float64))
+    assert lse[0, 0, 2] == -math.inf
+    out.sum().backward()
+    assert all(t.grad.isfinite().all() for t in (q, k, v))
