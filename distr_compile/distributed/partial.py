@@ -94,8 +94,9 @@ def local_partial(
     if backend == "triton":
         if not decode.supports(q, k, v):
             raise ValueError(
-                f"the Triton decode kernel needs fp16/bf16/fp32 and power-of-two head dims >= 16, "
-                f"got {q.dtype}, D={D}, Dv={v.shape[-1]}"
+                f"the Triton decode kernel needs fp16/bf16/fp32, power-of-two head dims >= 16 and at most "
+                f"{decode.MAX_ROWS} query rows per KV head (GQA ratio x Tq), got {q.dtype}, D={D}, "
+                f"Dv={v.shape[-1]}, rows={Hq // k.shape[1] * Tq}"
             )
         return merge_partials(*decode.split_kv_partials(q, k, v, qp, kp, scale, num_splits), dim=-1)
     mask = None if qp is None else kp[None, :] <= qp[:, None]

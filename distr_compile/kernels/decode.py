@@ -26,6 +26,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_SPLIT = 256  # keys per split below which another split costs more (launch, merge) than it gains
+MAX_ROWS = 128  # query rows (GQA ratio x Tq) per program: one register tile; longer prefills use PyTorch
 
 
 def _interpreted() -> bool:
@@ -95,10 +96,12 @@ def _split_kv_kernel(
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel handles these canonical tensors: fp16/bf16/fp32 and head dims that are
-    powers of two >= 16 (``tl.dot`` and ``tl.arange`` constraints)."""
+    """Whether the kernel handles these canonical tensors: fp16/bf16/fp32, head dims that are
+    powers of two >= 16 (``tl.dot`` and ``tl.arange`` constraints) and at most ``MAX_ROWS`` query
+    rows per KV head (it is a decode kernel: the rows of one KV head live in one tile)."""
     dims_ok = all(n >= 16 and n & (n - 1) == 0 for n in (q.shape[-1], v.shape[-1]))
-    return dims_ok and q.dtype in SUPPORTED_DTYPES
+    rows = q.shape[1] // k.shape[1] * q.shape[2]
+    return dims_ok and q.dtype in SUPPORTED_DTYPES and rows <= MAX_ROWS
 
 
 def default_num_splits(batch_kv_heads: int, len_k: int, device: torch.device) -> int:
