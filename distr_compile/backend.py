@@ -23,7 +23,7 @@ from torch._inductor.compile_fx import compile_fx
 from .config import DistrConfig
 from .guard import (
     EXACT, STORE, DistrPlan, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs, log, metric_error,
-    probe_module, run_probe,
+    owner, probe_module, run_probe,
 )
 from .passes import AttentionSite, find_attention, rewrite_attention
 
@@ -39,7 +39,7 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
     sites, skipped = find_attention(gm.graph)
     for s in skipped:
         log.info("left alone: %s (%s): %s", s.name, s.pattern, s.reason)
-        STORE.put_skipped(s, config)
+        STORE.put_skipped(owner(s.module_id, example_inputs), s, config)
     decisions = _decisions(gm, example_inputs, sites, config)
     patches = torch._inductor.list_mode_options(mode) if mode else {}
     original = copy.deepcopy(gm.graph) if config.monitor_every else None
@@ -58,7 +58,7 @@ def _decisions(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSi
     decisions: dict[str, SiteDecision] = {}
     todo = []
     for site in sites:
-        decision = _known_decision(site, config, plan)
+        decision = _known_decision(site, owner(site.module_id, example_inputs), config, plan)
         if decision is None:
             todo.append(site)
         else:
@@ -68,17 +68,18 @@ def _decisions(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSi
     for site in todo:
         decisions.setdefault(site.name, _decision(site, EXACT, "no real example inputs to calibrate on", "default"))
     for site in sites:
-        STORE.put(site.module_id, decisions[site.name], config)
+        STORE.put(owner(site.module_id, example_inputs), decisions[site.name], config)
     return decisions
 
 
-def _known_decision(site: AttentionSite, config: DistrConfig, plan: DistrPlan | None) -> SiteDecision | None:
+def _known_decision(site: AttentionSite, owner_id: int | None, config: DistrConfig,
+                    plan: DistrPlan | None) -> SiteDecision | None:
     """A decision that needs no calibration, or None."""
     if plan is not None:
         if site.name in plan.sites:
             return _valid(site, copy.copy(plan.sites[site.name]), config)
         log.warning("site %s is not in plan %s: calibrating it", site.name, config.plan)
-    stored = STORE.get(site.module_id, site.name, config)
+    stored = STORE.get(owner_id, site.name, config)
     if stored is not None:
         return _valid(site, stored, config)
     if config.approximate == "always":

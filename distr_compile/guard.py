@@ -292,35 +292,43 @@ def _progress(items: Iterable, desc: str) -> Iterable:
 # ---------------------------------------------------------------------------------- store
 
 
+def owner(module_id: int | None, example_inputs: list) -> int | None:
+    """Who a site belongs to, for remembering its decision: the ``id`` of its module (as in
+    Dynamo's ``nn_module_stack``) or, for code of the compiled root module itself, of the first
+    parameter among the graph inputs. None (not remembered) for a graph with neither."""
+    if module_id is not None:
+        return module_id
+    return next((id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)), None)
+
+
 class DecisionStore:
-    """Decisions per (module object, site name, config): recompiles of the same model with the
-    same options reuse them. Module objects are identified by ``id``, as in Dynamo's
-    ``nn_module_stack``; sites outside any module are not remembered."""
+    """Decisions per (owner, site name, config), see :func:`owner`: recompiles of the same model
+    with the same options reuse them, and :func:`plan_of` finds them from the model."""
 
     def __init__(self) -> None:
         self._decisions: dict[tuple[int, str, DistrConfig], SiteDecision] = {}
         self._skipped: dict[tuple[int, str, DistrConfig], SkippedSite] = {}
 
-    def get(self, module_id: int | None, name: str, config: DistrConfig) -> SiteDecision | None:
-        return self._decisions.get((module_id, name, config)) if module_id is not None else None
+    def get(self, owner_id: int | None, name: str, config: DistrConfig) -> SiteDecision | None:
+        return self._decisions.get((owner_id, name, config)) if owner_id is not None else None
 
-    def put(self, module_id: int | None, decision: SiteDecision, config: DistrConfig) -> None:
-        if module_id is not None:
-            self._decisions.pop((module_id, decision.name, config), None)
-            self._decisions[(module_id, decision.name, config)] = decision
+    def put(self, owner_id: int | None, decision: SiteDecision, config: DistrConfig) -> None:
+        if owner_id is not None:
+            self._decisions.pop((owner_id, decision.name, config), None)
+            self._decisions[(owner_id, decision.name, config)] = decision
 
-    def put_skipped(self, skipped: SkippedSite, config: DistrConfig) -> None:
-        if skipped.module_id is not None:
-            self._skipped[(skipped.module_id, skipped.name, config)] = skipped
+    def put_skipped(self, owner_id: int | None, skipped: SkippedSite, config: DistrConfig) -> None:
+        if owner_id is not None:
+            self._skipped[(owner_id, skipped.name, config)] = skipped
 
-    def plan_for(self, module_ids: set[int]) -> DistrPlan | None:
-        """The latest decisions whose module is one of ``module_ids``, as a plan."""
+    def plan_for(self, owner_ids: set[int]) -> DistrPlan | None:
+        """The latest decisions whose owner is one of ``owner_ids``, as a plan."""
         config, sites, skipped = None, {}, {}
-        for (mid, name, cfg), d in self._decisions.items():
-            if mid in module_ids:
+        for (oid, name, cfg), d in self._decisions.items():
+            if oid in owner_ids:
                 config, sites[name] = cfg, d
-        for (mid, name, cfg), s in self._skipped.items():
-            if mid in module_ids and (config is None or cfg == config):
+        for (oid, name, cfg), s in self._skipped.items():
+            if oid in owner_ids and (config is None or cfg == config):
                 config, skipped[name] = cfg, s
         return None if config is None else DistrPlan(plan_config(config), sites, skipped)
 
@@ -336,16 +344,17 @@ def plan_config(config: DistrConfig) -> dict[str, Any]:
     return data
 
 
-def module_ids(model: torch.nn.Module) -> set[int]:
+def owner_ids(model: torch.nn.Module) -> set[int]:
+    """Every id :func:`owner` can give for a site of ``model``."""
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a module compiled with backend='distr', got {type(model).__name__}")
-    return {id(m) for m in model.modules()}
+    return {id(m) for m in model.modules()} | {id(p) for p in model.parameters()}
 
 
 def plan_of(compiled: torch.nn.Module) -> DistrPlan:
     """The plan of a module compiled with ``backend="distr"`` (after at least one call)."""
-    plan = STORE.plan_for(module_ids(compiled))
+    plan = STORE.plan_for(owner_ids(compiled))
     if plan is None:
         raise ValueError("no distr decisions for this model: compile it with backend='distr' and call it first")
     return plan
@@ -393,9 +402,9 @@ def calibrate(model: torch.nn.Module, batches: Iterable, **options: Any) -> Dist
             plan.sites.update(decisions)
             for s in skipped:
                 plan.skipped[s.name] = s
-                STORE.put_skipped(s, config)
+                STORE.put_skipped(owner(s.module_id, inputs_list[0]), s, config)
             for site in sites:
-                STORE.put(site.module_id, decisions[site.name], config)
+                STORE.put(owner(site.module_id, inputs_list[0]), decisions[site.name], config)
     return plan
 
 

@@ -455,7 +455,7 @@ def _unsqueezed_at_2(u: fx.Node) -> fx.Node | None:
 
 class _SiteNamer:
     """Stable names from the module path of the anchor (``layers.3.self_attn``); a second site
-    in the same module gets ``#1``; a site outside any module is named by the graph."""
+    in the same module gets ``#1``; a site in the compiled root module's own code is ``<root>``."""
 
     def __init__(self) -> None:
         self.seen: dict[str, int] = {}
@@ -465,7 +465,7 @@ class _SiteNamer:
         if node in self.assigned:
             return self.assigned[node]
         stack = node.meta.get("nn_module_stack") or {}
-        path = _clean_path(list(stack.values())[-1][0]) if stack else "<graph>"
+        path = _clean_path(list(stack.values())[-1][0]) if stack else "<root>"
         count = self.seen.get(path, 0)
         self.seen[path] = count + 1
         self.assigned[node] = path if count == 0 else f"{path}#{count}"

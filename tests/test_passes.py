@@ -1,0 +1,186 @@
+"""The attention pass over the zoo: what it finds, and that the rewrite keeps the meaning.
+
+Inductor takes ~10 s per graph on a 2-core CPU, so these tests run the backend with the rewritten
+graph executed by FX instead of compiled (``eager_backend``): they test the pass and the guard,
+not Inductor. tests/test_backend.py compiles a few models with Inductor for real.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+
+import distr_compile.backend as backend
+from distr_compile import DistrConfig
+from distr_compile.passes import SITE_META, find_attention, rewrite_attention
+
+from zoo import CASES, call, sdpa_as_distr
+
+OP = torch.ops.distr.attention.default
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """Run rewritten graphs with FX instead of Inductor; collects every graph the backend built."""
+    graphs: list[fx.GraphModule] = []
+
+    def run_graph(gm, example_inputs, config_patches=None):
+        graphs.append(gm)
+        return gm
+
+    monkeypatch.setattr(backend, "compile_fx", run_graph)
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()
+
+
+def compiled_with(case, graphs_holder, **options):
+    module = case.build()
+    compiled = torch.compile(module, backend="distr", options=options)
+    with torch.no_grad():
+        out = call(compiled, case.inputs())
+    return module, out
+
+
+def op_nodes(graphs) -> list[fx.Node]:
+    return [n for gm in graphs for n in gm.graph.nodes if n.target is OP]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_zoo_finds_every_site(case):
+    found, skipped = [], []
+
+    def capture(gm, example_inputs):
+        sites, left = find_attention(gm.graph)
+        found.extend(sites)
+        skipped.extend(left)
+        return gm
+
+    torch._dynamo.reset()
+    call(torch.compile(case.build(), backend=capture), case.inputs())
+    assert len(found) == case.sites, [s.name for s in found]
+    assert len(skipped) == case.skipped, [(s.name, s.reason) for s in skipped]
+    assert all(s.reason for s in skipped)
+    assert len({s.name for s in found}) == len(found), "site names must be unique"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_zoo_g1_rewrite_is_exact(case, eager_backend):
+    """G = 1 through the op is exact attention: the rewritten model equals the eager model, and
+    the left-alone sites stay as they were."""
+    module, out = compiled_with(case, eager_backend, approximate="always", group_size=1)
+    assert len(op_nodes(eager_backend)) == case.sites
+    with torch.no_grad():
+        expected = call(module, case.inputs())
+    if case.name != "SdpaDropoutActive":  # random: compared by structure only (no op above)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.oracle], ids=lambda c: c.name)
+def test_zoo_g2_matches_distr_attention(case, eager_backend):
+    """G = 2: the compiled model equals the model run with ``distr_attention`` in place of its
+    attention (the oracle), and differs from exact attention far more than from the oracle (the
+    approximation is really in)."""
+    config = DistrConfig(group_size=2, block_m=16)
+    module, out = compiled_with(case, eager_backend, approximate="always", group_size=2, block_m=16)
+    oracle = case.oracle(module)
+    with torch.no_grad(), sdpa_as_distr(config):
+        expected = call(oracle, case.inputs())
+    with torch.no_grad():
+        exact = call(module, case.inputs())
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert (out - exact).abs().max() > 10 * (out - expected).abs().max()
+
+
+def test_hf_llama_gqa_reads_shared_heads(eager_backend):
+    """HF's repeat_kv copies are gone: the op gets the 2 KV heads and enable_gqa."""
+    case = next(c for c in CASES if c.name == "hf-llama-eager")
+    compiled_with(case, eager_backend, approximate="always", group_size=1)
+    for node in op_nodes(eager_backend):
+        k = node.args[1].meta["example_value"]
+        assert k.shape[1] == 2 and node.args[6] is True
+
+
+def test_left_alone_sites_are_not_rewritten(eager_backend):
+    case = next(c for c in CASES if c.name == "SdpaDropoutActive")
+    compiled_with(case, eager_backend, approximate="always", group_size=2)
+    assert op_nodes(eager_backend) == []
+    sdpa = [n for gm in eager_backend for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention]
+    assert len(sdpa) == 1
+
+
+def test_dropout_active_in_training_is_left_alone():
+    case = next(c for c in CASES if c.name == "MaskedFillTrilDropoutEval")
+    module = case.build().train()
+    reasons = []
+
+    def capture(gm, example_inputs):
+        sites, skipped = find_attention(gm.graph)
+        assert sites == []
+        reasons.extend(s.reason for s in skipped)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=capture)(case.inputs())
+    assert len(reasons) == 1 and "dropout" in reasons[0]
+
+
+def attention_graph(fn, *inputs) -> tuple[fx.GraphModule, list]:
+    """Dynamo's graph of ``fn`` and its example inputs (in the graph's input order)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, dynamic=False)(*inputs)
+    (graph,) = graphs
+    return graph
+
+
+def test_rewrite_of_mask_terms_matches_original():
+    """Additive mask, -inf fill and a constant scale applied after masking (which scales the
+    mask): one combined mask, same result at G = 1."""
+    q, k, v = (torch.randn(2, 3, 10, 16) for _ in range(3))
+    bias = torch.randn(10, 10)
+    keep = torch.rand(10, 10) > 0.4
+    keep |= torch.eye(10, dtype=torch.bool)
+
+    def fn(q, k, v, bias, keep):
+        s = (q @ k.transpose(-2, -1) + bias).masked_fill(~keep, float("-inf")) * 0.5
+        return torch.softmax(s, -1) @ v
+
+    gm, inputs = attention_graph(fn, q, k, v, bias, keep)
+    expected = gm(*inputs)
+    sites, skipped = find_attention(gm.graph)
+    assert len(sites) == 1 and not skipped and sites[0].scale == 0.5
+    (op,) = rewrite_attention(gm.graph, sites, {sites[0].name: DistrConfig(group_size=1)})
+    gm.recompile()
+    assert op.meta[SITE_META] == sites[0].name
+    assert not any(n.target is torch.softmax for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(*inputs)[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_symbolic_scale_under_dynamic_shapes(eager_backend):
+    """scale = 1/sqrt(k.size(-1)) is symbolic with dynamic=True: it is applied to q."""
+
+    def fn(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.size(-1)), dim=-1) @ v
+
+    compiled = torch.compile(fn, backend="distr", dynamic=True, options={"approximate": "always", "group_size": 1})
+    for length, d in ((8, 16), (13, 32)):
+        q, k, v = (torch.randn(2, 2, length, d) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-4, atol=1e-5)
+    assert len(op_nodes(eager_backend)) >= 1
+
+
+def test_non_attention_matmul_softmax_is_ignored():
+    def fn(x, w):
+        return torch.softmax(x @ w, dim=0) @ w.t()
+
+    gm, _ = attention_graph(fn, torch.randn(5, 4), torch.randn(4, 6))
+    assert find_attention(gm.graph) == ([], [])
