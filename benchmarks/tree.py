@@ -69,7 +69,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(fn, iters: int, warmup: int, device: torch.device, collective: bool = True) -> list[float]:
+def time_steps(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
     """Milliseconds of each of ``iters`` calls, max over ranks (every rank must call this)."""
     for _ in range(warmup):
         fn()

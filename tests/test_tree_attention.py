@@ -5,7 +5,6 @@ spawn cost (the bulk of the run time on CPU) to five launches."""
 
 from __future__ import annotations
 
-import math
 import tempfile
 
 import pytest
