@@ -12,12 +12,15 @@ A step's latency is the max over ranks (ranks start together after a barrier); t
 its median, p90 and max over iterations. The model (below ``model_*``) extrapolates to 128 GPUs
 from alpha-beta fits of the measured all-reduce, all-gather and point-to-point times and a linear
 fit of the local attention time; links between nodes are not measurable here and are parameters.
-Results are printed and appended to BENCHMARKS.md; the model is plotted with matplotlib.
+Results are printed and appended to BENCHMARKS.md; the model is plotted with matplotlib. ``--json``
+saves the raw measurements and ``--from-json`` rebuilds report and plot from them elsewhere (for
+machines without matplotlib, or to re-run the model with other node parameters).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -50,12 +53,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--md", default=None, help="append results to this markdown file (default BENCHMARKS.md, none with --smoke)")
     p.add_argument("--plot", default="benchmarks/tree_model.png", help="model plot ('' for none)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes that run on CPU with gloo in seconds")
+    p.add_argument("--json", default="", help="also save the raw measurements here")
+    p.add_argument("--from-json", default="", help="no run: rebuild the report, model and plot from a --json file")
     args = p.parse_args()
     if args.smoke:
         args.contexts, args.heads, args.kv_heads, args.head_dim = [256, 1024], 4, 2, 16
         args.dtype, args.iters, args.warmup = "float32", 5, 2
-    if args.md is None:
-        args.md = "" if args.smoke else "BENCHMARKS.md"
     if args.heads % args.kv_heads:
         p.error("--heads must be a multiple of --kv-heads")
     return args
@@ -260,8 +263,11 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    args = parse_args()
+SHAPE_ARGS = ("contexts", "batch", "heads", "kv_heads", "head_dim", "dtype", "iters", "warmup", "smoke")
+
+
+def run(args) -> dict | None:
+    """The measurements (every rank takes part); rank 0 returns them, the others None."""
     cuda = torch.cuda.is_available() and not args.smoke
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -274,7 +280,6 @@ def main() -> None:
     if world < 2:
         raise SystemExit("run with at least 2 ranks, e.g. torchrun --nproc-per-node 2 benchmarks/tree.py")
     dtype = getattr(torch, args.dtype)
-
     measured = []
     for N in args.contexts:
         measured += measure_decode(args, N, rank, world, device, dtype)
@@ -282,46 +287,68 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
     fits = calibrate_collectives(args, rank, world, device)
-    single = [r for r in measured if r["method"] == "single"]
-    attn_fit = fit_line([float(r["N"]) for r in single], [r["median"] for r in single])
-    model = model_rows(args, fits, attn_fit, world)
     dist.destroy_process_group()
     if rank != 0:
-        return
-
-    by = {(r["method"], r["N"]): r for r in measured}
-    for r in measured:
-        r["vs_ring"] = by[("ring", r["N"])]["median"] / r["median"]
-    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, gloo)"
+        return None
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
+    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, gloo)"
+    return {"measured": measured, "fits": fits, "world": world, "device": device_name, "date": str(date.today()),
+            "versions": f"torch {torch.__version__}, triton {triton_version}",
+            "config": {a: getattr(args, a) for a in SHAPE_ARGS}}
+
+
+def report(results: dict, args) -> str:
+    """Markdown: measured table, calibration, model table (and the plot as a side effect)."""
+    measured, fits, world = results["measured"], results["fits"], results["world"]
+    single = [r for r in measured if r["method"] == "single"]
+    attn_fit = fit_line([float(r["N"]) for r in single], [r["median"] for r in single])
+    model = model_rows(args, fits, attn_fit, world)
+    by = {(r["method"], r["N"]): r for r in measured}
+    for r in measured:
+        r["vs_ring"] = by[("ring", r["N"])]["median"] / r["median"]
     header = (
-        f"### Tree vs Ring decode ({date.today()}{', smoke' if args.smoke else ''})\n\n"
-        f"{world} x {device_name}; torch {torch.__version__}, triton {triton_version}; {args.dtype}; "
+        f"### Tree vs Ring decode ({results['date']}{', smoke' if args.smoke else ''})\n\n"
+        f"{world} x {results['device']}; {results['versions']}; {args.dtype}; "
         f"B={args.batch}, Hq={args.heads}, Hkv={args.kv_heads}, d={args.head_dim}, Tq=1, KV split evenly; "
         f"{args.iters} steps after {args.warmup} warm-up; step latency = max over ranks. "
         f"`benchmarks/tree.py{' --smoke' if args.smoke else ''}`\n"
     )
     table = markdown(measured, ["method", "N", "ranks", "median", "p90", "max", "vs_ring", "wire_MiB", "peak_GiB"])
     fit_text = "; ".join(f"{k}: {a * 1e3:.1f} us + {1 / b / 1e6 if b else float('inf'):.1f} GB/s" for k, (a, b) in fits.items())
-    model_table = markdown([r for r in model if r["N"] == max(args.contexts)],
-                           ["gpus", "N", "tree_ms", "ring_ms", "tree_MiB", "ring_MiB", "measured"])
-    plot_note = plot(model, max(args.contexts), args.plot, f"Tree vs Ring decode model, N={max(args.contexts)}") if args.plot else "no plot"
-    report = (
+    N = max(args.contexts)
+    model_table = markdown([r for r in model if r["N"] == N], ["gpus", "N", "tree_ms", "ring_ms", "tree_MiB", "ring_MiB", "measured"])
+    plot_note = plot(model, N, args.plot, f"Tree vs Ring decode model, N={N}") if args.plot else "no plot"
+    return (
         f"{header}\nMeasured (times in ms; vs_ring = ring median / this median; wire = bytes sent per rank per step):\n\n"
         f"{table}\n\nCollectives fitted on {world} ranks: {fit_text}; local attention: {attn_fit[0]:.3g} ms + "
-        f"{attn_fit[1] * 1e6:.3g} ms per 1M tokens.\nModel at N={max(args.contexts)} ({args.gpus_per_node} GPUs per node, "
+        f"{attn_fit[1] * 1e6:.3g} ms per 1M tokens.\nModel at N={N} ({args.gpus_per_node} GPUs per node, "
         f"{args.inter_node_gbps} GB/s and {args.inter_node_latency_us} us between nodes; {plot_note}):\n\n{model_table}\n"
     )
-    print(report)
-    if args.md:
-        with open(args.md, "a") as f:
-            f.write("\n" + report)
-        print(f"appended to {args.md}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        vars(args).update(results["config"])
+    else:
+        results = run(args)
+        if results is None:
+            return
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    text = report(results, args)
+    print(text)
+    md = args.md if args.md is not None else ("" if args.smoke else "BENCHMARKS.md")
+    if md:
+        with open(md, "a") as f:
+            f.write("\n" + text)
+        print(f"appended to {md}")
 
 
 if __name__ == "__main__":
