@@ -33,7 +33,8 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
     """Compile a Dynamo graph with DistrAttention in place of attention where the guard allows.
 
     ``options`` are :class:`DistrConfig` fields (unknown keys are an error); ``mode`` is
-    torch.compile's mode, passed on to Inductor (``"reduce-overhead"`` uses CUDA graphs).
+    torch.compile's mode (or ``options["mode"]``), passed on to Inductor (``"reduce-overhead"``
+    uses CUDA graphs).
     """
     config = DistrConfig.from_options(options)
     sites, skipped = find_attention(gm.graph)
@@ -41,6 +42,7 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
         log.info("left alone: %s (%s): %s", s.name, s.pattern, s.reason)
         STORE.put_skipped(owner(s.module_id, example_inputs), s, config)
     decisions = _decisions(gm, example_inputs, sites, config)
+    mode = mode or config.mode
     patches = torch._inductor.list_mode_options(mode) if mode else {}
     original = copy.deepcopy(gm.graph) if config.monitor_every else None
     compiled = _compile(gm, sites, decisions, example_inputs, config, patches)

@@ -19,6 +19,7 @@ GROUPINGS = ("lsh", "random")
 MAX_HYPERPLANES = 16
 APPROXIMATE = ("auto", "guarded", "always")
 METRICS = ("rel_fro", "cosine", "max_abs")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class DistrConfig:
             each approximated site and demotes a site whose error drifted over ``tolerance``
             (disabled, with a warning, under CUDA graphs).
         plan: path of a saved ``DistrPlan`` (JSON): its decisions are used instead of calibrating.
+        mode: torch.compile's ``mode`` for Inductor, given here because torch.compile refuses
+            ``mode`` and ``options`` together (e.g. ``{"mode": "reduce-overhead", "group_size": 4}``).
     """
 
     group_size: int = 2
@@ -72,6 +75,7 @@ class DistrConfig:
     output_tolerance: float | None = None
     monitor_every: int = 0
     plan: str | None = None
+    mode: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("group_size", self.group_size, GROUP_SIZES)
@@ -97,6 +101,8 @@ class DistrConfig:
             _check_choice("group_sizes entry", g, GROUP_SIZES)
         if not isinstance(self.monitor_every, int) or isinstance(self.monitor_every, bool) or self.monitor_every < 0:
             raise ValueError(f"monitor_every must be a non-negative int, got {self.monitor_every!r}")
+        if self.mode is not None:
+            _check_choice("mode", self.mode, MODES)
         if self.plan is not None and not isinstance(self.plan, str):
             raise TypeError(f"plan must be a path (str), got {type(self.plan).__name__}")
 

@@ -340,6 +340,7 @@ def plan_config(config: DistrConfig) -> dict[str, Any]:
     """The config fields a plan records (everything but the plan path)."""
     data = asdict(config)
     data.pop("plan")
+    data.pop("mode")
     data["group_sizes"] = list(config.group_sizes)
     return data
 
@@ -421,3 +422,66 @@ def decide_sites(gm: fx.GraphModule, inputs_list: list[list], sites: list[Attent
     if config.output_tolerance is not None:
         end_to_end(gm, inputs_list, decisions, config)
     return decisions
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def report(compiled: torch.nn.Module | DistrPlan, plot: str | None = None, file: Any = None) -> str:
+    """Print (to ``file``, default stdout) and return a table of every attention site of a model
+    compiled with ``backend="distr"`` (or of a plan): name, pattern, shapes, decision, measured
+    error against the tolerance, and the reason. ``plot`` writes a PNG bar chart of each site's
+    error against the tolerance."""
+    from tabulate import tabulate
+
+    plan = compiled if isinstance(compiled, DistrPlan) else plan_of(compiled)
+    metric, tol = plan.metric, plan.tolerance
+    rows = []
+    for d in plan.sites.values():
+        err = d.error(metric)
+        rows.append([d.name, d.pattern, d.shapes, f"G={d.group_size}" if d.approximated else "exact",
+                     "-" if err is None else f"{err:.3g}", f"{tol:g}", d.reason])
+    for s in plan.skipped.values():
+        rows.append([s.name, s.pattern, "", "left alone", "-", "-", s.reason])
+    headers = ["site", "pattern", "shapes", "decision", metric, "tolerance", "reason"]
+    text = tabulate(rows, headers=headers) + "\n" + _summary(plan)
+    print(text, file=file)
+    if plot is not None:
+        _plot(plan, plot)
+    return text
+
+
+def _summary(plan: DistrPlan) -> str:
+    total = len(plan.sites) + len(plan.skipped)
+    approx = [d for d in plan.sites.values() if d.approximated]
+    measured = [d for d in plan.sites.values() if d.errors and not d.approximated]
+    lines = [f"{len(approx)} of {total} attention sites use DistrAttention; {total - len(approx)} keep exact attention."]
+    if measured:
+        lines.append(
+            f"{len(measured)} site(s) were measured over the tolerance {plan.tolerance:g} ({plan.metric}) and stay exact: "
+            "zero-shot, the approximation is too coarse for them (DESIGN.md section 2); fine-tuning with it "
+            "in the loop, a looser tolerance or a smaller block_m changes that."
+        )
+    if plan.skipped:
+        lines.append(f"{len(plan.skipped)} site(s) could not be rewritten exactly and were left alone (see reason).")
+    return "\n".join(lines)
+
+
+def _plot(plan: DistrPlan, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = [d for d in plan.sites.values() if d.error(plan.metric) is not None]
+    errors = [d.error(plan.metric) for d in sites]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(sites) + 2), 4))
+    ax.bar(range(len(sites)), errors, color=["tab:green" if d.approximated else "tab:red" for d in sites])
+    ax.axhline(plan.tolerance, color="black", linestyle="--", label=f"tolerance {plan.tolerance:g}")
+    ax.set_xticks(range(len(sites)), [d.name for d in sites], rotation=90, fontsize=7)
+    ax.set_ylabel(f"{plan.metric} (green: approximated, red: exact)")
+    ax.set_title("DistrAttention error per attention site")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,178 @@
+"""The ``distr`` backend end to end: entry point, options, Inductor, dynamic shapes, graph breaks,
+CUDA-graph mode, recompiles, and (GPU) the Triton kernel inside a compiled HF Llama."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import distr_compile
+import distr_compile.backend as backend
+from distr_compile import DistrConfig
+
+from test_passes import eager_backend, op_nodes  # noqa: F401  (fixture)
+from zoo import CASES, NanoGPTCausalSelfAttention, call, sdpa_as_distr
+
+FORCED_G2 = {"approximate": "always", "group_size": 2, "block_m": 16}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_entry_point_needs_no_import():
+    code = (
+        "import sys, torch\n"
+        "f = torch.compile(lambda x: torch.softmax(x @ x.mT, -1) @ x, backend='distr')\n"
+        "x = torch.randn(2, 5, 8)\n"
+        "torch.testing.assert_close(f(x), torch.softmax(x @ x.mT, -1) @ x)\n"
+        "print('imported' if 'distr_compile.backend' in sys.modules else 'missing')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("imported")
+    assert "distr" in torch._dynamo.list_backends(exclude_tags=())
+
+
+def test_unknown_option_lists_valid_ones():
+    f = torch.compile(lambda x: x + 1, backend="distr", options={"group_sise": 2})
+    with pytest.raises(Exception, match=r"unknown DistrConfig option\(s\) \['group_sise'\].*group_size"):
+        f(torch.randn(3))
+
+
+def test_no_attention_compiles_like_inductor():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        ours = torch.compile(mlp, backend="distr")(x)
+        torch._dynamo.reset()
+        theirs = torch.compile(mlp, backend="inductor")(x)
+    assert torch.equal(ours, theirs)
+
+
+def test_nanogpt_inductor_dynamic_matches_distr_attention():
+    """Inductor compiles the rewritten graph, with dynamic shapes, for two sequence lengths."""
+    torch.manual_seed(0)
+    model = NanoGPTCausalSelfAttention().eval()
+    oracle = NanoGPTCausalSelfAttention(flash=True).eval()
+    oracle.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="distr", dynamic=True, options=FORCED_G2)
+    for length in (9, 20):
+        x = torch.randn(2, length, 64)
+        with torch.no_grad(), sdpa_as_distr(DistrConfig(group_size=2, block_m=16)):
+            expected = oracle(x)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    plan = distr_compile.plan_of(compiled)
+    assert [d.group_size for d in plan.sites.values()] == [2]
+
+
+def test_reduce_overhead_mode_and_monitor_warning():
+    """mode='reduce-overhead' (as options["mode"], since torch.compile refuses mode with options)
+    reaches Inductor (CUDA graphs; skipped on CPU); the runtime monitor is disabled there with a
+    warning. torch.compile's own mode= works too."""
+    torch.manual_seed(0)
+    model = NanoGPTCausalSelfAttention().eval()
+    x = torch.randn(2, 8, 64)
+    compiled = torch.compile(model, backend="distr",
+                             options={**FORCED_G2, "monitor_every": 1, "mode": "reduce-overhead"})
+    with pytest.warns(UserWarning, match="monitor.*disabled under CUDA graphs"), torch.no_grad():
+        out = compiled(x)
+    assert out.shape == x.shape
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="distr", mode="reduce-overhead")(x), model(x))
+
+
+def test_graph_break_sites_in_both_graphs(eager_backend):  # noqa: F811
+    class TwoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = NanoGPTCausalSelfAttention(), NanoGPTCausalSelfAttention()
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(2, 8, 64)
+    compiled = torch.compile(model, backend="distr", options={"approximate": "always", "group_size": 1})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(eager_backend) == 2 and len(op_nodes(eager_backend)) == 2
+    assert sorted(distr_compile.plan_of(compiled).sites) == ["a", "b"]
+
+
+def test_cpu_default_keeps_exact_attention(eager_backend):  # noqa: F811
+    case = next(c for c in CASES if c.name == "hf-llama-eager")
+    model = case.build()
+    compiled = torch.compile(model, backend="distr")
+    with torch.no_grad():
+        torch.testing.assert_close(call(compiled, case.inputs()), call(model, case.inputs()))
+    assert op_nodes(eager_backend) == []
+    plan = distr_compile.plan_of(compiled)
+    assert len(plan.sites) == 2 and all("CPU" in d.reason and not d.approximated for d in plan.sites.values())
+
+
+def test_recompile_reuses_decisions(eager_backend, monkeypatch):  # noqa: F811
+    """A new sequence length recompiles the graph; the calibrated decisions are reused."""
+    calls = []
+    real = backend.decide_sites
+    monkeypatch.setattr(backend, "decide_sites", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = NanoGPTCausalSelfAttention().eval()
+    compiled = torch.compile(model, backend="distr", dynamic=False,
+                             options={"approximate": "guarded", "tolerance": 10.0, "block_m": 16})
+    with torch.no_grad():
+        compiled(torch.randn(2, 8, 64))
+        compiled(torch.randn(2, 12, 64))
+    assert len(eager_backend) == 2, "the second length must recompile"
+    assert len(calls) == 1
+    assert len(op_nodes(eager_backend)) == 2
+
+
+def test_training_backward_through_the_op(eager_backend):  # noqa: F811
+    torch.manual_seed(0)
+    model = NanoGPTCausalSelfAttention().eval()
+    compiled = torch.compile(model, backend="distr", options=FORCED_G2)
+    compiled(torch.randn(2, 8, 64)).square().sum().backward()
+    assert model.c_attn.weight.grad is not None and model.c_attn.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_hf_llama_bf16_runs_the_triton_kernel_and_matches_eager_distr():
+    """HF Llama (GQA, causal), bf16 on CUDA, approximation forced: every attention is the Triton
+    kernel in Inductor's code, and the output matches the eager model with distr_attention."""
+    import transformers as tf
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
+    model = tf.LlamaModel(tf.LlamaConfig(attn_implementation="eager", **cfg)).cuda().bfloat16().eval()
+    oracle = tf.LlamaModel(tf.LlamaConfig(attn_implementation="sdpa", **cfg)).cuda().bfloat16().eval()
+    oracle.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 256, (2, 300), device="cuda")
+    options = {"approximate": "always", "group_size": 2}
+    compiled = torch.compile(model, backend="distr", options=options)
+    with torch.no_grad():
+        out, code = run_and_get_code(lambda: compiled(input_ids=ids).last_hidden_state)
+        with sdpa_as_distr(DistrConfig(group_size=2)):
+            expected = oracle(input_ids=ids).last_hidden_state
+        exact = model(input_ids=ids).last_hidden_state
+    launches = sum(src.count("_distr_fwd_kernel") for src in code)
+    assert launches >= cfg["num_hidden_layers"], f"{launches} kernel references in Inductor's code"
+    err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    assert err(out, expected) < 2e-2, err(out, expected)
+    assert err(out, exact) > err(out, expected)
