@@ -142,7 +142,7 @@ class _Monitor:
         self.calls += 1
         if self.calls % self.config.monitor_every == 0:
             self._check(args)
-        return self.compiled(args)
+        return self.compiled(args) if getattr(self.compiled, "_boxed_call", False) else self.compiled(*args)
 
     def _check(self, args: list) -> None:
         approx = {n: self.config.replace(group_size=d.group_size) for n, d in self.decisions.items() if d.approximated}
