@@ -129,8 +129,6 @@ class _Monitor:
     call's real inputs (the heads reading KV head 0 only) and, if one drifted over the
     tolerance, demote it to exact and recompile the graph."""
 
-    _boxed_call = True
-
     def __init__(self, original: fx.GraphModule, decisions: dict[str, SiteDecision], config: DistrConfig,
                  patches: dict, compiled: Callable):
         self.original, self.decisions, self.config, self.patches = original, decisions, config, patches
@@ -138,7 +136,8 @@ class _Monitor:
         self.probe = probe_module(original)
         self.calls = 0
 
-    def __call__(self, args: list) -> Any:
+    def __call__(self, *args: Any) -> Any:
+        args = list(args)
         self.calls += 1
         if self.calls % self.config.monitor_every == 0:
             self._check(args)

