@@ -46,7 +46,7 @@ _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type_as", "type"}
 _MUL_FUNCS, _DIV_FUNCS = {operator.mul, torch.mul}, {operator.truediv, torch.div}
 _ADD_FUNCS = {operator.add, torch.add}
 _WHERE_FUNCS = {torch.where}
-_DROPOUT_FUNCS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
+_DROPOUT_FUNCS = {F.dropout, torch.dropout}
 
 
 @dataclass
@@ -238,16 +238,15 @@ def _split_add(x: fx.Node, ops: list) -> fx.Node:
 
 
 def _leads_to_scores(x) -> bool:
-    """Whether ``x`` is (a cast/scale/mask chain over) a matmul: which operand holds the scores."""
-    for _ in range(16):
-        if not isinstance(x, fx.Node):
-            return False
+    """Whether ``x`` is a matmul under casts, scales, adds and fills: which operand of an add
+    (or of a where) carries the scores."""
+    while isinstance(x, fx.Node):
         if _is_matmul(x) or _is_einsum(x):
             return True
-        if not (_is_cast(x) or _is_call(x, _MUL_FUNCS | _DIV_FUNCS | _ADD_FUNCS, {"mul", "div", "add", "masked_fill"})
-                or _is_call(x, {torch.masked_fill}, set())):
+        if not (_is_cast(x) or _is_call(x, _MUL_FUNCS | _DIV_FUNCS | _ADD_FUNCS | {torch.masked_fill},
+                                         {"mul", "div", "add", "masked_fill", "__mul__", "__truediv__", "__add__"})):
             return False
-        x = x.args[0] if not _is_scalar(x.args[0]) else x.args[1]
+        x = next((a for a in x.args if isinstance(a, fx.Node) and not _is_scalar(a)), None)
     return False
 
 
@@ -298,7 +297,7 @@ def _walk_weights(softmax: fx.Node, site: AttentionSite) -> tuple[fx.Node, fx.No
         if _is_cast(user) and user.args[0] is x:
             site.erase.append(user)
             x = user
-        elif _is_call(user, _DROPOUT_FUNCS, {"dropout"}) and user.args[0] is x:
+        elif _is_call(user, _DROPOUT_FUNCS, set()) and user.args[0] is x:
             _check_dropout_inactive(user)
             site.erase.append(user)
             x = user
@@ -309,13 +308,12 @@ def _walk_weights(softmax: fx.Node, site: AttentionSite) -> tuple[fx.Node, fx.No
 
 
 def _check_dropout_inactive(node: fx.Node) -> None:
-    if node.target is torch.dropout:
-        p, training = (list(node.args[1:3]) + [node.kwargs.get("p"), node.kwargs.get("train")])[:2]
-    else:
-        names = ("p", "training", "inplace")
-        given = dict(zip(names, node.args[1:]))
-        given.update(node.kwargs)
-        p, training = given.get("p", 0.5), given.get("training", True)
+    """Dropout is the identity in eval mode or with p = 0 (both constants in a Dynamo graph)."""
+    names = ("p", "train") if node.target is torch.dropout else ("p", "training", "inplace")
+    given = {"p": 0.5, names[1]: True}
+    given.update(zip(names, node.args[1:]))
+    given.update(node.kwargs)
+    p, training = given["p"], given[names[1]]
     if training is False or (isinstance(p, (int, float)) and p == 0):
         return
     raise _Skip(f"dropout on the attention weights is active (p={_show(p)}, training={_show(training)})")
@@ -528,15 +526,15 @@ def _einsum_terms(node: fx.Node) -> tuple[list[list[str]], list[str]]:
 
 
 def _is_cast(node: fx.Node) -> bool:
+    """A cast to a floating dtype (``.float()``, ``.to(torch.bfloat16)``, ``.type_as(q)``...)."""
     if node.op != "call_method" or node.target not in _CAST_METHODS:
         return False
-    if node.target in ("to", "type"):
-        targets = [*node.args[1:], *node.kwargs.values()]
-        return len(targets) >= 1 and all(isinstance(t, torch.dtype) and t.is_floating_point for t in targets[:1]) \
-            and set(node.kwargs) <= {"dtype"}
     if node.target == "type_as":
         return _is_floating(node.args[1])
-    return len(node.args) == 1
+    if node.target in ("to", "type"):
+        dtype = node.args[1] if len(node.args) == 2 else node.kwargs.get("dtype")
+        return isinstance(dtype, torch.dtype) and dtype.is_floating_point and set(node.kwargs) <= {"dtype"}
+    return len(node.args) == 1 and not node.kwargs
 
 
 def _is_scalar(x) -> bool:
