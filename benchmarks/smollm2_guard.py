@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 
@@ -65,19 +66,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--model-dir")
-    parser.add_argument("--save-model", help="write an fp16 save_pretrained copy here and exit")
+    parser.add_argument("--save-model", help="write an fp16 save_pretrained copy here (50 MB shards, to carry "
+                        "to the GPU machine over several calls) and exit")
     parser.add_argument("--out", default=".")
     parser.add_argument("--options", default="{}", help="extra backend options as JSON (default settings if empty)")
     args = parser.parse_args()
 
     tokenizer, model = load(args)
     if args.save_model:
-        model.half().save_pretrained(args.save_model)
+        model.half().save_pretrained(args.save_model, max_shard_size="50MB")
         tokenizer.save_pretrained(args.save_model)
         print(f"saved fp16 copy to {args.save_model}")
         return
-    import json
-
     options = json.loads(args.options)
     if args.device == "cpu":
         options.setdefault("approximate", "guarded")  # "auto" keeps CPU exact: nothing to show
