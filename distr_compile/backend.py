@@ -22,7 +22,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from .config import DistrConfig
 from .guard import (
-    EXACT, STORE, DistrPlan, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs, log, metric_error,
+    EXACT, STORE, DistrPlan, Owner, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs, log, metric_error,
     owner, probe_module, run_probe,
 )
 from .passes import AttentionSite, find_attention, rewrite_attention
@@ -40,7 +40,7 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
     sites, skipped = find_attention(gm.graph)
     for s in skipped:
         log.info("left alone: %s (%s): %s", s.name, s.pattern, s.reason)
-        STORE.put_skipped(owner(s.module_id, example_inputs), s, config)
+        STORE.put(owner(s.module_id, example_inputs), s, config)
     decisions = _decisions(gm, example_inputs, sites, config)
     mode = mode or config.mode
     patches = torch._inductor.list_mode_options(mode) if mode else {}
@@ -74,14 +74,14 @@ def _decisions(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSi
     return decisions
 
 
-def _known_decision(site: AttentionSite, owner_id: int | None, config: DistrConfig,
+def _known_decision(site: AttentionSite, who: Owner | None, config: DistrConfig,
                     plan: DistrPlan | None) -> SiteDecision | None:
     """A decision that needs no calibration, or None."""
     if plan is not None:
         if site.name in plan.sites:
             return _valid(site, copy.copy(plan.sites[site.name]), config)
         log.warning("site %s is not in plan %s: calibrating it", site.name, config.plan)
-    stored = STORE.get(owner_id, site.name, config)
+    stored = STORE.get(who, site.name, config)
     if stored is not None:
         return _valid(site, stored, config)
     if config.approximate == "always":

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import math
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -296,45 +297,61 @@ def _progress(items: Iterable, desc: str) -> Iterable:
 # ---------------------------------------------------------------------------------- store
 
 
-def owner(module_id: int | None, example_inputs: list) -> int | None:
-    """Who a site belongs to, for remembering its decision: the ``id`` of its module (as in
-    Dynamo's ``nn_module_stack``) or, for code of the compiled root module itself, of the first
-    parameter among the graph inputs. None (not remembered) for a graph with neither."""
-    if module_id is not None:
-        return module_id
-    return next((id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)), None)
+@dataclass(frozen=True)
+class Owner:
+    """Who a site belongs to: the ``id`` of its module (as in Dynamo's ``nn_module_stack``) or,
+    for code of the compiled root module itself, of the first parameter among the graph inputs;
+    plus weak references to the graph's parameters. Ids are reused after an object dies, so an
+    entry counts only while those parameters are alive (a graph without parameters cannot be
+    checked and is trusted)."""
+
+    id: int
+    params: tuple[weakref.ref, ...]
+
+    @property
+    def alive(self) -> bool:
+        return all(ref() is not None for ref in self.params)
+
+
+def owner(module_id: int | None, example_inputs: list) -> Owner | None:
+    """The :class:`Owner` of a site of a graph with these inputs, or None (not remembered)."""
+    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    oid = module_id if module_id is not None else (id(params[0]) if params else None)
+    return None if oid is None else Owner(oid, tuple(weakref.ref(p) for p in params))
 
 
 class DecisionStore:
-    """Decisions per (owner, site name, config), see :func:`owner`: recompiles of the same model
-    with the same options reuse them, and :func:`plan_of` finds them from the model."""
+    """Decisions (and left-alone sites) per (owner, site name, config), see :class:`Owner`:
+    recompiles of the same model with the same options reuse them, and :func:`plan_of` finds them
+    from the model."""
 
     def __init__(self) -> None:
-        self._decisions: dict[tuple[int, str, DistrConfig], SiteDecision] = {}
-        self._skipped: dict[tuple[int, str, DistrConfig], SkippedSite] = {}
+        self._entries: dict[tuple[int, str, DistrConfig], tuple[Owner, SiteDecision | SkippedSite]] = {}
 
-    def get(self, owner_id: int | None, name: str, config: DistrConfig) -> SiteDecision | None:
-        return self._decisions.get((owner_id, name, config)) if owner_id is not None else None
+    def get(self, who: Owner | None, name: str, config: DistrConfig) -> SiteDecision | None:
+        if who is None:
+            return None
+        entry = self._entries.get((who.id, name, config))
+        return entry[1] if entry and entry[0].alive and isinstance(entry[1], SiteDecision) else None
 
-    def put(self, owner_id: int | None, decision: SiteDecision, config: DistrConfig) -> None:
-        if owner_id is not None:
-            self._decisions.pop((owner_id, decision.name, config), None)
-            self._decisions[(owner_id, decision.name, config)] = decision
-
-    def put_skipped(self, owner_id: int | None, skipped: SkippedSite, config: DistrConfig) -> None:
-        if owner_id is not None:
-            self._skipped[(owner_id, skipped.name, config)] = skipped
+    def put(self, who: Owner | None, item: SiteDecision | SkippedSite, config: DistrConfig) -> None:
+        """Remember a decision or a left-alone site (the latest put comes last in plans)."""
+        if who is None:
+            return
+        self._entries = {k: e for k, e in self._entries.items() if e[0].alive and k != (who.id, item.name, config)}
+        self._entries[(who.id, item.name, config)] = (who, item)
 
     def plan_for(self, owner_ids: set[int]) -> DistrPlan | None:
-        """The latest decisions whose owner is one of ``owner_ids``, as a plan."""
-        config, sites, skipped = None, {}, {}
-        for (oid, name, cfg), d in self._decisions.items():
-            if oid in owner_ids:
-                config, sites[name] = cfg, d
-        for (oid, name, cfg), s in self._skipped.items():
-            if oid in owner_ids and (config is None or cfg == config):
-                config, skipped[name] = cfg, s
-        return None if config is None else DistrPlan(plan_config(config), sites, skipped)
+        """The latest config's entries whose owner is one of ``owner_ids``, as a plan."""
+        live = [(cfg, item) for (oid, _, cfg), (who, item) in self._entries.items() if oid in owner_ids and who.alive]
+        if not live:
+            return None
+        config = live[-1][0]
+        plan = DistrPlan(plan_config(config))
+        for cfg, item in live:
+            if cfg == config:
+                (plan.sites if isinstance(item, SiteDecision) else plan.skipped)[item.name] = item
+        return plan
 
 
 STORE = DecisionStore()
@@ -410,7 +427,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, **options: Any) -> Dist
             end_to_end(gm, seen, {s.name: plan.sites[s.name] for s in sites}, config)
         for s in skipped:
             plan.skipped[s.name] = s
-            STORE.put_skipped(owner(s.module_id, example_inputs), s, config)
+            STORE.put(owner(s.module_id, example_inputs), s, config)
         for site in sites:
             STORE.put(owner(site.module_id, example_inputs), plan.sites[site.name], config)
     return plan
