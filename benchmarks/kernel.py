@@ -1,8 +1,9 @@
 """DistrAttention forward kernels vs every SDPA backend, side by side in one run (GPU).
 
 For each (dtype, head dim, sequence length, causal): median time (triton.testing.do_bench) of
-SDPA flash / cuDNN / efficient, our Triton forward at G=1 (plain FlashAttention-2, the kernel's
-own exact baseline), and the full DistrAttention op (grouping + forward) at G=2 and G=4, plus the
+SDPA flash / cuDNN / efficient, the ``distr::attention`` op at G=1 (our Triton forward without
+grouping: plain FlashAttention-2, the kernel's own exact baseline) and at G=2 and G=4 (grouping
+kernel + grouped forward), plus the
 grouping kernel's share of the op's time and each DistrAttention config's relative output error
 against exact attention on the same random inputs. Batch is chosen so every row holds 16k tokens
 of 16 heads. Prints a table and appends it to BENCHMARKS.md with device and versions.
@@ -25,8 +26,9 @@ import triton
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from torch._library.triton import set_wrap_triton_enabled
+
 from distr_compile import DistrConfig
-from distr_compile.kernels.attention import distr_forward
 from distr_compile.kernels.grouping import lsh_group
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,16 +55,21 @@ def run_case(dtype: torch.dtype, d: int, L: int, causal: bool, block_m: int) -> 
                 row[f"sdpa-{name}"] = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
         except RuntimeError:  # backend refuses this shape/dtype
             row[f"sdpa-{name}"] = math.nan
-    row["triton G=1"] = bench(lambda: distr_forward(q, k, v, None, None, causal, None, 1, block_m, "mean"))
-    for G in (2, 4):
+    for G in (1, 2, 4):
         config = DistrConfig(group_size=G, block_m=block_m)
 
         def op():
-            return distr_forward(q, k, v, lsh_group(q, config), None, causal, None, G, block_m, "mean")
+            return torch.ops.distr.attention(
+                q, k, v, None, causal, None, False,
+                G, block_m, config.num_hyperplanes, config.representative, config.grouping, config.seed,
+            )
 
-        row[f"distr G={G}"] = bench(op)
-        row[f"group% G={G}"] = 100 * bench(lambda: lsh_group(q, config)) / row[f"distr G={G}"]
-        row[f"err G={G}"] = rel_err(op()[0], exact)
+        name = "triton G=1" if G == 1 else f"distr G={G}"
+        row[name] = bench(op)
+        if G > 1:
+            with set_wrap_triton_enabled(False):  # launch directly, as inside the op
+                row[f"group% G={G}"] = 100 * bench(lambda: lsh_group(q, config)) / row[name]
+            row[f"err G={G}"] = rel_err(op()[0], exact)
     best_exact = min(row[f"sdpa-{n}"] for n in SDPA_BACKENDS if not math.isnan(row[f"sdpa-{n}"]))
     row["G=2 vs best SDPA"] = best_exact / row["distr G=2"]
     return row

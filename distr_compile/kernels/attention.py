@@ -2,12 +2,12 @@
 
 One program per (query block, batch*head); the query block is the grouping block, so the whole
 tile shares one column order ``perm`` (from kernels/grouping.py). The program
-  1. loads its Q tile once, permutes the columns in registers (``tl.gather``) and reduces each run
-     of G columns to its representative: Q_rep (BLOCK_M x D/G);
-  2. streams K/V tiles: each K tile is loaded contiguously, permuted in registers by the same
-     order and summed in runs of G (K_fused, BLOCK_N x D/G), then S = Q_rep K_fused^T is one
-     reduced ``tl.dot``; masking and the online softmax are as in FlashAttention-2, and P V keeps
-     the full head dim;
+  1. builds Q_rep (BLOCK_M x D/G) from G strided loads of its Q tile (column j of every group);
+  2. streams K/V tiles. The fused keys K_fused^T (D/G x BLOCK_N) are G row gathers of K^T: with
+     keys contiguous in memory, each gathered row is a contiguous, vectorised run of BLOCK_N keys,
+     so the permutation costs no shuffles and no scalar loads. S = Q_rep K_fused^T is one reduced
+     ``tl.dot``; masking and the online softmax are as in FlashAttention-2, and P V keeps the
+     full head dim;
   3. writes O and the natural-log LSE (fp32) that Tree Attention and the backward need.
 GQA reads the shared K/V head directly (h // ratio): no copies. Masks are read tile by tile
 through their strides, so a broadcast mask (stride 0) costs no memory. G = 1 skips the grouping
@@ -29,14 +29,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 def _configs() -> list[triton.Config]:
     """Autotune space: BLOCK_N, warps and pipeline depth (BLOCK_M is the grouping block, fixed by
-    the config). One config under the interpreter, or with DISTR_COMPILE_AUTOTUNE=0 (tests)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    default = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3)
-    if os.environ.get("DISTR_COMPILE_AUTOTUNE", "1") == "0":
-        return [default]
+    the config). One small config, valid for every head dim, under the interpreter or with
+    DISTR_COMPILE_AUTOTUNE=0 (quick compiles for tests)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("DISTR_COMPILE_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
     return [
-        default,
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
@@ -45,7 +43,80 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["lk_bucket", "D", "G", "BLOCK_M", "IS_CAUSAL", "MASK_KIND"])
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V pipeline buffers; Hopper has 227 KiB a block
+
+
+def _fit_shared_memory(configs, named_args, **kwargs):
+    """Drop configs whose K/V pipeline would not fit in shared memory (d = 256); keep one that does."""
+    d = named_args["D"] if "D" in named_args else kwargs["D"]
+    size = lambda c: 2 * 2 * c.kwargs["BLOCK_N"] * d * c.num_stages
+    fitting = [c for c in configs if size(c) <= SHARED_MEMORY_BUDGET]
+    return fitting or [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
+
+
+@triton.jit
+def _load(ptrs, ok, BOUNDARY: tl.constexpr):
+    """Masked load on boundary tiles, plain (vectorisable) load on interior ones."""
+    if BOUNDARY:
+        return tl.load(ptrs, mask=ok, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _attend(
+    acc, l_i, m_i, q_rep, k_base, v_base, mask_base, perm_base, start, end,
+    offs_m, row_ok, len_k, qk_scale,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDARY: tl.constexpr,
+):
+    """Online softmax over key tiles [start, end). BOUNDARY=False is the interior: every key is
+    in range and (causal) visible to every row, so no key masks are built or applied."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_g = tl.arange(0, D // G)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < len_k
+        # K_fused^T (D/G x BLOCK_N): G row gathers of K^T, each row a contiguous run of keys (the
+        # launcher makes keys contiguous), added in the input dtype (exact rounding for G = 2).
+        if G == 1:
+            k_t = _load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
+        else:
+            k_t = tl.zeros([D // G, BLOCK_N], dtype=q_rep.dtype)
+            for j in tl.static_range(G):
+                rows_j = tl.load(perm_base + offs_g * G + j)
+                k_t += _load(k_base + rows_j[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
+        s = tl.dot(q_rep, k_t) * qk_scale
+        if MASK_KIND != 0:
+            m_tile = tl.load(mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
+                             mask=row_ok[:, None] & col_ok[None, :], other=0)
+            if MASK_KIND == 1:
+                s = tl.where(m_tile != 0, s, float("-inf"))
+            else:
+                s += m_tile.to(tl.float32) * LOG2E
+        if BOUNDARY:
+            keep = col_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep p = 0
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok[:, None], BOUNDARY)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["lk_bucket", "D", "G", "BLOCK_M", "IS_CAUSAL", "MASK_KIND"],
+    prune_configs_by={"early_config_prune": _fit_shared_memory},
+)
 @triton.jit
 def _distr_fwd_kernel(
     Q, K, V, PERM, MASK, OUT, LSE,
@@ -64,66 +135,48 @@ def _distr_fwd_kernel(
     h = pid_bh % num_heads
     hk = h // gqa_ratio
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < len_q
 
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None], other=0.0,
-    )
-    if G > 1:
-        perm = tl.load(PERM + (pid_bh * num_blocks + pid_m) * D + offs_d)
-        q_groups = tl.reshape(
-            tl.gather(q, tl.broadcast_to(perm[None, :], (BLOCK_M, D)), axis=1), (BLOCK_M, D // G, G)
-        ).to(tl.float32)
-        if REP_MEAN:
-            q_rep = tl.sum(q_groups, axis=2) * (1.0 / G)
-        else:
-            first = (tl.arange(0, G) == 0)[None, None, :]
-            q_rep = tl.sum(tl.where(first, q_groups, 0.0), axis=2)
-        q_rep = q_rep.to(Q.dtype.element_ty)
+    # Q_rep (BLOCK_M x D/G): the block's column groups are runs of G in ``perm``; column j of
+    # every group is one strided load, read once per program.
+    perm_base = PERM + (pid_bh * num_blocks + pid_m) * D
+    offs_g = tl.arange(0, D // G)
+    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+    if G == 1:
+        q_rep = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     else:
-        q_rep = q
+        q_rep = tl.zeros([BLOCK_M, D // G], dtype=tl.float32)
+        for j in tl.static_range(G if REP_MEAN else 1):
+            cols_j = tl.load(perm_base + offs_g * G + j)
+            q_rep += tl.load(q_rows + cols_j[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if REP_MEAN:
+            q_rep = q_rep * (1.0 / G)
+        q_rep = q_rep.to(Q.dtype.element_ty)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = MASK + b * stride_mb + h * stride_mh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    hi = len_k
+    # Interior tiles (all keys in range and, causal, below the block's first row) need no key
+    # masks; the rest (the causal diagonal and the ragged end) take the masked path.
+    interior = (len_k // BLOCK_N) * BLOCK_N
+    end = len_k
     if IS_CAUSAL:
-        hi = min(len_k, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < len_k
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
-        if G > 1:
-            k_groups = tl.reshape(
-                tl.gather(k, tl.broadcast_to(perm[None, :], (BLOCK_N, D)), axis=1), (BLOCK_N, D // G, G)
-            )
-            k = tl.sum(k_groups.to(tl.float32), axis=2).to(K.dtype.element_ty)
-        s = tl.dot(q_rep, tl.trans(k)) * qk_scale
-        keep = col_ok[None, :]
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
-        if MASK_KIND != 0:
-            m_ptrs = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
-            m_tile = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            if MASK_KIND == 1:
-                keep = keep & (m_tile != 0)
-            else:
-                s += m_tile.to(tl.float32) * LOG2E
-        s = tl.where(keep, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v)
-        m_i = m_new
+        interior = min(interior, ((pid_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+        end = min(len_k, (pid_m + 1) * BLOCK_M)
+    acc, l_i, m_i = _attend(
+        acc, l_i, m_i, q_rep, k_base, v_base, mask_base, perm_base, 0, interior, offs_m, row_ok, len_k, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        BLOCK_N, D, G, IS_CAUSAL, MASK_KIND, False,
+    )
+    acc, l_i, m_i = _attend(
+        acc, l_i, m_i, q_rep, k_base, v_base, mask_base, perm_base, interior, end, offs_m, row_ok, len_k, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        BLOCK_N, D, G, IS_CAUSAL, MASK_KIND, True,
+    )
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -153,6 +206,8 @@ def distr_forward(
     Hkv, Lk = k.shape[1], k.shape[2]
     nb = math.ceil(Lq / block_m)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if group_size > 1 and k.stride(2) != 1:
+        k = k.transpose(2, 3).contiguous().transpose(2, 3)  # keys contiguous: vectorised row gathers
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32)
     if attn_mask is None:
