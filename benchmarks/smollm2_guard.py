@@ -102,7 +102,8 @@ def main() -> None:
     worst_ratio = 0.0
     for name, d in plan.sites.items():
         g = d.group_size if d.approximated else max(d.errors, default=None)
-        held = distr_compile.guard.metric_error(check.sites[name].errors[g], metric) if g in check.sites[name].errors else None
+        measured = check.sites[name].errors
+        held = distr_compile.guard.metric_error(measured[g], metric) if g in measured else None
         ratio = held / tol if held is not None and tol > 0 else math.nan
         if d.approximated:
             worst_ratio = max(worst_ratio, ratio)

@@ -22,8 +22,8 @@ from torch._inductor.compile_fx import compile_fx
 
 from .config import DistrConfig
 from .guard import (
-    EXACT, STORE, DistrPlan, Owner, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs, log, metric_error,
-    owner, probe_module, run_probe,
+    EXACT, STORE, DistrPlan, Owner, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs, log,
+    metric_error, owner, probe_module, run_probe,
 )
 from .passes import AttentionSite, find_attention, rewrite_attention
 
@@ -152,7 +152,8 @@ class _Monitor:
             d = self.decisions[name]
             err = metric_error(per_g[d.group_size], self.config.metric)
             if err > self.config.tolerance:
-                d.reason = f"demoted at call {self.calls}: {self.config.metric} {err:.3g} > tolerance {self.config.tolerance:g}"
+                d.reason = (f"demoted at call {self.calls}: {self.config.metric} {err:.3g} "
+                            f"> tolerance {self.config.tolerance:g}")
                 d.group_size, d.source = EXACT, "monitor"
                 drifted.append(name)
                 log.warning("distr monitor: %s %s", name, d.reason)

@@ -49,8 +49,9 @@ class DistrConfig:
             pretrained models are 0.3-1.0 (DESIGN.md section 2): most layers stay exact.
         metric: "rel_fro" (relative Frobenius error of the attention output, default), "cosine"
             (1 - cosine similarity) or "max_abs" (max absolute error).
-        group_sizes: candidate G values the guard may pick per site, tried cheapest (largest)
-            first; empty means just ``group_size``. ``group_size=[4, 2]`` in options sets this.
+        candidate_group_sizes: the G values the guard may pick per site, tried cheapest
+            (largest) first; empty means just ``group_size``. ``group_size=[4, 2]`` in options
+            sets this (and ``group_size`` to the largest, used when ``approximate="always"``).
         output_tolerance: if set, the end-to-end guard compares the graph outputs (relative
             Frobenius error) with and without the approximation and moves the worst layers back
             to exact until they agree within this.
@@ -71,7 +72,7 @@ class DistrConfig:
     approximate: str = "auto"
     tolerance: float = 0.05
     metric: str = "rel_fro"
-    group_sizes: tuple[int, ...] = ()
+    candidate_group_sizes: tuple[int, ...] = ()
     output_tolerance: float | None = None
     monitor_every: int = 0
     plan: str | None = None
@@ -96,9 +97,9 @@ class DistrConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        object.__setattr__(self, "group_sizes", tuple(self.group_sizes))
-        for g in self.group_sizes:
-            _check_choice("group_sizes entry", g, GROUP_SIZES)
+        object.__setattr__(self, "candidate_group_sizes", tuple(self.candidate_group_sizes))
+        for g in self.candidate_group_sizes:
+            _check_choice("candidate_group_sizes entry", g, GROUP_SIZES)
         if not isinstance(self.monitor_every, int) or isinstance(self.monitor_every, bool) or self.monitor_every < 0:
             raise ValueError(f"monitor_every must be a non-negative int, got {self.monitor_every!r}")
         if self.mode is not None:
@@ -109,7 +110,7 @@ class DistrConfig:
     @property
     def candidates(self) -> tuple[int, ...]:
         """The G values the guard may pick, cheapest (largest) first."""
-        return tuple(sorted(set(self.group_sizes or (self.group_size,)), reverse=True))
+        return tuple(sorted(set(self.candidate_group_sizes or (self.group_size,)), reverse=True))
 
     @property
     def exact(self) -> bool:
@@ -125,8 +126,8 @@ class DistrConfig:
         """Build a config from a ``torch.compile(..., options=...)`` dict; unknown keys are an error."""
         options = dict(options or {})
         if isinstance(options.get("group_size"), (list, tuple)):
-            options["group_sizes"] = tuple(options["group_size"])
-            options["group_size"] = max(options["group_sizes"], default=cls.group_size)
+            options["candidate_group_sizes"] = tuple(options["group_size"])
+            options["group_size"] = max(options["candidate_group_sizes"], default=cls.group_size)
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:

@@ -144,8 +144,9 @@ class SiteProbe(fx.Interpreter):
 
     At a site the exact output is computed; each candidate config in ``candidates[name]`` is run
     on the same inputs and its worst-case metrics are kept in ``self.errors[name][G]``. What
-    flows on is the exact output, or the approximated one for sites in ``propagate``. A
-    ``heads`` limit measures only the first KV group's heads (the runtime monitor's sample).
+    flows on is the exact output, or the approximated one for sites in ``propagate``. With
+    ``sample_heads`` only KV head 0 and the query heads reading it are measured (the runtime
+    monitor's cheap sample).
     """
 
     def __init__(self, gm: fx.GraphModule, candidates: Mapping[str, Iterable[DistrConfig]],
@@ -271,7 +272,8 @@ def end_to_end(gm: fx.GraphModule, inputs_list: list[list], decisions: dict[str,
             for inputs, ref in zip(inputs_list, exact_outputs)
         )
         if worst <= config.output_tolerance:
-            log.info("end-to-end output error %.3g <= %g with %d approximated sites", worst, config.output_tolerance, len(approx))
+            log.info("end-to-end output error %.3g <= %g with %d approximated sites",
+                     worst, config.output_tolerance, len(approx))
             return
         victim = max(approx, key=lambda n: decisions[n].error(config.metric) or 0.0)
         d = decisions[victim]
@@ -285,7 +287,8 @@ def _output_error(out: Any, ref: Any) -> float:
     refs = [r for r in torch.utils._pytree.tree_leaves(ref) if isinstance(r, torch.Tensor) and r.is_floating_point()]
     if not outs:
         return 0.0
-    return measure(torch.cat([o.flatten().double() for o in outs]), torch.cat([r.flatten().double() for r in refs]))["rel_fro"]
+    flat = lambda ts: torch.cat([t.flatten().double() for t in ts])  # noqa: E731
+    return measure(flat(outs), flat(refs))["rel_fro"]
 
 
 def _progress(items: Iterable, desc: str) -> Iterable:
@@ -362,7 +365,7 @@ def plan_config(config: DistrConfig) -> dict[str, Any]:
     data = asdict(config)
     data.pop("plan")
     data.pop("mode")
-    data["group_sizes"] = list(config.group_sizes)
+    data["candidate_group_sizes"] = list(config.candidate_group_sizes)
     return data
 
 
@@ -482,10 +485,12 @@ def _summary(plan: DistrPlan) -> str:
     total = len(plan.sites) + len(plan.skipped)
     approx = [d for d in plan.sites.values() if d.approximated]
     measured = [d for d in plan.sites.values() if d.errors and not d.approximated]
-    lines = [f"{len(approx)} of {total} attention sites use DistrAttention; {total - len(approx)} keep exact attention."]
+    lines = [f"{len(approx)} of {total} attention sites use DistrAttention; "
+             f"{total - len(approx)} keep exact attention."]
     if measured:
         lines.append(
-            f"{len(measured)} site(s) were measured over the tolerance {plan.tolerance:g} ({plan.metric}) and stay exact: "
+            f"{len(measured)} site(s) were measured over the tolerance {plan.tolerance:g} ({plan.metric}) "
+            "and stay exact: "
             "zero-shot, the approximation is too coarse for them (DESIGN.md section 2); fine-tuning with it "
             "in the loop, a looser tolerance or a smaller block_m changes that."
         )

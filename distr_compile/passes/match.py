@@ -489,7 +489,9 @@ def _module_id(node: fx.Node) -> int | None:
 def _is_call(node, funcs: set, methods: set) -> bool:
     if not isinstance(node, fx.Node):
         return False
-    return (node.op == "call_function" and node.target in funcs) or (node.op == "call_method" and node.target in methods)
+    if node.op == "call_function":
+        return node.target in funcs
+    return node.op == "call_method" and node.target in methods
 
 
 def _is_sdpa(node: fx.Node) -> bool:
