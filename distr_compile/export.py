@@ -1,0 +1,275 @@
+"""``torch.export`` support: exported programs with ``distr::attention`` where the guard allows.
+
+``export(model, args)`` is ``torch.export.export`` followed by :func:`rewrite_exported`, so a model
+that does not export fails with PyTorch's own error, untouched. :func:`rewrite_exported` works on
+any program from ``torch.export.export`` (before ``run_decompositions``):
+
+1. unlift it (``program.module()``: the model's call signature, weights at their FQNs);
+2. give the attention-related aten nodes the targets they have in a Dynamo graph
+   (``aten.softmax.int`` -> ``torch.softmax``, same arguments), so the backend's matcher, guard and
+   rewrite run unchanged and name the sites as the backend does (``layers.3.self_attn``, the keys of a
+   saved ``DistrPlan``);
+3. decide each site exactly as the ``distr`` backend does (plan, ``approximate``, calibration on the
+   real example inputs) and rewrite the approximated ones to ``torch.ops.distr.attention``;
+4. export that module again with the program's own dynamic shapes, which turns it back into a clean
+   ATen program. A program with no approximated site is returned as it came.
+
+The op survives ``run_decompositions()`` (it is not CompositeImplicit, so no table decomposes it),
+``torch.export.save``/``load`` (the loading process must ``import distr_compile`` first, which
+registers the op) and AOTInductor, which compiles the op's Triton kernels into the package.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import types
+from typing import Any, Mapping
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch.export import Dim, ExportedProgram
+from torch.utils import _pytree as pytree
+
+from .backend import _decisions
+from .config import DistrConfig
+from .guard import DistrPlan
+from .passes import AttentionSite, find_attention, rewrite_attention
+from .passes.match import SDPA
+
+aten = torch.ops.aten
+
+# aten overload -> (fx op, target) of the same call in a Dynamo graph; arguments are identical.
+_DYNAMO_SPELLING: dict[torch._ops.OpOverload, tuple[str, Any]] = {
+    aten.scaled_dot_product_attention.default: ("call_function", SDPA),
+    aten.softmax.int: ("call_function", torch.softmax),
+    aten.matmul.default: ("call_function", torch.matmul),
+    aten.bmm.default: ("call_function", torch.bmm),
+    aten.einsum.default: ("call_function", torch.einsum),
+    aten.mul.Tensor: ("call_function", torch.mul),
+    aten.mul.Scalar: ("call_function", torch.mul),
+    aten.div.Tensor: ("call_function", torch.div),
+    aten.div.Scalar: ("call_function", torch.div),
+    aten.div.Tensor_mode: ("call_function", torch.div),
+    aten.add.Tensor: ("call_function", torch.add),
+    aten.masked_fill.Scalar: ("call_function", torch.masked_fill),
+    aten.masked_fill.Tensor: ("call_function", torch.masked_fill),
+    aten.where.self: ("call_function", torch.where),
+    aten.where.ScalarSelf: ("call_function", torch.where),
+    aten.where.ScalarOther: ("call_function", torch.where),
+    aten.where.Scalar: ("call_function", torch.where),
+    aten.dropout.default: ("call_function", torch.dropout),
+    aten.transpose.int: ("call_function", torch.transpose),
+    aten.permute.default: ("call_function", torch.permute),
+    aten.unsqueeze.default: ("call_function", torch.unsqueeze),
+    aten.repeat_interleave.self_int: ("call_function", torch.repeat_interleave),
+    aten.reshape.default: ("call_function", torch.reshape),
+    aten.view.default: ("call_method", "view"),
+    aten.t.default: ("call_method", "t"),
+    aten.to.dtype: ("call_method", "to"),
+    aten.type_as.default: ("call_method", "type_as"),
+}
+# expand's optional third argument (implicit) has no Tensor.expand spelling: only (self, size).
+_EXPAND = aten.expand.default
+# Dtype checks export adds after ``.to``; as extra users they would hide the attention chain.
+_METADATA_ASSERT = aten._assert_tensor_metadata.default
+
+
+def export(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    config: DistrConfig | Mapping[str, Any] | None = None,
+    plan: DistrPlan | str | os.PathLike | None = None,
+    dynamic_shapes: Any = None,
+) -> ExportedProgram:
+    """``torch.export.export(model, args, kwargs, dynamic_shapes=...)`` with DistrAttention.
+
+    The attention sites the guard approximates (the same decisions as
+    ``torch.compile(model, backend="distr", options=config)``: from ``plan``, from
+    ``config.approximate``, or calibrated on ``args``/``kwargs``) become
+    ``torch.ops.distr.attention`` nodes; everything else is exactly what ``torch.export`` gives.
+    ``config`` is a :class:`DistrConfig` or its options dict. To calibrate on several batches,
+    make the plan with ``distr_compile.calibrate(model, batches)`` and pass it as ``plan``.
+
+    Errors of ``torch.export`` itself (a model that does not export) are raised unchanged.
+    """
+    program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+    return rewrite_exported(program, args, kwargs, config=config, plan=plan)
+
+
+def rewrite_exported(
+    program: ExportedProgram,
+    args: tuple | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    config: DistrConfig | Mapping[str, Any] | None = None,
+    plan: DistrPlan | str | os.PathLike | None = None,
+) -> ExportedProgram:
+    """A copy of ``program`` (from ``torch.export.export``) with the attention sites the guard
+    approximates rewritten to ``torch.ops.distr.attention``; ``program`` itself is not changed.
+
+    ``args``/``kwargs`` are real inputs to calibrate on; by default the program's own example
+    inputs. Dynamic dimensions of ``program`` stay dynamic. A program without an approximated
+    site is returned as is. Pass the program before ``run_decompositions()``: decomposed
+    attention is no longer recognised and is left alone.
+    """
+    config = _as_config(config)
+    if args is None and kwargs is None:
+        if program.example_inputs is None:
+            raise ValueError("rewrite_exported: this program has no example inputs; pass args/kwargs to calibrate on")
+        args, kwargs = program.example_inputs
+    args, kwargs = tuple(args or ()), dict(kwargs or {})
+    module = program.module()
+    _to_dynamo_spelling(module.graph)
+    flat_inputs = torch.fx._pytree.tree_flatten_spec((args, kwargs), program.call_spec.in_spec)
+    sites, _ = find_attention(module.graph)
+    with _plan_config(config, plan) as config:
+        decisions = _decisions(module, flat_inputs, sites, config)
+    approximated = {name: config.replace(group_size=d.group_size) for name, d in decisions.items() if d.approximated}
+    if not approximated:
+        return program
+    for site in sites:
+        if site.name in approximated:
+            _rewrite_site(module.graph, site, approximated[site.name])
+    module.recompile()
+    return _reexport(module, _dynamic_shapes(program, module), args, kwargs)
+
+
+def _as_config(config: DistrConfig | Mapping[str, Any] | None) -> DistrConfig:
+    if config is None or isinstance(config, DistrConfig):
+        return config or DistrConfig()
+    if isinstance(config, Mapping):
+        return DistrConfig.from_options(config)
+    raise TypeError(f"config must be a DistrConfig or a dict of its options, got {type(config).__name__}")
+
+
+class _plan_config:
+    """``config`` with ``plan`` as its plan path (a :class:`DistrPlan` object is written to a
+    temporary JSON file for the duration, since the backend's decisions read plans from a path)."""
+
+    def __init__(self, config: DistrConfig, plan: DistrPlan | str | os.PathLike | None) -> None:
+        self.config, self.plan, self.tmp = config, plan, None
+
+    def __enter__(self) -> DistrConfig:
+        if self.plan is None:
+            return self.config
+        if isinstance(self.plan, DistrPlan):
+            self.tmp = tempfile.TemporaryDirectory(prefix="distr-plan-")
+            return self.config.replace(plan=self.plan.save(os.path.join(self.tmp.name, "plan.json")))
+        if isinstance(self.plan, (str, os.PathLike)):
+            return self.config.replace(plan=os.fspath(self.plan))
+        raise TypeError(f"plan must be a DistrPlan or the path of a saved one, got {type(self.plan).__name__}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def _to_dynamo_spelling(graph: fx.Graph) -> None:
+    """Retarget, in place, the aten nodes the attention matcher reads to their Dynamo-graph
+    spelling, give every node the ``example_value`` meta the matcher reads, and drop export's
+    dtype assertions. The graph computes the same; :func:`rewrite_exported` re-exports it."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _METADATA_ASSERT and not node.users:
+            graph.erase_node(node)
+            continue
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+        if node.op != "call_function":
+            continue
+        if node.target in _DYNAMO_SPELLING:
+            node.op, node.target = _DYNAMO_SPELLING[node.target]
+        elif node.target is _EXPAND and len(node.args) == 2 and not node.kwargs:
+            node.op, node.target = "call_method", "expand"
+
+
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> None:
+    """Rewrite one site to the op, keeping its output layout, and give the new nodes the site's
+    module path and stack trace (so the re-exported program keeps them, and a rewrite of the
+    result names sites the same)."""
+    before = set(graph.nodes)
+    meta = {k: site.output.meta[k] for k in ("nn_module_stack", "stack_trace") if k in site.output.meta}
+    _keep_layout(graph, site)
+    rewrite_attention(graph, [site], {site.name: config})
+    for node in graph.nodes:
+        if node not in before:
+            node.meta.update({k: v for k, v in meta.items() if k not in node.meta})
+
+
+def _keep_layout(graph: fx.Graph, site: AttentionSite) -> None:
+    """Make the site's output keep the memory layout the exported graph was traced with.
+
+    Export drops a ``.contiguous()`` that was a no-op on SDPA's output (whose layout is
+    (B, L, H, D) on most backends), so a later ``.view`` relies on that layout; the op returns
+    another. A dense copy in the original dimension order, inserted between the output and its
+    users, restores it (and export drops it again where it is a no-op).
+    """
+    val = site.output.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return
+    order = sorted(range(val.dim()), key=lambda d: -val.stride(d))
+    users = list(site.output.users)
+    with graph.inserting_after(site.output):
+        if order == sorted(order):
+            dense = graph.call_method("contiguous", (site.output,))
+        else:
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            permuted = graph.call_method("permute", (site.output, order))
+            with graph.inserting_after(permuted):
+                packed = graph.call_method("contiguous", (permuted,))
+            with graph.inserting_after(packed):
+                dense = graph.call_method("permute", (packed, inverse))
+    for user in users:
+        user.replace_input_with(site.output, dense)
+
+
+def _reexport(module: fx.GraphModule, dynamic_shapes: dict[str, Any], args: tuple, kwargs: dict) -> ExportedProgram:
+    """Export the rewritten unlifted program again, replaying it node by node with each node's
+    meta current, so the new program keeps the module paths (``nn_module_stack``) and stack
+    traces of the original instead of those of one flat GraphModule."""
+    signature = inspect.signature(module.forward)
+
+    def replay(self: fx.GraphModule, *call_args: Any, **call_kwargs: Any) -> Any:
+        # The program's placeholders are the leaves of its arguments in signature order.
+        values = signature.bind(*call_args, **call_kwargs).arguments.values()
+        with fx_traceback.preserve_node_meta():
+            return fx.Interpreter(self).run(*values)
+
+    replay.__signature__ = inspect.signature(type(module).forward)
+    module.forward = types.MethodType(replay, module)
+    return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
+
+
+def _dynamic_shapes(program: ExportedProgram, module: fx.GraphModule) -> dict[str, Any]:
+    """The ``dynamic_shapes`` (by argument name of ``module``, the unlifted program) that export its user
+    inputs with the program's dynamic dimensions: one :class:`Dim` per symbol, with the
+    program's range; a dimension that is an expression of symbols is ``Dim.AUTO``."""
+    dims: dict[sympy.Symbol, Any] = {}
+    specs = []
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            shape = val.shape if isinstance(val, torch.Tensor) else ()
+            spec = {i: _dim(s, program, dims) for i, s in enumerate(shape) if isinstance(s, torch.SymInt)}
+            specs.append(spec or None)
+    spec_args, spec_kwargs = pytree.tree_unflatten(specs, program.call_spec.in_spec)
+    names = module.graph._codegen.pytree_info.orig_args
+    return {**dict(zip(names, spec_args)), **spec_kwargs}
+
+
+def _dim(size: torch.SymInt, program: ExportedProgram, dims: dict[sympy.Symbol, Any]) -> Any:
+    expr = size.node.expr
+    if not isinstance(expr, sympy.Symbol):
+        return Dim.AUTO
+    if expr not in dims:
+        bounds = program.range_constraints.get(expr)
+        low = int(bounds.lower) if bounds is not None and bounds.lower.is_finite else 0
+        high = int(bounds.upper) if bounds is not None and bounds.upper.is_finite else None
+        dims[expr] = Dim(str(expr), min=low, max=high)
+    return dims[expr]
