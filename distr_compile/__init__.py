@@ -5,11 +5,15 @@ registered op ``torch.ops.distr.attention`` (importing this package registers it
 guard's user side: ``calibrate`` (decisions from user batches), ``plan_of`` / ``DistrPlan``
 (decisions as JSON) and ``report`` (per-site table and chart). The backend itself is
 ``torch.compile(model, backend="distr", options={...})`` through the entry point.
+``export`` / ``rewrite_exported`` give ``torch.export`` programs with the op at the sites the guard
+approximates (load them with ``import distr_compile`` first).
 """
 
 from .config import DistrConfig
+from .export import export, rewrite_exported
 from .guard import DistrPlan, calibrate, plan_of, report
 from .ops import SCHEMA_VERSION, distr_attention
 
-__all__ = ["DistrConfig", "DistrPlan", "SCHEMA_VERSION", "calibrate", "distr_attention", "plan_of", "report"]
+__all__ = ["DistrConfig", "DistrPlan", "SCHEMA_VERSION", "calibrate", "distr_attention", "export", "plan_of", "report",
+           "rewrite_exported"]
 __version__ = "0.1.0"
