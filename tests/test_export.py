@@ -1,0 +1,252 @@
+"""distr_compile.export / rewrite_exported: zoo models exported with the op, the guard's
+decisions, dynamic shapes, run_decompositions, save/load in a fresh process, error paths, and
+(on a GPU) an AOTInductor package of a HF Llama model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from zoo import CASES, B, L, sdpa_as_distr
+
+import distr_compile
+from distr_compile import DistrConfig, calibrate
+from distr_compile.export import export, rewrite_exported
+
+OP = torch.ops.distr.attention.default
+FORCED = DistrConfig(approximate="always", group_size=2)
+
+
+def op_nodes(program: torch.export.ExportedProgram) -> list[torch.fx.Node]:
+    return [n for n in program.graph.nodes if n.target is OP]
+
+
+def seeded(module, args, kwargs) -> torch.Tensor:
+    torch.manual_seed(0)
+    return module(*args, **kwargs)
+
+
+def split(inputs) -> tuple[tuple, dict]:
+    return ((), inputs) if isinstance(inputs, dict) else ((inputs,), {})
+
+
+class LlamaHidden(nn.Module):
+    """A random-initialised HF Llama (GQA, causal, RoPE) returning its last hidden state."""
+
+    def __init__(self, hidden: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2, vocab: int = 97) -> None:
+        super().__init__()
+        import transformers as tf
+
+        config = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                max_position_embeddings=512, attn_implementation="sdpa")
+        self.model = tf.LlamaModel(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def llama() -> LlamaHidden:
+    torch.manual_seed(0)
+    return LlamaHidden().eval()
+
+
+def ids(b: int = B, t: int = L) -> torch.Tensor:
+    return torch.randint(0, 97, (b, t), generator=torch.Generator().manual_seed(b * 100 + t))
+
+
+# ------------------------------------------------------------------------------------ zoo
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_zoo_export_rewrites_the_sites_and_matches_the_oracle(case):
+    """Forced G=2: every site the backend rewrites is one op node, the skipped ones are not, and
+    the program computes the oracle model with distr_attention in place of attention."""
+    model = case.build()
+    args, kwargs = split(case.inputs())
+    program = export(model, args, kwargs, config=FORCED)
+    assert len(op_nodes(program)) == case.sites
+    out = seeded(program.module(), args, kwargs)
+    if case.oracle is None:  # nothing rewritten; active dropout draws the same numbers
+        torch.testing.assert_close(out, seeded(model, args, kwargs))
+        return
+    with sdpa_as_distr(FORCED):
+        expected = case.oracle(model)(*args, **kwargs)
+    assert not torch.allclose(out, model(*args, **kwargs), atol=1e-4), "the approximation changed nothing"
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ rewrite_exported
+
+
+def test_rewrite_exported_copies_and_keeps_module_paths():
+    model = llama()
+    plain = torch.export.export(model, (ids(),))
+    rewritten = rewrite_exported(plain, config=FORCED)
+    assert op_nodes(plain) == []
+    paths = [list(n.meta["nn_module_stack"].values())[-1][0] for n in op_nodes(rewritten)]
+    assert paths == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert rewritten.state_dict.keys() == plain.state_dict.keys()
+    assert rewrite_exported(rewritten, config=FORCED) is rewritten, "the op itself is not a site"
+
+
+def test_default_config_on_cpu_returns_the_program_unchanged():
+    plain = torch.export.export(llama(), (ids(),))
+    assert rewrite_exported(plain) is plain
+
+
+def test_guard_calibrates_on_the_example_inputs():
+    model = llama()
+    strict = export(model, (ids(),), config={"approximate": "guarded", "tolerance": 0.0})
+    loose = export(model, (ids(),), config={"approximate": "guarded", "tolerance": 10.0, "group_size": 4})
+    assert op_nodes(strict) == []
+    assert [n.args[7] for n in op_nodes(loose)] == [4, 4]
+
+
+@pytest.mark.parametrize("as_path", [False, True], ids=["object", "path"])
+def test_plan_decides_per_site(tmp_path, as_path):
+    """A plan from calibrate (the backend's site names) with one layer set back to exact."""
+    model = llama()
+    plan = calibrate(model, [(ids(),), (ids(3, 20),)], tolerance=10.0)
+    assert set(plan.sites) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    plan.sites["model.layers.0.self_attn"].group_size = 1
+    program = export(model, (ids(),), plan=plan.save(str(tmp_path / "plan.json")) if as_path else plan)
+    (node,) = op_nodes(program)
+    assert list(node.meta["nn_module_stack"].values())[-1][0] == "model.layers.1.self_attn"
+
+
+def test_dynamic_shapes_stay_dynamic():
+    """Batch and sequence stay dynamic. The sequence range stays inside one query block
+    (< block_m = 64): the op's fake implementation pins the number of blocks (see ops.py)."""
+    model = llama()
+    batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=2, max=63)
+    shapes = {"input_ids": {0: batch, 1: seq}}
+    plain = torch.export.export(model, (ids(),), dynamic_shapes=shapes)
+    program = export(model, (ids(),), config=FORCED, dynamic_shapes=shapes)
+    assert sorted(map(str, program.range_constraints.values())) == sorted(map(str, plain.range_constraints.values()))
+    other = ids(3, 21)
+    with sdpa_as_distr(FORCED):
+        expected = model(other)
+    torch.testing.assert_close(program.module()(other), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_run_decompositions_keeps_the_op():
+    program = export(llama(), (ids(),), config=FORCED)
+    decomposed = program.run_decompositions()
+    assert len(op_nodes(decomposed)) == 2
+    torch.testing.assert_close(decomposed.module()(ids()), program.module()(ids()))
+
+
+# -------------------------------------------------------------------------- save and load
+
+LOAD = """
+import sys, torch
+{imports}
+program = torch.export.load(sys.argv[1])
+inputs = torch.load(sys.argv[2])
+torch.save([program.module()(x) for x in inputs], sys.argv[3])
+"""
+
+
+def run_loader(imports: str, *paths) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(LOAD.format(imports=imports))
+    return subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=300)
+
+
+def test_save_and_load_in_a_fresh_process(tmp_path):
+    model = llama()
+    seq = torch.export.Dim("seq", min=2, max=63)
+    program = export(model, (ids(),), config=FORCED, dynamic_shapes={"input_ids": {1: seq}})
+    torch.export.save(program, tmp_path / "llama.pt2")
+    inputs = [ids(), ids(B, 33)]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    done = run_loader("import distr_compile", tmp_path / "llama.pt2", tmp_path / "inputs.pt", tmp_path / "out.pt")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for got, x in zip(torch.load(tmp_path / "out.pt"), inputs):
+        torch.testing.assert_close(got, program.module()(x), atol=0, rtol=0)
+
+
+def test_load_without_the_import_names_the_op_and_the_fix(tmp_path):
+    program = export(llama(), (ids(),), config=FORCED)
+    torch.export.save(program, tmp_path / "llama.pt2")
+    torch.save([ids()], tmp_path / "inputs.pt")
+    done = run_loader("", tmp_path / "llama.pt2", tmp_path / "inputs.pt", tmp_path / "out.pt")
+    assert done.returncode != 0
+    assert "failed to resolve torch.ops.distr.attention.default to an operator" in done.stderr
+    assert "import the custom op to register it before deserializing" in done.stderr
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+class DataDependent(nn.Module):
+    """Branches on a tensor's value: torch.export refuses it."""
+
+    def forward(self, x):
+        return x.softmax(-1) if x.sum() > 0 else x
+
+
+def test_export_errors_surface_unchanged():
+    x = torch.randn(2, 3)
+    with pytest.raises(Exception) as theirs:
+        torch.export.export(DataDependent(), (x,))
+    with pytest.raises(Exception) as ours:
+        export(DataDependent(), (x,), config=FORCED)
+    assert type(ours.value) is type(theirs.value)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"config": "fast"}, TypeError, "config must be a DistrConfig"),
+    ({"config": {"group": 2}}, ValueError, "unknown DistrConfig option"),
+    ({"plan": 3}, TypeError, "plan must be a DistrPlan or the path"),
+    ({"plan": "/nonexistent/plan.json"}, FileNotFoundError, "plan.json"),
+])
+def test_bad_arguments(kwargs, error, match):
+    plain = torch.export.export(llama(), (ids(),))
+    with pytest.raises(error, match=match):
+        rewrite_exported(plain, **kwargs)
+
+
+def test_calibration_needs_inputs_when_the_program_has_none():
+    plain = torch.export.export(llama(), (ids(),))
+    plain._example_inputs = None
+    with pytest.raises(ValueError, match="pass args/kwargs"):
+        rewrite_exported(plain, config=FORCED)
+
+
+def test_public_api():
+    assert distr_compile.export is export and distr_compile.rewrite_exported is rewrite_exported
+
+
+# -------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_aoti_package_of_hf_llama_runs_the_triton_kernel_and_matches_eager(tmp_path):
+    """AOTInductor: a fp16 HF Llama with every attention forced to G=2 compiles to a package
+    that holds the DistrAttention Triton kernel, loads, and matches the exported program run
+    eagerly (the same op, same kernels); its distance to exact attention is the approximation's."""
+    torch.manual_seed(0)
+    model = LlamaHidden(hidden=512, heads=8, kv_heads=2, layers=4, vocab=256).cuda().half().eval()
+    x = torch.randint(0, 256, (2, 300), device="cuda")
+    with torch.no_grad():
+        program = export(model, (x,), config=FORCED)
+        assert len(op_nodes(program)) == 4
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "llama.pt2"))
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive:
+            holds_kernel = any(b"_distr_fwd_kernel" in archive.read(name) for name in archive.namelist())
+        assert holds_kernel, "the DistrAttention kernel is not in the AOTInductor package"
+        runner = torch._inductor.aoti_load_package(path)
+        err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+        out, eager, exact = runner(x), program.module()(x), model(x)
+    assert err(out, eager) < 2e-2, err(out, eager)
+    assert err(out, exact) > err(out, eager)
