@@ -1,0 +1,144 @@
+"""Backward kernels against autograd through the reference, with one grouping shared by both.
+
+The oracle is ``reference.distr_attention`` in float64 given the kernel's own grouping: its
+autograd is the gradient of the approximate function with the grouping held fixed, which is what
+``distr_backward`` computes. On the CPU the kernels run under TRITON_INTERPRET=1 on small shapes
+(fp16/fp32; bf16 dots are wrong in Triton 3.6's interpreter); the ``gpu`` tests cover every shape
+class natively in bf16 and fp16 with relative error < 1e-2.
+
+Both ways the kernels compute S (grouped d/G products on K_fused, or dense products on q_tilde)
+are autotune choices; the ``path`` fixture pins one so that both are checked.
+"""
+
+import pytest
+import torch
+import triton
+
+from distr_compile import DistrConfig, reference
+from distr_compile.kernels import attention_backward as bwd
+from distr_compile.kernels.attention import distr_forward
+from distr_compile.kernels.grouping import lsh_group
+
+from test_kernels import DEVICE, make_inputs, make_mask, rel_err
+
+
+@pytest.fixture(params=["grouped", "dense"])
+def path(request, monkeypatch):
+    """Pin both main kernels to one S path (a single config, so the autotuner is bypassed)."""
+    grouped = request.param == "grouped"
+    dq = triton.Config({"BLOCK_N": 32, "GROUPED": grouped}, num_warps=4, num_stages=2)
+    dkdv = triton.Config({"BLOCK_N": 32, "BLOCK_M": 16, "GROUPED": grouped}, num_warps=4, num_stages=2)
+    for kernel, config in ((bwd._bwd_dq_kernel, dq), (bwd._bwd_dkdv_kernel, dkdv)):
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+    return request.param
+
+
+def check_backward(B, Hq, Hkv, Lq, Lk, D, dtype, group_size, block_m, mask_kind="none", causal=False,
+                   representative="mean", layout="contiguous", with_grad_lse=False, tol=None, mask=None):
+    tol = tol or (1e-4 if dtype == torch.float32 else 1e-2)
+    config = DistrConfig(group_size=group_size, block_m=block_m, representative=representative)
+    q, k, v = make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, layout)
+    mask = make_mask(mask_kind, B, Hq, Lq, Lk) if mask is None else mask
+    perm = lsh_group(q, config) if group_size > 1 else None
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn(B, Hq, Lq, device=DEVICE) if with_grad_lse else None
+
+    out, lse = distr_forward(q, k, v, perm, mask, causal, None, group_size, block_m, representative)
+    dq, dk, dv = bwd.distr_backward(
+        q, k, v, perm, out, lse, grad_out, mask, causal, None, group_size, block_m, representative, grad_lse=grad_lse
+    )
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference.distr_attention(*leaves, mask, causal, None, config, perm=perm)
+    outputs, grads = [ref_out], [grad_out.double()]
+    if with_grad_lse:
+        finite = ref_lse.isfinite()
+        outputs.append(ref_lse[finite])
+        grads.append(grad_lse.double()[finite])
+    expected = torch.autograd.grad(outputs, leaves, grads)
+    for name, got, want, like in zip("qkv", (dq, dk, dv), expected, (q, k, v)):
+        assert got.dtype == dtype and got.shape == like.shape, name
+        assert got.isfinite().all(), f"d{name}: unwritten or non-finite"
+        assert rel_err(got, want) < tol, f"d{name}: relative error {rel_err(got, want):.2e}"
+
+
+CPU_DTYPES = [torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_small(dtype, group_size, causal):
+    check_backward(1, 2, 2, 37, 45, 64, dtype, group_size, 16, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_both_paths(path, causal):
+    check_backward(1, 2, 1, 45, 37, 32, torch.float16, 2, 32, causal=causal)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_backward_masks(path, mask_kind):
+    check_backward(1, 2, 2, 21, 40, 32, torch.float16, 2, 16, mask_kind=mask_kind)
+
+
+def test_backward_fully_masked_rows_get_zero_gradient():
+    mask = torch.rand(1, 1, 20, 24, device=DEVICE) > 0.3
+    mask[..., 3, :] = False
+    mask[..., 17, :] = False
+    check_backward(1, 2, 2, 20, 24, 32, torch.float32, 2, 16, mask=mask.expand(1, 2, 20, 24))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_backward_gqa_sums_query_heads(ratio):
+    check_backward(1, 2 * ratio, 2, 20, 33, 32, torch.float16, 2, 16, causal=True)
+
+
+def test_backward_non_contiguous_and_odd_lengths(path):
+    check_backward(1, 3, 3, 17, 5, 32, torch.float32, 2, 32, layout="bshd")
+
+
+def test_backward_sample_representative_and_group_of_8(path):
+    check_backward(1, 2, 1, 33, 33, 128, torch.float16, 8, 16, representative="sample")
+
+
+@pytest.mark.parametrize("Lq, Lk", [(40, 24), (24, 40)])
+def test_backward_causal_unequal_lengths(Lq, Lk):
+    check_backward(1, 1, 1, Lq, Lk, 32, torch.float32, 2, 16, causal=True)
+
+
+def test_backward_gradient_on_lse():
+    check_backward(1, 2, 2, 19, 30, 32, torch.float32, 2, 16, causal=True, with_grad_lse=True)
+
+
+# ---- GPU: every shape class in bf16 and fp16, relative error < 1e-2 -------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+@pytest.mark.parametrize("case", ["plain", "causal", "bool", "additive", "gqa", "odd", "strided", "sample", "lse"])
+def test_backward_gpu(dtype, D, group_size, case):
+    if D // group_size < 16:
+        pytest.skip("d/G < 16 runs the reference")
+    kw = dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300, D=D, dtype=dtype, group_size=group_size, block_m=64, tol=1e-2)
+    kw.update({
+        "causal": dict(causal=True),
+        "bool": dict(mask_kind="bool"),
+        "additive": dict(mask_kind="additive"),
+        "gqa": dict(Hkv=1, causal=True),
+        "odd": dict(Lq=129, Lk=77, block_m=32),
+        "strided": dict(layout="bshd", block_m=128),
+        "sample": dict(representative="sample", block_m=16),
+        "lse": dict(with_grad_lse=True, causal=True),
+    }.get(case, {}))
+    check_backward(**kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["causal", "gqa", "odd"])
+def test_backward_gpu_both_paths(path, case):
+    kw = dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300, D=128, dtype=torch.bfloat16, group_size=2, block_m=64, tol=1e-2)
+    kw.update({"causal": dict(causal=True), "gqa": dict(Hkv=2), "odd": dict(Lq=129, Lk=77, block_m=32)}[case])
+    check_backward(**kw)
