@@ -134,6 +134,7 @@ def _distr_fwd_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // gqa_ratio
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < len_q

@@ -101,12 +101,13 @@ def _keys_t(k_base, perm_base, cols, col_ok, stride_kn, stride_kd, D: tl.constex
     """K^T (D x BLOCK_N) for G = 1, else K_fused^T (D/G x BLOCK_N): G row gathers of K^T, each row
     a contiguous run of keys, summed in the input dtype (exactly as the forward builds it)."""
     if G == 1:
-        return _load(k_base + tl.arange(0, D)[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
-    offs_g = tl.arange(0, D // G)
-    k_t = tl.zeros([D // G, cols.shape[0]], dtype=k_base.dtype.element_ty)
-    for j in tl.static_range(G):
-        rows_j = tl.load(perm_base + offs_g * G + j)
-        k_t += _load(k_base + rows_j[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
+        k_t = _load(k_base + tl.arange(0, D)[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
+    else:
+        offs_g = tl.arange(0, D // G)
+        k_t = tl.zeros([D // G, cols.shape[0]], dtype=k_base.dtype.element_ty)
+        for j in tl.static_range(G):
+            rows_j = tl.load(perm_base + offs_g * G + j)
+            k_t += _load(k_base + rows_j[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
     return k_t
 
 

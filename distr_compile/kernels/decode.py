@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # read inside the kernel: must be a constexpr global
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_SPLIT = 256  # keys per split below which another split costs more (launch, merge) than it gains
 MAX_ROWS = 128  # query rows (GQA ratio x Tq) per program: one register tile; longer prefills use PyTorch

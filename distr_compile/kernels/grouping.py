@@ -34,9 +34,9 @@ def _mix32(x):
 
 
 @triton.jit
-def _hash_uniform(seed_term, index):
+def _hash_uniform(seed, index):
     """Uniforms in (0, 1) from int64 indices (twin of reference.hash_uniform)."""
-    x = _mix32(_mix32(index + seed_term) + index)
+    x = _mix32(_mix32(index + 0x9E3779B9 * (tl.cast(seed, tl.int64) + 1)) + index)
     return (x.to(tl.float32) + 0.5) * (1.0 / 4294967296.0)
 
 
@@ -44,7 +44,7 @@ def _hash_uniform(seed_term, index):
 def _lsh_group_kernel(
     Q, PERM,
     stride_qb, stride_qh, stride_qm, stride_qd,
-    num_heads, seq_len, num_blocks, num_planes, seed_term,
+    num_heads, seq_len, num_blocks, num_planes, seed,
     BLOCK_M: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -56,8 +56,8 @@ def _lsh_group_kernel(
     offs_r = tl.arange(0, R)
 
     index = (offs_r[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]).to(tl.int64)
-    u0 = _hash_uniform(seed_term, index)
-    u1 = _hash_uniform(seed_term, index + num_planes * BLOCK_M)
+    u0 = _hash_uniform(seed, index)
+    u1 = _hash_uniform(seed, index + num_planes * BLOCK_M)
     planes = tl.sqrt(-2.0 * tl.log(u0)) * tl.cos(6.283185307179586 * u1)
     planes = tl.where(offs_r[:, None] < num_planes, planes, 0.0)
 
@@ -78,7 +78,7 @@ def lsh_group(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     torch.library.wrap_triton(_lsh_group_kernel)[(nb, B * H)](
         q, perm,
         *q.stride(),
-        H, L, nb, config.num_hyperplanes, (0x9E3779B9 * (config.seed + 1)) & 0xFFFFFFFF,
+        H, L, nb, config.num_hyperplanes, config.seed,
         BLOCK_M=config.block_m, D=D, R=max(MIN_DOT, triton.next_power_of_2(config.num_hyperplanes)),
     )
     return perm

@@ -1,0 +1,112 @@
+"""Compile the Triton kernels for Hopper (sm_90) without a GPU.
+
+The interpreter runs kernels as NumPy and accepts code the GPU compiler rejects (a non-constexpr
+global, a constexpr branch that only fails to type-check on hardware) and cannot see resource
+limits. Triton ships ptxas, so the real compile runs here: every kernel must build for sm_90, and
+every autotune config that survives the shared-memory pruning must fit Hopper's 227 KiB.
+
+The kernels must be real ``JITFunction``s, not the interpreter's stand-ins, so the checks run in a
+child process without TRITON_INTERPRET (this file is also that child's script).
+"""
+
+import os
+import subprocess
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from distr_compile.kernels import attention, attention_backward, decode, grouping
+
+HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_SHARED_MEMORY = 232448  # bytes per block, as the H100/H200 report it
+
+
+def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict, num_warps=4, num_stages=3):
+    """Compile ``kernel`` (a JITFunction) for sm_90: pointer args typed as given (names the kernel
+    lacks are ignored), floats as fp32, every other runtime arg as i32. Returns the metadata."""
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update({name: kind for name, kind in pointers.items() if name in signature})
+    signature.update({name: "fp32" for name in floats})
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages}).metadata
+
+
+def forward_constexprs(D, G, causal=True, mask_kind=attention.MASK_BOOL, block_m=64, block_n=64):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, D=D, G=G, REP_MEAN=True, IS_CAUSAL=causal, MASK_KIND=mask_kind)
+
+
+FORWARD_POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", PERM="*i32", MASK="*i1", OUT="*bf16", LSE="*fp32")
+
+
+def dummy_perm(G: int) -> dict:
+    """At G = 1 the launchers pass a data tensor as the unused PERM: type it so, so that code
+    reachable only for G > 1 (e.g. after an early return) fails here as it does on the GPU."""
+    return {"PERM": "*bf16"} if G == 1 else {}
+
+
+def check_forward():
+    for D, G in [(64, 1), (64, 4), (128, 2), (256, 2)]:
+        compile_for_hopper(attention._distr_fwd_kernel.fn, {**FORWARD_POINTERS, **dummy_perm(G)}, ("qk_scale",),
+                           forward_constexprs(D, G))
+
+
+def check_autotune_configs_fit_shared_memory():
+    for D in (128, 256):
+        for config in attention._fit_shared_memory(attention._configs(), {}, D=D):
+            meta = compile_for_hopper(
+                attention._distr_fwd_kernel.fn, FORWARD_POINTERS, ("qk_scale",),
+                forward_constexprs(D, 2, causal=False, mask_kind=attention.MASK_NONE, block_n=config.kwargs["BLOCK_N"]),
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+            assert meta.shared <= HOPPER_SHARED_MEMORY, f"D={D} {config}: {meta.shared} bytes of shared memory"
+
+
+def check_grouping():
+    compile_for_hopper(grouping._lsh_group_kernel, dict(Q="*bf16", PERM="*i32"), (), dict(BLOCK_M=64, D=128, R=16))
+
+
+def check_decode():
+    pointers = dict(Q="*bf16", K="*bf16", V="*bf16", QPOS="*i64", KPOS="*i64", OUT="*fp32", LSE="*fp32")
+    for causal in (False, True):
+        constexprs = dict(BLOCK_M=16, BLOCK_N=64, D=128, DV=128, CAUSAL=causal, PRECISION="tf32")
+        compile_for_hopper(decode._split_kv_kernel, pointers, ("qk_scale",), constexprs)
+
+
+BACKWARD_POINTERS = dict(
+    K="*bf16", V="*bf16", Q_REP="*bf16", Q_TILDE="*bf16", DO="*bf16", LSE2="*fp32", DELTA="*fp32",
+    PERM="*i32", MASK="*i1", DK="*bf16", DV="*bf16", DQ="*fp32",
+)
+
+
+def check_backward():
+    for G, grouped in [(1, True), (1, False), (2, True), (2, False)]:
+        common = dict(D=128, G=G, GROUPED=grouped, IS_CAUSAL=True, MASK_KIND=attention.MASK_BOOL)
+        pointers = {**BACKWARD_POINTERS, **dummy_perm(G)}
+        compile_for_hopper(attention_backward._bwd_dkdv_kernel.fn, pointers, ("qk_scale", "scale"),
+                           dict(BLOCK_M=32, BLOCK_N=64, BLOCK_GROUP=64, **common))
+        compile_for_hopper(attention_backward._bwd_dq_kernel.fn, pointers, ("qk_scale", "scale"),
+                           dict(BLOCK_M=64, BLOCK_N=32, REP_MEAN=True, **common))
+
+
+CHECKS = [check_forward, check_autotune_configs_fit_shared_memory, check_grouping, check_decode, check_backward]
+
+
+def test_kernels_build_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    failed = []
+    for check in CHECKS:
+        try:
+            check()
+            print(f"ok    {check.__name__}")
+        except Exception as e:  # report every failing kernel, not only the first
+            failed.append(check.__name__)
+            print(f"FAIL  {check.__name__}: {type(e).__name__}: {e}")
+    sys.exit(1 if failed else 0)
