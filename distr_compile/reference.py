@@ -53,7 +53,7 @@ def hyperplanes(num: int, block_m: int, seed: int, device: torch.device) -> torc
 def _blocks(q: torch.Tensor, block_m: int) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, nb, block_m, D), the last block zero-padded."""
     B, H, L, D = q.shape
-    nb = math.ceil(L / block_m)
+    nb = (L + block_m - 1) // block_m  # integer ceil: stays symbolic under dynamic shapes
     q = torch.nn.functional.pad(q, (0, 0, 0, nb * block_m - L))
     return q.view(B, H, nb, block_m, D)
 
@@ -67,7 +67,7 @@ def group_columns(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     "random": a seeded random permutation per block.
     """
     B, H, L, D = q.shape
-    nb = math.ceil(L / config.block_m)
+    nb = (L + config.block_m - 1) // config.block_m
     if config.grouping == "random":
         index = torch.arange(B * H * nb * D, device=q.device, dtype=torch.int64).view(B, H, nb, D)
         return hash_uniform(config.seed, index).argsort(-1)

@@ -205,7 +205,7 @@ def distr_forward(
     (B, Hq, Lq, Lk) view, perm (B, Hq, nb, D) int32 or None for G = 1): returns (out, lse)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    nb = math.ceil(Lq / block_m)
+    nb = triton.cdiv(Lq, block_m)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if group_size > 1 and k.stride(2) != 1:
         k = k.transpose(2, 3).contiguous().transpose(2, 3)  # keys contiguous: vectorised row gathers

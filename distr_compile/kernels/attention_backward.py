@@ -410,7 +410,7 @@ def distr_backward(
     G = 1. ``grad_lse`` (B, Hq, Lq), if given, is the incoming gradient on lse. Any strides."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    nb = math.ceil(Lq / block_m)
+    nb = triton.cdiv(Lq, block_m)
     G = group_size
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if G > 1 and k.stride(2) != 1:

@@ -13,7 +13,6 @@ zero (the hyperplanes' log/cos and the dot's summation order differ in the last 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -73,7 +72,7 @@ def _lsh_group_kernel(
 def lsh_group(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     """Column order per query block for canonical q (B, H, L, D): (B, H, nb, D) int32."""
     B, H, L, D = q.shape
-    nb = math.ceil(L / config.block_m)
+    nb = (L + config.block_m - 1) // config.block_m
     perm = torch.empty(B, H, nb, D, device=q.device, dtype=torch.int32)
     torch.library.wrap_triton(_lsh_group_kernel)[(nb, B * H)](
         q, perm,
