@@ -63,6 +63,38 @@ def _load(ptrs, ok, BOUNDARY: tl.constexpr):
 
 
 @triton.jit
+def _query_representatives(q_rows, stride_qd, perm_base, row_ok, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                           G: tl.constexpr, REP_MEAN: tl.constexpr):
+    """Q_rep (BLOCK_M x D/G) for G > 1: the block's column groups are runs of G in ``perm``;
+    column j of every group is one strided load, read once per program."""
+    offs_g = tl.arange(0, D // G)
+    q_rep = tl.zeros([BLOCK_M, D // G], dtype=tl.float32)
+    for j in tl.static_range(G if REP_MEAN else 1):
+        cols_j = tl.load(perm_base + offs_g * G + j)
+        q_rep += tl.load(q_rows + cols_j[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if REP_MEAN:
+        q_rep = q_rep * (1.0 / G)
+    return q_rep.to(q_rows.dtype.element_ty)
+
+
+@triton.jit
+def _keys_t(k_base, perm_base, cols, col_ok, stride_kn, stride_kd, D: tl.constexpr, G: tl.constexpr,
+            BOUNDARY: tl.constexpr):
+    """K^T (D x BLOCK_N) for G = 1, else K_fused^T (D/G x BLOCK_N): G row gathers of K^T, each row
+    a contiguous run of keys (the launcher makes keys contiguous), added in the input dtype
+    (exact rounding for G = 2)."""
+    if G == 1:
+        k_t = _load(k_base + tl.arange(0, D)[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
+    else:
+        offs_g = tl.arange(0, D // G)
+        k_t = tl.zeros([D // G, cols.shape[0]], dtype=k_base.dtype.element_ty)
+        for j in tl.static_range(G):
+            rows_j = tl.load(perm_base + offs_g * G + j)
+            k_t += _load(k_base + rows_j[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
+    return k_t
+
+
+@triton.jit
 def _attend(
     acc, l_i, m_i, q_rep, k_base, v_base, mask_base, perm_base, start, end,
     offs_m, row_ok, len_k, qk_scale,
@@ -74,19 +106,10 @@ def _attend(
     in range and (causal) visible to every row, so no key masks are built or applied."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    offs_g = tl.arange(0, D // G)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < len_k
-        # K_fused^T (D/G x BLOCK_N): G row gathers of K^T, each row a contiguous run of keys (the
-        # launcher makes keys contiguous), added in the input dtype (exact rounding for G = 2).
-        if G == 1:
-            k_t = _load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
-        else:
-            k_t = tl.zeros([D // G, BLOCK_N], dtype=q_rep.dtype)
-            for j in tl.static_range(G):
-                rows_j = tl.load(perm_base + offs_g * G + j)
-                k_t += _load(k_base + rows_j[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
+        k_t = _keys_t(k_base, perm_base, cols, col_ok, stride_kn, stride_kd, D, G, BOUNDARY)
         s = tl.dot(q_rep, k_t) * qk_scale
         if MASK_KIND != 0:
             m_tile = tl.load(mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
@@ -139,21 +162,12 @@ def _distr_fwd_kernel(
     offs_d = tl.arange(0, D)
     row_ok = offs_m < len_q
 
-    # Q_rep (BLOCK_M x D/G): the block's column groups are runs of G in ``perm``; column j of
-    # every group is one strided load, read once per program.
     perm_base = PERM + (pid_bh * num_blocks + pid_m) * D
-    offs_g = tl.arange(0, D // G)
     q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
     if G == 1:
         q_rep = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     else:
-        q_rep = tl.zeros([BLOCK_M, D // G], dtype=tl.float32)
-        for j in tl.static_range(G if REP_MEAN else 1):
-            cols_j = tl.load(perm_base + offs_g * G + j)
-            q_rep += tl.load(q_rows + cols_j[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        if REP_MEAN:
-            q_rep = q_rep * (1.0 / G)
-        q_rep = q_rep.to(Q.dtype.element_ty)
+        q_rep = _query_representatives(q_rows, stride_qd, perm_base, row_ok, BLOCK_M, D, G, REP_MEAN)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import LOG2E, MASK_ADD, MASK_BOOL, MASK_NONE, SHARED_MEMORY_BUDGET, _load
+from .attention import LOG2E, MASK_ADD, MASK_BOOL, MASK_NONE, SHARED_MEMORY_BUDGET, _keys_t, _load, _query_representatives
 
 QUICK = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("DISTR_COMPILE_AUTOTUNE", "1") == "0"
 
@@ -97,21 +97,6 @@ def _prune_dkdv(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _keys_t(k_base, perm_base, cols, col_ok, stride_kn, stride_kd, D: tl.constexpr, G: tl.constexpr, BOUNDARY: tl.constexpr):
-    """K^T (D x BLOCK_N) for G = 1, else K_fused^T (D/G x BLOCK_N): G row gathers of K^T, each row
-    a contiguous run of keys, summed in the input dtype (exactly as the forward builds it)."""
-    if G == 1:
-        k_t = _load(k_base + tl.arange(0, D)[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
-    else:
-        offs_g = tl.arange(0, D // G)
-        k_t = tl.zeros([D // G, cols.shape[0]], dtype=k_base.dtype.element_ty)
-        for j in tl.static_range(G):
-            rows_j = tl.load(perm_base + offs_g * G + j)
-            k_t += _load(k_base + rows_j[:, None] * stride_kd + cols[None, :] * stride_kn, col_ok[None, :], BOUNDARY)
-    return k_t
-
-
-@triton.jit
 def _scores(s, mask_base, offs_m, offs_n, row_ok, col_ok, stride_mm, stride_mn,
             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDARY: tl.constexpr):
     """Mask a tile of base-2 scores s[m, n] (offs_m, offs_n broadcast to s's orientation). Only
@@ -161,13 +146,7 @@ def _bwd_preprocess_kernel(
         perm_base = PERM + (pid_bh * num_blocks + pid_m) * D
         offs_g = tl.arange(0, D // G)
         q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-        q_rep = tl.zeros([BLOCK_M, D // G], dtype=tl.float32)
-        for j in tl.static_range(G if REP_MEAN else 1):
-            cols_j = tl.load(perm_base + offs_g * G + j)
-            q_rep += tl.load(q_rows + cols_j[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        if REP_MEAN:
-            q_rep = q_rep * (1.0 / G)
-        q_rep = q_rep.to(Q.dtype.element_ty)
+        q_rep = _query_representatives(q_rows, stride_qd, perm_base, row_ok, BLOCK_M, D, G, REP_MEAN)
         rows = pid_bh * len_q + offs_m[:, None]
         tl.store(Q_REP + rows * (D // G) + offs_g[None, :], q_rep, mask=row_ok[:, None])
         for j in tl.static_range(G):
