@@ -19,7 +19,7 @@ from distr_compile.kernels import attention_backward as bwd
 from distr_compile.kernels.attention import distr_forward
 from distr_compile.kernels.grouping import lsh_group
 
-from test_kernels import DEVICE, make_inputs, make_mask, rel_err
+from test_kernels import DEVICE, GPU_CASES, gpu_case, make_inputs, make_mask, rel_err
 
 
 @pytest.fixture(params=["grouped", "dense"])
@@ -114,31 +114,20 @@ def test_backward_gradient_on_lse():
 
 # ---- GPU: every shape class in bf16 and fp16, relative error < 1e-2 -------------------------
 
+BACKWARD_GPU_CASES = GPU_CASES | {"lse": dict(with_grad_lse=True, causal=True)}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [32, 64, 128, 256])
 @pytest.mark.parametrize("group_size", [1, 2, 4])
-@pytest.mark.parametrize("case", ["plain", "causal", "bool", "additive", "gqa", "odd", "strided", "sample", "lse"])
+@pytest.mark.parametrize("case", list(BACKWARD_GPU_CASES))
 def test_backward_gpu(dtype, D, group_size, case):
-    if D // group_size < 16:
-        pytest.skip("d/G < 16 runs the reference")
-    kw = dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300, D=D, dtype=dtype, group_size=group_size, block_m=64, tol=1e-2)
-    kw.update({
-        "causal": dict(causal=True),
-        "bool": dict(mask_kind="bool"),
-        "additive": dict(mask_kind="additive"),
-        "gqa": dict(Hkv=1, causal=True),
-        "odd": dict(Lq=129, Lk=77, block_m=32),
-        "strided": dict(layout="bshd", block_m=128),
-        "sample": dict(representative="sample", block_m=16),
-        "lse": dict(with_grad_lse=True, causal=True),
-    }.get(case, {}))
-    check_backward(**kw)
+    check_backward(**gpu_case(BACKWARD_GPU_CASES[case], D, dtype, group_size))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["causal", "gqa", "odd"])
 def test_backward_gpu_both_paths(path, case):
-    kw = dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300, D=128, dtype=torch.bfloat16, group_size=2, block_m=64, tol=1e-2)
-    kw.update({"causal": dict(causal=True), "gqa": dict(Hkv=2), "odd": dict(Lq=129, Lk=77, block_m=32)}[case])
-    check_backward(**kw)
+    case = {"causal": GPU_CASES["causal"], "gqa": dict(Hkv=2), "odd": GPU_CASES["odd"]}[case]
+    check_backward(**gpu_case(case, 128, torch.bfloat16, 2))

@@ -6,7 +6,6 @@ compute the same function; the grouping kernel is checked separately against the
 bf16 is GPU-only: Triton 3.6's interpreter multiplies bf16 dot operands as raw uint16 bits.
 """
 
-import math
 
 import pytest
 import torch
@@ -105,22 +104,30 @@ def test_grouping_kernel_matches_reference(num_hyperplanes):
 
 # ---- GPU: every shape class in bf16 and fp16, relative error < 1e-2 -------------------------
 
+GPU_CASES = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "bool": dict(mask_kind="bool"),
+    "additive": dict(mask_kind="additive"),
+    "gqa": dict(Hkv=1, causal=True),
+    "odd": dict(Lq=129, Lk=77, block_m=32),
+    "strided": dict(layout="bshd", block_m=128),
+    "sample": dict(representative="sample", block_m=16),
+}
+
+
+def gpu_case(case: dict, D: int, dtype, group_size: int) -> dict:
+    """Arguments of one GPU shape class (shared with the backward tests); skips d/G < 16, which
+    runs the reference."""
+    if D // group_size < 16:
+        pytest.skip("d/G < 16 runs the reference")
+    return dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300, D=D, dtype=dtype, group_size=group_size, block_m=64, tol=1e-2) | case
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [32, 64, 128, 256])
 @pytest.mark.parametrize("group_size", [1, 2, 4])
-@pytest.mark.parametrize("case", ["plain", "causal", "bool", "additive", "gqa", "odd", "strided", "sample"])
+@pytest.mark.parametrize("case", list(GPU_CASES))
 def test_forward_gpu(dtype, D, group_size, case):
-    if D // group_size < 16:
-        pytest.skip("d/G < 16 runs the reference")
-    kw = dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300, D=D, dtype=dtype, group_size=group_size, block_m=64, tol=1e-2)
-    kw.update({
-        "causal": dict(causal=True),
-        "bool": dict(mask_kind="bool"),
-        "additive": dict(mask_kind="additive"),
-        "gqa": dict(Hkv=1, causal=True),
-        "odd": dict(Lq=129, Lk=77, block_m=32),
-        "strided": dict(layout="bshd", block_m=128),
-        "sample": dict(representative="sample", block_m=16),
-    }.get(case, {}))
-    check_forward(**kw)
+    check_forward(**gpu_case(GPU_CASES[case], D, dtype, group_size))
