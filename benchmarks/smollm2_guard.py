@@ -33,13 +33,6 @@ def windows(tokenizer, tokens: int, device: str) -> tuple[torch.Tensor, torch.Te
     return ids[None, :tokens].to(device), ids[None, middle:middle + tokens].to(device)
 
 
-def perplexity(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
-    return math.exp(loss.item())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -61,11 +54,11 @@ def main() -> None:
     model = model.to(args.device, getattr(torch, args.dtype)).eval()
     calib, held_out = windows(tokenizer, args.tokens, args.device)
 
-    exact_ppl = perplexity(model, held_out)
+    exact_ppl = models.perplexity(model, held_out)
     compiled = torch.compile(model, backend="distr", options=options)
     with torch.no_grad():
         compiled(input_ids=calib)  # compile + guard calibration on the calibration window
-    distr_ppl = perplexity(compiled, held_out)
+    distr_ppl = models.perplexity(compiled, held_out)
 
     os.makedirs(args.out, exist_ok=True)
     plan = distr_compile.plan_of(compiled)

