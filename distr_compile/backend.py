@@ -65,6 +65,12 @@ def _decisions(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSi
             todo.append(site)
         else:
             decisions[site.name] = decision
+    if todo and config.guard_reference == "original":
+        raise ValueError(
+            "guard_reference='original' needs the original model, which the backend does not have: run "
+            "distr_compile.calibrate(adapted, batches, original=model, guard_reference='original', ...), save the "
+            f"plan and compile with options={{'plan': path}} (sites without a decision: {[s.name for s in todo]})"
+        )
     if todo and has_real_inputs(example_inputs):
         decisions.update(decide_sites(gm, [list(example_inputs)], todo, config))
     for site in todo:

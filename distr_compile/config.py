@@ -19,6 +19,7 @@ GROUPINGS = ("lsh", "random")
 MAX_HYPERPLANES = 16
 APPROXIMATE = ("auto", "guarded", "always")
 METRICS = ("rel_fro", "cosine", "max_abs")
+GUARD_REFERENCES = ("exact", "original")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -55,6 +56,16 @@ class DistrConfig:
         output_tolerance: if set, the end-to-end guard compares the graph outputs (relative
             Frobenius error) with and without the approximation and moves the worst layers back
             to exact until they agree within this.
+        guard_reference: what the guard compares with. "exact" (default): each site against exact
+            attention on the same weights (and, with ``output_tolerance``, the graph's outputs
+            against the same graph with every site exact). "original": for a model adapted by
+            fine-tuning with DistrAttention in the loop, whose layers no longer agree with exact
+            attention on the same weights although the model is good: every site starts
+            approximated and the worst ones go back to exact until the model's outputs agree with
+            the ORIGINAL (pre-adaptation) model's within ``output_tolerance`` (or a task metric).
+            Needs ``output_tolerance`` and the original model, so it runs through
+            ``distr_compile.calibrate(adapted, batches, original=model, ...)``; compile with the
+            saved plan.
         monitor_every: if > 0, every N calls the runtime monitor rechecks a sample of heads of
             each approximated site and demotes a site whose error drifted over ``tolerance``
             (disabled, with a warning, under CUDA graphs).
@@ -74,6 +85,7 @@ class DistrConfig:
     metric: str = "rel_fro"
     candidate_group_sizes: tuple[int, ...] = ()
     output_tolerance: float | None = None
+    guard_reference: str = "exact"
     monitor_every: int = 0
     plan: str | None = None
     mode: str | None = None
@@ -97,6 +109,10 @@ class DistrConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        _check_choice("guard_reference", self.guard_reference, GUARD_REFERENCES)
+        if self.guard_reference == "original" and self.output_tolerance is None:
+            raise ValueError("guard_reference='original' needs output_tolerance (how far the model's outputs "
+                             "may be from the original model's)")
         object.__setattr__(self, "candidate_group_sizes", tuple(self.candidate_group_sizes))
         for g in self.candidate_group_sizes:
             _check_choice("candidate_group_sizes entry", g, GROUP_SIZES)

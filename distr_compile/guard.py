@@ -388,7 +388,8 @@ def plan_of(compiled: torch.nn.Module) -> DistrPlan:
 # ------------------------------------------------------------------------- user calibration
 
 
-def calibrate(model: torch.nn.Module, batches: Iterable, **options: Any) -> DistrPlan:
+def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Module | None = None,
+              output_error: Callable[[Any, Any], float] | None = None, **options: Any) -> DistrPlan:
     """Calibrate every attention site of ``model`` on user batches and return the plan.
 
     Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments. The
@@ -396,11 +397,21 @@ def calibrate(model: torch.nn.Module, batches: Iterable, **options: Any) -> Dist
     on every batch (worst case kept, across recompiles too) and decided as the backend would with
     ``options`` (``approximate`` is taken as "guarded"). The decisions replace the model's stored
     ones; to compile with them, save the plan and pass ``options={"plan": path}``.
+
+    With ``guard_reference="original"`` (an adapted model), ``original`` is the model before
+    adaptation and the decisions come from :func:`against_original`; ``output_error(output,
+    original_output)`` is the end-to-end error to keep within ``output_tolerance`` (default: the
+    relative Frobenius error of the floating-point outputs; a task metric such as a perplexity
+    ratio fits too).
     """
     config = DistrConfig.from_options(options).replace(approximate="guarded", plan=None, mode=None)
+    if (original is not None) != (config.guard_reference == "original"):
+        raise ValueError("pass original=<the model before adaptation> exactly when guard_reference='original'")
     model = getattr(model, "_orig_mod", model)
+    batches = list(batches)
     errors: dict[str, dict[int, dict[str, float]]] = {}
     graphs: list[tuple[fx.GraphModule, list[AttentionSite], list[SkippedSite], list, list[list]]] = []
+    replay: dict[str, dict[str, DistrConfig]] = {}  # set: the traced model runs with these sites approximated
 
     def measuring_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
         sites, skipped = find_attention(gm.graph)
@@ -409,31 +420,76 @@ def calibrate(model: torch.nn.Module, batches: Iterable, **options: Any) -> Dist
         graphs.append((gm, sites, skipped, example_inputs, seen))
 
         def run(*args):
-            if config.output_tolerance is not None:
+            if "sites" in replay:
+                return run_probe(SiteProbe(calibrator.probe_gm, {}, replay["sites"]), list(args))
+            if config.output_tolerance is not None and config.guard_reference == "exact":
                 seen.append(list(args))
             return calibrator(list(args))
         return run
 
     traced = torch.compile(model, backend=measuring_backend)
-    for batch in _progress(list(batches), "distr calibration"):
-        if isinstance(batch, dict):
-            traced(**batch)
-        elif isinstance(batch, (tuple, list)):
-            traced(*batch)
-        else:
-            traced(batch)
+    for batch in _progress(batches, "distr calibration"):
+        call_batch(traced, batch)
     plan = DistrPlan(plan_config(config))
     for gm, sites, skipped, example_inputs, seen in graphs:
         for site in sites:
             plan.sites.setdefault(site.name, _decide_site(site, errors, config))
         if seen:
             end_to_end(gm, seen, {s.name: plan.sites[s.name] for s in sites}, config)
+    if original is not None:
+        def run_with(approx: dict[str, DistrConfig]) -> list:
+            replay["sites"] = approx
+            return [call_batch(traced, batch) for batch in batches]
+
+        references = [call_batch(getattr(original, "_orig_mod", original), batch) for batch in batches]
+        against_original(run_with, references, plan.sites, config, output_error or _output_error)
+    for gm, sites, skipped, example_inputs, seen in graphs:
         for s in skipped:
             plan.skipped[s.name] = s
             STORE.put(owner(s.module_id, example_inputs), s, config)
         for site in sites:
             STORE.put(owner(site.module_id, example_inputs), plan.sites[site.name], config)
     return plan
+
+
+def call_batch(model: Callable, batch: Any) -> Any:
+    """``model`` on one batch (a dict of keyword arguments, a tuple of positional ones, or one
+    tensor), without autograd."""
+    with torch.no_grad():
+        if isinstance(batch, dict):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+
+
+def against_original(run_with: Callable[[dict[str, DistrConfig]], list], references: list,
+                     decisions: dict[str, SiteDecision], config: DistrConfig,
+                     output_error: Callable[[Any, Any], float]) -> None:
+    """The guard of an adapted model (``guard_reference="original"``): every measured site starts
+    at its cheapest measured G; then the site whose own error (against exact attention on the
+    adapted weights) is worst steps down to its next smaller measured G, or to exact, until
+    ``output_error(output, reference)`` is within ``output_tolerance`` on every batch.
+    ``run_with(approx)`` runs the adapted model on the batches with the sites in ``approx``
+    approximated; ``references`` are the original model's outputs on them."""
+    for d in decisions.values():
+        if d.errors:
+            d.group_size, d.source = max(d.errors), "original"
+    tol = config.output_tolerance
+    while True:
+        approx = {n: config.replace(group_size=d.group_size) for n, d in decisions.items() if d.approximated}
+        worst = max(output_error(out, ref) for out, ref in zip(run_with(approx), references))
+        if worst <= tol or not approx:
+            break
+        victim = decisions[max(approx, key=lambda n: decisions[n].error(config.metric) or 0.0)]
+        victim.group_size = max((g for g in victim.errors if g < victim.group_size), default=EXACT)
+        victim.reason = f"demoted: error {worst:.3g} vs the original model's output > output_tolerance {tol:g}"
+        log.info("original-reference guard: %s to G=%d (%s)", victim.name, victim.group_size, victim.reason)
+    verdict = "<=" if worst <= tol else ">"
+    for name in approx:
+        decisions[name].reason = (f"G={decisions[name].group_size}: model error {worst:.3g} vs the original "
+                                  f"model's output {verdict} output_tolerance {tol:g}")
+    log.info("original-reference guard: %d sites approximated, error %.3g", len(approx), worst)
 
 
 def decide_sites(gm: fx.GraphModule, inputs_list: list[list], sites: list[AttentionSite],
@@ -487,7 +543,10 @@ def _summary(plan: DistrPlan) -> str:
     measured = [d for d in plan.sites.values() if d.errors and not d.approximated]
     lines = [f"{len(approx)} of {total} attention sites use DistrAttention; "
              f"{total - len(approx)} keep exact attention."]
-    if measured:
+    if plan.config.get("guard_reference") == "original":
+        lines.append(f"Reference: the original model's output (output_tolerance {plan.config['output_tolerance']:g}); "
+                     "per-site errors are against exact attention on the adapted weights, for ordering only.")
+    elif measured:
         lines.append(
             f"{len(measured)} site(s) were measured over the tolerance {plan.tolerance:g} ({plan.metric}) "
             "and stay exact: "

