@@ -70,6 +70,18 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible")
+    for name, low in (("steps", 1), ("seq_len", 16), ("batch_size", 1), ("warmup", 0), ("eval_windows", 0),
+                      ("guard_batches", 1), ("save_every", 0)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.eval_windows and args.guard_batches > args.eval_windows:
+        parser.error(f"--guard-batches ({args.guard_batches}) must be <= --eval-windows ({args.eval_windows})")
+    if not (args.lr > 0 and args.tolerance >= 0 and args.ppl_tolerance >= 0):
+        parser.error("--lr must be > 0 and --tolerance, --ppl-tolerance >= 0")
+    try:
+        adaptation_options(group_size=args.group_size, block_m=args.block_m)
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 

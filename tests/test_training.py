@@ -5,6 +5,10 @@ reference is the original model's output decides as designed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -250,3 +254,14 @@ def test_original_reference_needs_the_original_model_and_a_tolerance():
                              options={"approximate": "guarded", "guard_reference": "original", "output_tolerance": 0.1})
     with pytest.raises(Exception, match="needs the original model"), torch.no_grad():
         compiled(inputs(0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--group-size", "3"], "group_size must be one of"),
+    (["--eval-windows", "2", "--guard-batches", "3"], "--guard-batches (3) must be <= --eval-windows (2)"),
+])
+def test_adapt_example_rejects_bad_arguments(argv, message):
+    proc = subprocess.run([sys.executable, "examples/adapt.py", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
