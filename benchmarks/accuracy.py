@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import itertools
 import pathlib
 import statistics
 
 import torch
 import torch.nn.functional as F
-from tabulate import tabulate
 from tqdm import tqdm
 
 from distr_compile import DistrConfig, models, reference
 from distr_compile.inputs import canonicalize
+
+from results import append_section  # benchmarks/results.py, beside this script
 
 
 @contextlib.contextmanager
@@ -86,18 +86,13 @@ def main() -> None:
         for setting in tqdm(SETTINGS, desc=name):
             errors = [layer_error(call, DistrConfig(**setting)) for call in calls]
             rows.append({"model": name, **setting, "median": statistics.median(errors), "max": max(errors)})
-    table = tabulate(rows, headers="keys", floatfmt=".3f", tablefmt="github")
-    print(table)
-    header = (
-        f"\n## Accuracy of DistrAttention settings on real activations ({datetime.date.today()})\n\n"
-        f"CPU, torch {torch.__version__}, float32 reference. Relative Frobenius error of each attention "
-        "layer's output vs exact attention, median and max over layers. MiniLM-L6: 8 pydoc topics, "
-        "128 tokens, padding masked; SmolLM2-135M: one 512-token pydoc window, causal, GQA 9/3. "
-        "16 hyperplanes, seed 0.\n\n"
+    append_section(
+        args.out, "Accuracy of DistrAttention settings on real activations",
+        "float32 reference. Relative Frobenius error of each attention layer's output vs exact attention, "
+        "median and max over layers. MiniLM-L6: 8 pydoc topics, 128 tokens, padding masked; SmolLM2-135M: "
+        "one 512-token pydoc window, causal, GQA 9/3. 16 hyperplanes, seed 0.",
+        rows, device="cpu",
     )
-    with args.out.open("a") as f:
-        f.write(header + table + "\n")
-
 
 if __name__ == "__main__":
     main()

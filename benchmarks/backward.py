@@ -18,7 +18,6 @@ BENCHMARKS.md with device and versions.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import pathlib
 import sys
@@ -34,6 +33,8 @@ from distr_compile import DistrConfig, reference
 from distr_compile.kernels import attention_backward as bwd
 from distr_compile.kernels.attention import distr_forward
 from distr_compile.kernels.grouping import lsh_group
+
+from results import append_section  # benchmarks/results.py, beside this script
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 TOKENS, HEADS, DTYPE = 16384, 16, torch.bfloat16
@@ -130,21 +131,16 @@ def main() -> None:
             for causal in (False, True):
                 rows.append(run_case(d, L, causal, args.block_m, args.groups))
                 print(tabulate([rows[-1]], headers="keys", floatfmt=".3f"), flush=True)
-    table = tabulate(rows, headers="keys", floatfmt=".3f", tablefmt="github")
-    header = (
-        f"\n## Backward kernels: DistrAttention vs SDPA flash and cuDNN ({datetime.date.today()})\n\n"
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
-        f"{HEADS} heads, B x L = {TOKENS} tokens, block_m={args.block_m}, LSH grouping, mean representatives. "
+    append_section(
+        args.out, "Backward kernels: DistrAttention vs SDPA flash and cuDNN",
+        f"bf16, {HEADS} heads, B x L = {TOKENS} tokens, block_m={args.block_m}, LSH grouping, mean representatives. "
         "do_bench medians in ms. `f+b`: forward + backward (ours: grouping kernel + forward + backward "
         "kernels); `bwd`: backward only from a saved forward. `err`: worst relative error of (dq, dk, dv), "
         "G=1 vs SDPA flash's gradients, G>1 vs autograd through the reference (batch 0, heads 0-1). "
         "`dkdv`/`dq`: configs the autotuner picked (grp: S at d/G on K_fused; dns: S at full d on q_tilde). "
-        "Last columns: flash f+b time / ours (>1: faster).\n\n"
+        "Last columns: flash f+b time / ours (>1: faster).",
+        rows,
     )
-    print("\n" + table)
-    with args.out.open("a") as f:
-        f.write(header + table + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ of 16 heads. Prints a table and appends it to BENCHMARKS.md with device and vers
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import pathlib
 import sys
@@ -30,6 +29,8 @@ from torch._library.triton import set_wrap_triton_enabled
 
 from distr_compile import DistrConfig
 from distr_compile.kernels.grouping import lsh_group
+
+from results import append_section  # benchmarks/results.py, beside this script
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -93,19 +94,14 @@ def main() -> None:
                 for causal in (False, True):
                     rows.append(run_case(DTYPES[dtype], d, L, causal, args.block_m))
                     print(tabulate([rows[-1]], headers="keys", floatfmt=".3f"), flush=True)
-    table = tabulate(rows, headers="keys", floatfmt=".3f", tablefmt="github")
-    header = (
-        f"\n## Forward kernel: DistrAttention vs SDPA ({datetime.date.today()})\n\n"
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+    append_section(
+        args.out, "Forward kernel: DistrAttention vs SDPA",
         f"{HEADS} heads, B x L = {TOKENS} tokens, block_m={args.block_m}, LSH grouping, mean representatives. "
         "Times are do_bench medians in ms; `group%` is the grouping kernel's share of the DistrAttention "
         "time; `err` is the relative Frobenius error of the output vs exact attention on these random "
-        "inputs; the last column is best SDPA time / DistrAttention G=2 time (>1: faster).\n\n"
+        "inputs; the last column is best SDPA time / DistrAttention G=2 time (>1: faster).",
+        rows,
     )
-    print("\n" + table)
-    with args.out.open("a") as f:
-        f.write(header + table + "\n")
-
 
 if __name__ == "__main__":
     main()

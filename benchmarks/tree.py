@@ -139,7 +139,7 @@ def measure_single(args, N: int, rank: int, device: torch.device, dtype: torch.d
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares (intercept, slope), both clipped at 0 (a negative latency is noise)."""
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
     slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
     return max(0.0, my - slope * mx), slope
