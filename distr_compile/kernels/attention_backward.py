@@ -214,6 +214,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GROUP: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     GROUPED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
 ):
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # Inductor may pass fp64
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
     b = pid_bhk // num_kv_heads
@@ -305,6 +306,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     GROUPED: tl.constexpr, REP_MEAN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
 ):
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # Inductor may pass fp64
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads

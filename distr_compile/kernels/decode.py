@@ -43,6 +43,7 @@ def _split_kv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b = pid // num_kv_heads
