@@ -30,6 +30,11 @@ class Canonical:
         """(B, H, L, X) or (B, H, L) back to the caller's leading dims."""
         return out.reshape(*self.lead_shape, *out.shape[2:])
 
+    def flatten(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``restore``: a tensor in the caller's leading dims (an output, or a
+        gradient on one) as (B, H, L, X) or (B, H, L)."""
+        return t.reshape(*self.q.shape[:3], *t.shape[len(self.lead_shape) + 1:])
+
 
 def _to_4d(x: torch.Tensor) -> torch.Tensor:
     while x.dim() < 4:

@@ -9,6 +9,10 @@ fake implementation. Dispatch, decided per call from the tensors:
 * everything else (CPU, float32/float64 anywhere, other head dims): the PyTorch reference.
   float32 on CUDA takes the reference on purpose: the kernel would run the dots in tf32.
 
+The backward follows the forward: the Triton backward kernels where the forward ran the kernels
+(unless an additive mask needs a gradient), autograd through the reference otherwise. Inside an
+autocast region the op casts its floating inputs to the autocast dtype first, as SDPA does.
+
 Schema (version 1, stable; a change bumps ``SCHEMA_VERSION`` and gets a new overload):
 
     distr::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal,
@@ -29,6 +33,7 @@ from . import reference
 from .config import DistrConfig
 from .inputs import canonicalize
 from .kernels.attention import distr_forward
+from .kernels.attention_backward import distr_backward
 from .kernels.grouping import lsh_group
 
 SCHEMA_VERSION = 1
@@ -90,17 +95,32 @@ def attention(
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, attn_mask, *args = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse)
     ctx.args = args
+    ctx.set_materialize_grads(False)  # an unused lse gets None, not a zero tensor to read
 
 
 def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
-    """Gradient of the approximate function with the grouping held fixed: autograd through the
-    reference (exact attention on the representative-replaced q) with the forward's grouping."""
-    q, k, v, attn_mask = ctx.saved_tensors
+    """Gradient of the approximate function with the grouping held fixed (recomputed: it is a
+    deterministic function of q). Triton kernels (P recomputed from the saved lse, as in
+    FlashAttention-2) where the forward ran them and the mask needs no gradient; autograd through
+    the reference (exact attention on the representative-replaced q) otherwise."""
+    q, k, v, attn_mask, out, lse = ctx.saved_tensors
     is_causal, scale, enable_gqa, *knobs = ctx.args
     config = _config(*knobs)
     wants = ctx.needs_input_grad[:4]
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
+    if uses_kernel(c.q, c.v, config) and not wants[3]:
+        perm = None if config.exact else group_columns(c.q, c.v, config)
+        dq, dk, dv = distr_backward(
+            c.q, c.k, c.v, perm, c.flatten(out), c.flatten(lse), c.flatten(grad_out),
+            c.attn_mask, is_causal, scale, config.group_size, config.block_m, config.representative,
+            grad_lse=None if grad_lse is None else c.flatten(grad_lse),
+        )
+        grads = (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape))
+        return (*(g if w else None for g, w in zip(grads, wants)), None, *([None] * len(ctx.args)))
     with torch.enable_grad():
         inputs = [t if t is None else t.detach().requires_grad_(w) for t, w in zip((q, k, v, attn_mask), wants)]
         c = canonicalize(*inputs[:3], inputs[3], 0.0, is_causal, scale, enable_gqa, config.group_size)
@@ -116,6 +136,35 @@ def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+_LIB = torch.library.Library("distr", "FRAGMENT")
+
+
+def _register_autocast(device_type: str) -> None:
+    """Autocast rule: like SDPA, cast q, k, v and a floating mask to the region's autocast dtype
+    (read at call time, so bf16 and fp16 regions both work), then run with autocast off.
+    ``torch.library.register_autocast`` takes one fixed dtype, hence this small version of it.
+    Without it, a site rewritten inside an autocast region gets SDPA's mixed-dtype inputs
+    (e.g. rotary-embedded fp32 q/k with a bf16 v)."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    op = torch.ops.distr.attention.default
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.device.type != device_type:
+            return t
+        return t.to(torch.get_autocast_dtype(device_type))
+
+    @op.py_impl(getattr(torch._C.DispatchKey, key))  # the dispatcher seen by tracing (compile, export)
+    def autocast_attention(q, k, v, attn_mask, *args):
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(cast(q), cast(k), cast(v), cast(attn_mask), *args)
+
+    _LIB.impl("attention", lambda _, *args: autocast_attention(*args), key, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
 
 
 def distr_attention(

@@ -14,7 +14,8 @@ import pytest
 import torch
 import triton
 
-from distr_compile import DistrConfig, reference
+from distr_compile import DistrConfig, distr_attention, ops, reference
+from distr_compile.inputs import canonicalize
 from distr_compile.kernels import attention_backward as bwd
 from distr_compile.kernels.attention import distr_forward
 from distr_compile.kernels.grouping import lsh_group
@@ -110,6 +111,57 @@ def test_backward_causal_unequal_lengths(Lq, Lk):
 
 def test_backward_gradient_on_lse():
     check_backward(1, 2, 2, 19, 30, 32, torch.float32, 2, 16, causal=True, with_grad_lse=True)
+
+
+# ---- the op's autograd: Triton backward wired into torch.ops.distr.attention ------------------
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    """Let the op take its kernel path on CPU fp16 (under the interpreter), as it does on CUDA."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(ops, "uses_kernel", lambda q, v, config: q.dtype == torch.float16 and q.shape[-1] // config.group_size >= 16)
+    calls = []
+    monkeypatch.setattr(ops, "distr_backward", lambda *a, **kw: calls.append(1) or bwd.distr_backward(*a, **kw))
+    return calls
+
+
+def op_gradients(dtype, mask_grad):
+    """Gradients of a 5-d GQA call with a broadcast additive mask, through the op and through
+    float64 autograd of the reference given the op's own grouping."""
+    config = DistrConfig(group_size=2, block_m=16)
+    q = torch.randn(2, 1, 4, 21, 32, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(2, 1, 2, 30, 32, device=DEVICE, dtype=dtype) for _ in range(2))
+    mask = torch.randn(21, 30, device=DEVICE, dtype=dtype)
+    weight = torch.randn(2, 1, 4, 21, 32, device=DEVICE, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + [mask.clone().requires_grad_(mask_grad)]
+    (distr_attention(*leaves[:3], leaves[3], enable_gqa=True, config=config) * weight).sum().backward()
+    got = [t.grad for t in leaves if t.requires_grad]
+
+    c = canonicalize(q, k, v, mask, 0.0, False, None, True, 2)
+    perm = ops.group_columns(c.q, c.v, config)
+    ref = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    c = canonicalize(*ref[:3], ref[3], 0.0, False, None, True, 2)
+    out, _ = reference.distr_attention(c.q, c.k, c.v, c.attn_mask, False, None, config, perm=perm)
+    (c.restore(out) * weight.double()).sum().backward()
+    return got, [t.grad for t in ref if t.requires_grad]
+
+
+def test_op_backward_runs_the_kernels(kernels_on_cpu):
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    got, want = op_gradients(dtype, mask_grad=False)
+    assert kernels_on_cpu, "the op's backward did not call the Triton kernels"
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == w.shape and g.dtype == dtype, name
+        assert rel_err(g, w) < 1e-2, f"d{name}: relative error {rel_err(g, w):.2e}"
+
+
+def test_op_backward_with_mask_gradient_uses_the_reference(kernels_on_cpu):
+    got, want = op_gradients(torch.float16 if DEVICE == "cpu" else torch.bfloat16, mask_grad=True)
+    assert not kernels_on_cpu, "a mask that needs a gradient must take the reference backward"
+    assert len(got) == 4
+    for name, g, w in zip(["q", "k", "v", "mask"], got, want):
+        assert rel_err(g, w) < 1e-2, f"d{name}: relative error {rel_err(g, w):.2e}"
 
 
 # ---- GPU: every shape class in bf16 and fp16, relative error < 1e-2 -------------------------

@@ -172,3 +172,20 @@ def test_schema_is_versioned():
     assert distr_compile.SCHEMA_VERSION == 1
     schema = str(torch.ops.distr.attention.default._schema)
     assert schema.startswith("distr::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_casts_inputs_like_sdpa(compiled):
+    """Inside an autocast region the op, like SDPA, runs in the autocast dtype even when its
+    inputs disagree (rotary-embedded fp32 q/k, bf16 v), in eager and traced code alike."""
+    q, k = torch.randn(1, 2, 33, 32), torch.randn(1, 2, 33, 32)
+    v = torch.randn(1, 2, 33, 32).bfloat16()
+    mask = torch.randn(33, 33)
+    call = lambda q, k, v, mask: torch.ops.distr.attention(*op_args(q, k, v, mask))[0]
+    call = torch.compile(call, backend="aot_eager", fullgraph=True) if compiled else call
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(q.requires_grad_(), k, v, mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, call(q.bfloat16(), k.bfloat16(), v, mask.bfloat16()))
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
