@@ -103,10 +103,11 @@ def vit(image_size: int, preset: str = "base", layers: int | None = None, patch_
 
 
 def perplexity(model, ids: torch.Tensor) -> float:
-    """Perplexity of a causal LM on one window of token ids (shape (1, L)): next-token prediction."""
+    """Perplexity of a causal LM on windows of token ids (shape (B, L)): next-token prediction,
+    averaged over every predicted token of every window."""
     with torch.no_grad():
-        logits = model(input_ids=ids).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     return math.exp(loss.item())
 
 
