@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device-machine session, in steps (each fits one device call; logs go to $OUT):
+#   bash benchmarks/gpu_session.sh setup      # wheels from .whl + editable install (entry point)
+#   bash benchmarks/gpu_session.sh tests      # every `gpu` test, 8 workers, autotune off
+#   bash benchmarks/gpu_session.sh kernels    # forward + backward kernel benchmarks
+#   bash benchmarks/gpu_session.sh weights    # keep the SmolLM2 GGUF chunk(s) carried in .weights/
+#                                             # (one per call: the carry limit is 64 MiB); join them
+#   bash benchmarks/gpu_session.sh models     # guard check, end-to-end table (needs `weights`)
+#   bash benchmarks/gpu_session.sh adapt      # the adaptation recipe (needs `weights`)
+# The device machine has no network: .whl holds the pure-Python wheels it lacks.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+WEIGHTS=/tmp/weights/smollm2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+log() { "$@" 2>&1 | tee -a "$OUT/$STEP.log"; }
+
+STEP=$1
+case $STEP in
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" ;;
+  tests)
+    DISTR_COMPILE_AUTOTUNE=0 log python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/ -rf --durations=5 ;;
+  kernels)
+    log python3 benchmarks/kernel.py --dtypes bf16 --dims 64 128 --lengths 1024 4096 16384 --out "$OUT/BENCHMARKS.md"
+    log python3 benchmarks/backward.py --dims 128 --lengths 4096 16384 --out "$OUT/BENCHMARKS.md" ;;
+  weights)
+    cp .weights/smollm2.part* /tmp/ && mkdir -p "$WEIGHTS" && ls -la /tmp/smollm2.part*
+    if [ -f /tmp/smollm2.part00 ] && [ -f /tmp/smollm2.part01 ]; then
+      cat /tmp/smollm2.part00 /tmp/smollm2.part01 > "$WEIGHTS/SmolLM2-135M-Instruct.Q4_1.gguf" && ls -la "$WEIGHTS"
+    fi ;;
+  models)
+    log python3 benchmarks/smollm2_guard.py --model-dir "$WEIGHTS" --out "$OUT"
+    log python3 benchmarks/model.py --model-dir "$WEIGHTS" --out "$OUT/BENCHMARKS.md" --plot "$OUT/model.png" ;;
+  adapt)
+    log python3 examples/adapt.py --device cuda --model-path "$WEIGHTS" --out "$OUT/adapt" "${@:2}" ;;
+  *) echo "unknown step $STEP"; exit 2 ;;
+esac
