@@ -6,7 +6,7 @@ import distr_compile  # noqa: F401
 
 
 class Op(torch.nn.Module):
-    def __init__(self, G, autotune):
+    def __init__(self, G):
         super().__init__()
         self.G = G
 
@@ -17,7 +17,7 @@ class Op(torch.nn.Module):
 def case(G):
     q = torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.float16)
     k, v = (torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.float16) for _ in range(2))
-    m = Op(G, True)
+    m = Op(G)
     prog = torch.export.export(m, (q, k, v))
     print("exported", flush=True)
     path = torch._inductor.aoti_compile_and_package(prog, package_path=tempfile.mktemp(suffix=".pt2"))
