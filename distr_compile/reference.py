@@ -73,8 +73,10 @@ def group_columns(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
         return hash_uniform(config.seed, index).argsort(-1)
     planes = hyperplanes(config.num_hyperplanes, config.block_m, config.seed, q.device)
     proj = torch.einsum("rm,bhnmd->bhnrd", planes, _blocks(q.detach().float(), config.block_m))
-    bit_values = 2 ** torch.arange(config.num_hyperplanes, device=q.device)
-    codes = ((proj > 0).long() * bit_values[:, None]).sum(-2)
+    # Shift, not 2 ** arange: AOTInductor (torch 2.13, CPU) types an int pow as float32 and the
+    # codes come out as garbage.
+    bits = torch.arange(config.num_hyperplanes, device=q.device)
+    codes = ((proj > 0).long() << bits[:, None]).sum(-2)
     return (codes * D + torch.arange(D, device=q.device)).argsort(-1)
 
 

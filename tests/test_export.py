@@ -5,6 +5,7 @@ decisions, dynamic shapes, run_decompositions, save/load in a fresh process, err
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import torch.nn as nn
 from zoo import CASES, B, L, sdpa_as_distr
 
 import distr_compile
-from distr_compile import DistrConfig, calibrate
+from distr_compile import DistrConfig, calibrate, distr_attention
 from distr_compile.export import export, rewrite_exported
 
 OP = torch.ops.distr.attention.default
@@ -223,6 +224,24 @@ def test_calibration_needs_inputs_when_the_program_has_none():
 
 def test_public_api():
     assert distr_compile.export is export and distr_compile.rewrite_exported is rewrite_exported
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="AOTInductor on the CPU needs a C++ compiler")
+def test_aoti_package_on_cpu_matches_eager(tmp_path):
+    """AOTInductor on the CPU, where the op is the PyTorch reference compiled to C++: the package
+    loads and gives the eager result. (It once did not: AOTI typed ``2 ** arange`` as float32 and
+    the LSH codes, so the grouping, came out wrong.)"""
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return distr_attention(q, k, v, is_causal=True, enable_gqa=True, config=DistrConfig(block_m=16))
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 40, 32), torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32)
+    program = torch.export.export(Attn(), (q, k, v))
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "attn.pt2"))
+    torch.testing.assert_close(torch._inductor.aoti_load_package(path)(q, k, v), Attn()(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 # -------------------------------------------------------------------------------------- GPU
