@@ -50,12 +50,11 @@ def hyperplanes(num: int, block_m: int, seed: int, device: torch.device) -> torc
     return torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
 
 
-def _blocks(q: torch.Tensor, block_m: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, nb, block_m, D), the last block zero-padded."""
-    B, H, L, D = q.shape
-    nb = (L + block_m - 1) // block_m  # integer ceil: stays symbolic under dynamic shapes
-    q = torch.nn.functional.pad(q, (0, 0, 0, nb * block_m - L))
-    return q.view(B, H, nb, block_m, D)
+def _row_blocks(L: int, block_m: int, device: torch.device) -> tuple[int, torch.Tensor]:
+    """Number of query blocks and each row's block index. Rows map to blocks by index instead of
+    a reshape of the sequence dim into (blocks, block_m), so a symbolic L (dynamic shapes,
+    export) raises no ``L % block_m`` guards."""
+    return (L + block_m - 1) // block_m, torch.arange(L, device=device) // block_m
 
 
 def group_columns(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
@@ -67,12 +66,14 @@ def group_columns(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     "random": a seeded random permutation per block.
     """
     B, H, L, D = q.shape
-    nb = (L + config.block_m - 1) // config.block_m
+    nb, block = _row_blocks(L, config.block_m, q.device)
     if config.grouping == "random":
         index = torch.arange(B * H * nb * D, device=q.device, dtype=torch.int64).view(B, H, nb, D)
         return hash_uniform(config.seed, index).argsort(-1)
     planes = hyperplanes(config.num_hyperplanes, config.block_m, config.seed, q.device)
-    proj = torch.einsum("rm,bhnmd->bhnrd", planes, _blocks(q.detach().float(), config.block_m))
+    weights = planes[:, torch.arange(L, device=q.device) % config.block_m]  # (R, L): each row's plane entries
+    rows = torch.einsum("rm,bhmd->bhmrd", weights, q.detach().float())  # R x q in fp32: fine for the oracle
+    proj = rows.new_zeros(B, H, nb, config.num_hyperplanes, D).index_add_(2, block, rows)
     # Shift, not 2 ** arange: AOTInductor (torch 2.13, CPU) types an int pow as float32 and the
     # codes come out as garbage.
     bits = torch.arange(config.num_hyperplanes, device=q.device)
@@ -85,13 +86,11 @@ def representative_query(q: torch.Tensor, perm: torch.Tensor, config: DistrConfi
     Differentiable in q; ``perm`` (from :func:`group_columns`) is held fixed."""
     B, H, L, D = q.shape
     G = config.group_size
-    blocks = _blocks(q, config.block_m)
-    index = perm.long()[..., None, :].expand(blocks.shape)
-    grouped = blocks.gather(-1, index).unflatten(-1, (D // G, G))
+    _, block = _row_blocks(L, config.block_m, q.device)
+    index = perm.long().index_select(2, block)  # (B, H, L, D): each row's block's column order
+    grouped = q.gather(-1, index).unflatten(-1, (D // G, G))
     rep = grouped.mean(-1) if config.representative == "mean" else grouped[..., 0]
-    rep = rep.repeat_interleave(G, dim=-1)
-    q_tilde = torch.empty_like(blocks).scatter(-1, index, rep)
-    return q_tilde.flatten(2, 3)[:, :, :L]
+    return torch.empty_like(q).scatter(-1, index, rep.repeat_interleave(G, dim=-1))
 
 
 def attention(

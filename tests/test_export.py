@@ -121,16 +121,20 @@ def test_plan_decides_per_site(tmp_path, as_path):
     assert list(node.meta["nn_module_stack"].values())[-1][0] == "model.layers.1.self_attn"
 
 
-def test_dynamic_shapes_stay_dynamic():
-    """Batch and sequence stay dynamic. The sequence range stays inside one query block
-    (< block_m = 64): the op's fake implementation pins the number of blocks (see ops.py)."""
+@pytest.mark.parametrize("lengths", [(2, 63, 21), (65, 1024, 300)], ids=["one-block", "many-blocks"])
+def test_dynamic_shapes_stay_dynamic(lengths):
+    """Batch and sequence stay dynamic, inside one query block (L < block_m = 64) or across any
+    number of them (L > block_m): the grouping maps rows to blocks by index, so no L % block_m
+    guard is raised. A range may not straddle block_m: one block and several trace differently."""
+    low, high, other_len = lengths
     model = llama()
-    batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=2, max=63)
+    batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=low, max=high)
     shapes = {"input_ids": {0: batch, 1: seq}}
-    plain = torch.export.export(model, (ids(),), dynamic_shapes=shapes)
-    program = export(model, (ids(),), config=FORCED, dynamic_shapes=shapes)
+    example = ids(B, (low + high) // 4 if low > 2 else L)
+    plain = torch.export.export(model, (example,), dynamic_shapes=shapes)
+    program = export(model, (example,), config=FORCED, dynamic_shapes=shapes)
     assert sorted(map(str, program.range_constraints.values())) == sorted(map(str, plain.range_constraints.values()))
-    other = ids(3, 21)
+    other = ids(3, other_len)
     with sdpa_as_distr(FORCED):
         expected = model(other)
     torch.testing.assert_close(program.module()(other), expected, atol=1e-5, rtol=1e-5)
