@@ -7,6 +7,8 @@
 #                                             # (one per call: the carry limit is 64 MiB); join them
 #   bash benchmarks/gpu_session.sh models     # guard check, end-to-end table (needs `weights`)
 #   bash benchmarks/gpu_session.sh adapt      # the adaptation recipe (needs `weights`)
+#   bash benchmarks/gpu_session.sh diagnose   # open questions: AOTI load crash, Inductor's SDPA
+#                                             # lowering on HF ViT, the kernel on (B, L, H, D) strides
 # The device machine has no network: .whl holds the pure-Python wheels it lacks.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -37,5 +39,9 @@ case $STEP in
     log python3 benchmarks/model.py --model-dir "$WEIGHTS" --out "$OUT/BENCHMARKS.md" --plot "$OUT/model.png" ;;
   adapt)
     log python3 examples/adapt.py --device cuda --model-path "$WEIGHTS" --out "$OUT/adapt" "${@:2}" ;;
+  diagnose)
+    log python3 notes/aoti_probe.py
+    log python3 notes/vit_profile.py
+    log python3 benchmarks/kernel.py --dtypes bf16 --dims 64 --lengths 1024 --layouts bhsd bshd --out "$OUT/BENCHMARKS.md" ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

@@ -10,11 +10,13 @@ of 16 heads. Prints a table and appends it to BENCHMARKS.md with device and vers
 
     python benchmarks/kernel.py                       # full sweep (about 3 minutes on an H100)
     python benchmarks/kernel.py --lengths 1024 --dims 64 --dtypes bf16   # quick look
+    python benchmarks/kernel.py --dims 64 --lengths 1024 --layouts bhsd bshd  # HF's strided q/k/v too
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import pathlib
 import sys
@@ -45,10 +47,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run_case(dtype: torch.dtype, d: int, L: int, causal: bool, block_m: int) -> dict:
+def run_case(dtype: torch.dtype, d: int, L: int, causal: bool, block_m: int, layout: str) -> dict:
     B = max(1, TOKENS // L)
-    q, k, v = (torch.randn(B, HEADS, L, d, device="cuda", dtype=dtype) for _ in range(3))
-    row = {"dtype": str(dtype).removeprefix("torch."), "d": d, "L": L, "B": B, "causal": causal}
+    if layout == "bshd":  # (B, L, H, D) storage seen as (B, H, L, D), as a fused QKV projection gives
+        q, k, v = (torch.randn(B, L, HEADS, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(B, HEADS, L, d, device="cuda", dtype=dtype) for _ in range(3))
+    row = {"dtype": str(dtype).removeprefix("torch."), "d": d, "L": L, "B": B, "causal": causal, "layout": layout}
     exact = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     for name, backend in SDPA_BACKENDS.items():
         try:
@@ -82,6 +87,8 @@ def main() -> None:
     parser.add_argument("--dims", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--block-m", type=int, default=DistrConfig().block_m)
+    parser.add_argument("--layouts", nargs="+", default=["bhsd"], choices=["bhsd", "bshd"],
+                        help="memory layout of q/k/v: contiguous (B, H, L, D), or (B, L, H, D) as HF models give")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("BENCHMARKS.md"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -91,8 +98,8 @@ def main() -> None:
     for dtype in args.dtypes:
         for d in args.dims:
             for L in args.lengths:
-                for causal in (False, True):
-                    rows.append(run_case(DTYPES[dtype], d, L, causal, args.block_m))
+                for causal, layout in itertools.product((False, True), args.layouts):
+                    rows.append(run_case(DTYPES[dtype], d, L, causal, args.block_m, layout))
                     print(tabulate([rows[-1]], headers="keys", floatfmt=".3f"), flush=True)
     append_section(
         args.out, "Forward kernel: DistrAttention vs SDPA",

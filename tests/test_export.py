@@ -252,6 +252,24 @@ def test_aoti_package_on_cpu_matches_eager(tmp_path):
 
 
 @pytest.mark.gpu
+def test_dynamic_sequence_through_the_cuda_kernels():
+    """An exported program with a sequence length spanning many query blocks runs the Triton
+    kernels at lengths other than the example's and matches the eager model with distr_attention."""
+    torch.manual_seed(0)
+    model = LlamaHidden(hidden=512, heads=8, kv_heads=2, layers=2, vocab=256).cuda().half().eval()
+    seq = torch.export.Dim("seq", min=65, max=1024)
+    with torch.no_grad():
+        program = export(model, (torch.randint(0, 256, (2, 300), device="cuda"),), config=FORCED,
+                         dynamic_shapes={"input_ids": {1: seq}})
+        for n in (100, 513):
+            x = torch.randint(0, 256, (2, n), device="cuda")
+            with sdpa_as_distr(FORCED):
+                expected = model(x)
+            got = program.module()(x)
+            assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 2e-2, n
+
+
+@pytest.mark.gpu
 def test_aoti_package_of_hf_llama_runs_the_triton_kernel_and_matches_eager(tmp_path):
     """AOTInductor: a fp16 HF Llama with every attention forced to G=2 compiles to a package
     that holds the DistrAttention Triton kernel, loads, and matches the exported program run
