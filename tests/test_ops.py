@@ -113,6 +113,16 @@ def test_compiles_on_cpu_with_inductor():
     torch.testing.assert_close(fn(q, k, v), distr_attention(q, k, v, is_causal=True, enable_gqa=True, config=CFG))
 
 
+@pytest.mark.gpu
+def test_compiled_reference_on_cuda_matches_eager():
+    """float32 on CUDA runs the reference; under torch.compile Inductor turns its integer hash,
+    LSH codes and gathers into Triton code, which must give the eager grouping bit for bit (AOTI
+    on the CPU once did not, see test_export.py)."""
+    q, k, v = (t.cuda() for t in qkv(Lq=70, Lk=70, D=32, dtype=torch.float32))
+    fn = lambda q, k, v: distr_attention(q, k, v, is_causal=True, enable_gqa=True, config=CFG)  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 def test_export_keeps_the_op():
     class Attn(torch.nn.Module):
         def forward(self, q, k, v):
