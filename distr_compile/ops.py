@@ -111,8 +111,8 @@ def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     config = _config(*knobs)
     wants = ctx.needs_input_grad[:4]
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
-    if uses_kernel(c.q, c.v, config) and not wants[3]:
+    if uses_kernel(q, v, config) and not wants[3]:  # dtype, device and head dims: same as canonical
+        c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
         perm = None if config.exact else group_columns(c.q, c.v, config)
         dq, dk, dv = distr_backward(
             c.q, c.k, c.v, perm, c.flatten(out), c.flatten(lse), c.flatten(grad_out),

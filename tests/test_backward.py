@@ -20,7 +20,7 @@ from distr_compile.kernels import attention_backward as bwd
 from distr_compile.kernels.attention import distr_forward
 from distr_compile.kernels.grouping import lsh_group
 
-from test_kernels import DEVICE, GPU_CASES, gpu_case, make_inputs, make_mask, rel_err
+from test_kernels import CPU_DTYPES, DEVICE, GPU_CASES, gpu_case, make_inputs, make_mask, rel_err
 
 
 @pytest.fixture(params=["grouped", "dense"])
@@ -63,8 +63,6 @@ def check_backward(B, Hq, Hkv, Lq, Lk, D, dtype, group_size, block_m, mask_kind=
         assert got.isfinite().all(), f"d{name}: unwritten or non-finite"
         assert rel_err(got, want) < tol, f"d{name}: relative error {rel_err(got, want):.2e}"
 
-
-CPU_DTYPES = [torch.float16, torch.float32]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
