@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .config import DistrConfig
+from .kernels.attention import fixed_config
 from .passes import SITE_META, AttentionSite, SkippedSite, find_attention, rewrite_attention
 
 log = logging.getLogger("distr_compile")
@@ -201,11 +202,12 @@ def probe_module(gm: fx.GraphModule, names: Iterable[str] | None = None) -> fx.G
 def run_probe(probe: SiteProbe, inputs: list) -> Any:
     """Run a probe on real inputs without touching the caller's state: no autograd, the RNG state
     restored, and every non-parameter input cloned (so in-place updates of buffers or caches in
-    the graph are not applied twice)."""
+    the graph are not applied twice). Kernels run with one fixed config (see
+    :func:`kernels.attention.fixed_config`): autotuning them here would only slow the compile."""
     inputs = [x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else x
               for x in inputs]
     devices = [x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda][:1]
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), fixed_config():
         return probe.run(*inputs)
 
 

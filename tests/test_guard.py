@@ -88,6 +88,20 @@ def test_decisions_come_out_as_designed(eager_backend):
     assert [n.args[7] for n in op_nodes(eager_backend)] == [4, 2]
 
 
+def test_calibration_launches_kernels_without_autotuning(eager_backend, monkeypatch):
+    """Calibration runs the Triton forward with one fixed config: autotuning there would add every
+    config's compile and timing to the first torch.compile call (issue 3's compile-time target)."""
+    from distr_compile import ops
+    from distr_compile.kernels import attention
+
+    monkeypatch.setattr(ops, "uses_kernel", lambda q, v, config: q.shape[-1] // config.group_size >= 16)
+    autotuned = []
+    launch = ops.distr_forward
+    monkeypatch.setattr(ops, "distr_forward", lambda *a: autotuned.append(attention._AUTOTUNE.get()) or launch(*a))
+    run(synthetic(), inputs(), **GUARDED)
+    assert autotuned and not any(autotuned)
+
+
 def test_no_layer_above_tolerance_gets_through(eager_backend):
     """Independent check with the public distr_attention on each layer's captured q/k/v."""
     model = synthetic()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from distr_compile import DistrConfig, reference
+from distr_compile.kernels import attention
 from distr_compile.kernels.attention import distr_forward
 from distr_compile.kernels.grouping import lsh_group
 
@@ -87,6 +88,15 @@ def test_forward_sample_representative_and_group_of_8():
 def test_forward_queries_longer_than_keys_causal():
     # top-left alignment: query rows past the last key still see every key
     check_forward(1, 1, 1, 40, 24, 32, torch.float16, 2, 16, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_fixed_config(monkeypatch, causal):
+    """Inside ``fixed_config()`` (the guard's calibration) the forward launches the bare kernel with
+    one config; the autotuner is never reached."""
+    monkeypatch.setattr(attention, "_distr_fwd_tuned", None)
+    with attention.fixed_config():
+        check_forward(1, 2, 1, 40, 40, 64, torch.float16, 2, 16, causal=causal)
 
 
 @pytest.mark.parametrize("num_hyperplanes", [1, 16])

@@ -49,7 +49,7 @@ def dummy_perm(G: int) -> dict:
 
 def check_forward():
     for D, G in [(64, 1), (64, 4), (128, 2), (256, 2)]:
-        compile_for_hopper(attention._distr_fwd_kernel.fn, {**FORWARD_POINTERS, **dummy_perm(G)}, ("qk_scale",),
+        compile_for_hopper(attention._distr_fwd_kernel, {**FORWARD_POINTERS, **dummy_perm(G)}, ("qk_scale",),
                            forward_constexprs(D, G))
 
 
@@ -57,7 +57,7 @@ def check_autotune_configs_fit_shared_memory():
     for D in (128, 256):
         for config in attention._fit_shared_memory(attention._configs(), {}, D=D):
             meta = compile_for_hopper(
-                attention._distr_fwd_kernel.fn, FORWARD_POINTERS, ("qk_scale",),
+                attention._distr_fwd_kernel, FORWARD_POINTERS, ("qk_scale",),
                 forward_constexprs(D, 2, causal=False, mask_kind=attention.MASK_NONE, block_n=config.kwargs["BLOCK_N"]),
                 num_warps=config.num_warps, num_stages=config.num_stages,
             )

@@ -16,6 +16,8 @@ and is a plain FlashAttention-2 forward (the exact baseline in benchmarks).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 
@@ -27,12 +29,15 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+FIXED_CONFIG = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)  # valid for every head dim
+
+
 def _configs() -> list[triton.Config]:
     """Autotune space: BLOCK_N, warps and pipeline depth (BLOCK_M is the grouping block, fixed by
-    the config). One small config, valid for every head dim, under the interpreter or with
-    DISTR_COMPILE_AUTOTUNE=0 (quick compiles for tests)."""
+    the config). Only FIXED_CONFIG under the interpreter or with DISTR_COMPILE_AUTOTUNE=0 (quick
+    compiles for tests)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("DISTR_COMPILE_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
+        return [FIXED_CONFIG]
     return [
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
@@ -51,7 +56,23 @@ def _fit_shared_memory(configs, named_args, **kwargs):
     d = named_args["D"] if "D" in named_args else kwargs["D"]
     size = lambda c: 2 * 2 * c.kwargs["BLOCK_N"] * d * c.num_stages
     fitting = [c for c in configs if size(c) <= SHARED_MEMORY_BUDGET]
-    return fitting or [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    return fitting or [FIXED_CONFIG]
+
+
+_AUTOTUNE = contextvars.ContextVar("distr_compile_autotune", default=True)
+
+
+@contextlib.contextmanager
+def fixed_config():
+    """Eager forward launches in this block take FIXED_CONFIG instead of autotuning. For the guard's
+    calibration runs: their speed does not matter, but autotuning them would add every config's
+    compile and timing (two kernels, each per shape key) to the first ``torch.compile`` call.
+    Kernels traced into a compiled graph are always autotuned."""
+    token = _AUTOTUNE.set(False)
+    try:
+        yield
+    finally:
+        _AUTOTUNE.reset(token)
 
 
 @triton.jit
@@ -135,11 +156,6 @@ def _attend(
     return acc, l_i, m_i
 
 
-@triton.autotune(
-    configs=_configs(),
-    key=["lk_bucket", "D", "G", "BLOCK_M", "IS_CAUSAL", "MASK_KIND"],
-    prune_configs_by={"early_config_prune": _fit_shared_memory},
-)
 @triton.jit
 def _distr_fwd_kernel(
     Q, K, V, PERM, MASK, OUT, LSE,
@@ -203,6 +219,13 @@ def _distr_fwd_kernel(
     tl.store(LSE + pid_bh * len_q + offs_m, lse, mask=row_ok)
 
 
+_distr_fwd_tuned = triton.autotune(
+    configs=_configs(),
+    key=["lk_bucket", "D", "G", "BLOCK_M", "IS_CAUSAL", "MASK_KIND"],
+    prune_configs_by={"early_config_prune": _fit_shared_memory},
+)(_distr_fwd_kernel)
+
+
 def distr_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -230,11 +253,15 @@ def distr_forward(
     else:
         mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_ADD
         mask, mask_strides = attn_mask, attn_mask.stride()
-    torch.library.wrap_triton(_distr_fwd_kernel)[(nb, B * Hq)](
+    if _AUTOTUNE.get() or torch.compiler.is_compiling():
+        kernel, launch = _distr_fwd_tuned, {}
+    else:
+        kernel, launch = _distr_fwd_kernel, dict(FIXED_CONFIG.all_kwargs())
+    torch.library.wrap_triton(kernel)[(nb, B * Hq)](
         q, k, v, q if perm is None else perm, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         Hq, Hq // Hkv, Lq, Lk, nb, scale * LOG2E.value, triton.next_power_of_2(Lk),
         BLOCK_M=block_m, D=D, G=group_size,
-        REP_MEAN=representative == "mean", IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+        REP_MEAN=representative == "mean", IS_CAUSAL=is_causal, MASK_KIND=mask_kind, **launch,
     )
     return out, lse
