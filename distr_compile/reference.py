@@ -33,12 +33,19 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def seed_key(seed: int) -> int:
+    """The hash's 31-bit key for ``seed`` (golden-ratio multiple; twin in kernels/grouping.py)."""
+    return (0x9E3779B9 * (seed + 1)) & 0x7FFFFFFF
+
+
 def hash_uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
     """Deterministic uniforms in (0, 1), float32, one per int64 entry of ``index``.
 
     A counter-based generator built from integer ops only: identical on every device, with no RNG
-    state, so it traces cleanly under torch.compile and export."""
-    x = _mix32(_mix32(index + 0x9E3779B9 * (seed + 1)) + index)
+    state, so it traces cleanly under torch.compile and export. The seed enters as a 31-bit key
+    XORed in, not added: Inductor folds ``arange + constant`` into an int32 index expression on
+    CUDA, where a constant of 2**31 or more does not compile."""
+    x = _mix32(_mix32(index ^ seed_key(seed)) + index)
     return (x.to(torch.float32) + 0.5) / 2.0**32
 
 

@@ -35,7 +35,8 @@ def _mix32(x):
 @triton.jit
 def _hash_uniform(seed, index):
     """Uniforms in (0, 1) from int64 indices (twin of reference.hash_uniform)."""
-    x = _mix32(_mix32(index + 0x9E3779B9 * (tl.cast(seed, tl.int64) + 1)) + index)
+    key = (0x9E3779B9 * (tl.cast(seed, tl.int64) + 1)) & 0x7FFFFFFF
+    x = _mix32(_mix32(index ^ key) + index)
     return (x.to(tl.float32) + 0.5) * (1.0 / 4294967296.0)
 
 
