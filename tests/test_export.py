@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from zoo import CASES, B, L, sdpa_as_distr
 
 import distr_compile
@@ -251,26 +252,70 @@ def test_aoti_package_on_cpu_matches_eager(tmp_path):
 # -------------------------------------------------------------------------------------- GPU
 
 
-@pytest.mark.gpu
-def test_dynamic_sequence_through_the_cuda_kernels():
-    """An exported program with a sequence length spanning many query blocks runs the Triton
-    kernels at lengths other than the example's and matches the eager model with distr_attention."""
+class GqaBlock(nn.Module):
+    """Projections and causal GQA SDPA (no HF code): torch 2.11 cannot export HF Llama on CUDA with
+    a dynamic sequence (a stride guard min(64*s, 256*s) == 64*s it cannot prove, raised before our
+    code runs, with SDPA or eager attention alike), while this block exports on both devices."""
+
+    def __init__(self, dim: int = 256, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, t, -1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dynamic_sequence_spanning_many_blocks_runs_the_op(device):
+    """An exported program whose sequence length spans many query blocks runs the op (on CUDA in
+    fp16: the Triton kernels) at lengths other than the example's and matches the eager model with
+    distr_attention in place of SDPA."""
     torch.manual_seed(0)
-    model = LlamaHidden(hidden=512, heads=8, kv_heads=2, layers=2, vocab=256).cuda().half().eval()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = GqaBlock().to(device, dtype).eval()
     seq = torch.export.Dim("seq", min=65, max=1024)
     with torch.no_grad():
-        program = export(model, (torch.randint(0, 256, (2, 300), device="cuda"),), config=FORCED,
-                         dynamic_shapes={"input_ids": {1: seq}})
+        program = export(model, (torch.randn(2, 300, 256, device=device, dtype=dtype),), config=FORCED,
+                         dynamic_shapes={"x": {1: seq}})
+        assert len(op_nodes(program)) == 1
         for n in (100, 513):
-            x = torch.randint(0, 256, (2, n), device="cuda")
+            x = torch.randn(2, n, 256, device=device, dtype=dtype)
             with sdpa_as_distr(FORCED):
                 expected = model(x)
             got = program.module()(x)
             assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 2e-2, n
 
 
+AOTI_CONTROL = textwrap.dedent("""
+    import sys, torch
+    x = torch.randn(4, 8, device="cuda")
+    program = torch.export.export(torch.nn.ReLU(), (x,))
+    path = torch._inductor.aoti_compile_and_package(program, package_path=sys.argv[1])
+    torch.testing.assert_close(torch._inductor.aoti_load_package(path)(x), x.relu())
+""")
+
+
+@pytest.fixture(scope="module")
+def aoti_loads_on_this_gpu(tmp_path_factory):
+    """Skip unless AOTInductor can load a package WITHOUT our op here: on the H200 machines of
+    session 3 (torch 2.11.0+cu130) ``aoti_load_package`` segfaulted for any CUDA package, an
+    SDPA-only control included (notes/aoti_probe.py). Probed in a child process, so a crash
+    cannot take the test worker down."""
+    path = tmp_path_factory.mktemp("aoti") / "relu.pt2"
+    r = subprocess.run([sys.executable, "-c", AOTI_CONTROL, str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"AOTInductor cannot load a package without distr ops on this machine (exit code "
+                    f"{r.returncode}): {r.stderr.strip()[-300:]}")
+
+
 @pytest.mark.gpu
-def test_aoti_package_of_hf_llama_runs_the_triton_kernel_and_matches_eager(tmp_path):
+def test_aoti_package_of_hf_llama_runs_the_triton_kernel_and_matches_eager(tmp_path, aoti_loads_on_this_gpu):
     """AOTInductor: a fp16 HF Llama with every attention forced to G=2 compiles to a package
     that holds the DistrAttention Triton kernel, loads, and matches the exported program run
     eagerly (the same op, same kernels); its distance to exact attention is the approximation's."""
