@@ -1,8 +1,8 @@
-"""DistrAttention backward kernels vs SDPA flash and cuDNN backward, side by side in one run (GPU).
+"""DistrAttention backward kernels vs SDPA flash, cuDNN and efficient backward, side by side in one run (GPU).
 
 For each (head dim, sequence length, causal), bf16, 16 heads, B x L = 16k tokens: median times
 (triton.testing.do_bench, ms) of
-  * forward+backward: SDPA flash / cuDNN (autograd), and ours at G=1 (plain FlashAttention-2 in
+  * forward+backward: SDPA flash / cuDNN / efficient (autograd), and ours at G=1 (plain FlashAttention-2 in
     Triton, the exact baseline) / G=2 / G=4 (grouping kernel + forward + ``distr_backward``);
   * backward only: the same, from a saved forward;
 plus, as a correctness check on these very shapes and autotuned configs, the worst relative error
@@ -36,7 +36,9 @@ from distr_compile.kernels.grouping import lsh_group
 
 from results import append_section  # benchmarks/results.py, beside this script
 
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+SDPA_BACKENDS = {  # flash first: its gradients are G=1's reference
+    "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
 TOKENS, HEADS, DTYPE = 16384, 16, torch.bfloat16
 
 
@@ -132,7 +134,7 @@ def main() -> None:
                 rows.append(run_case(d, L, causal, args.block_m, args.groups))
                 print(tabulate([rows[-1]], headers="keys", floatfmt=".3f"), flush=True)
     append_section(
-        args.out, "Backward kernels: DistrAttention vs SDPA flash and cuDNN",
+        args.out, "Backward kernels: DistrAttention vs SDPA flash, cuDNN and efficient",
         f"bf16, {HEADS} heads, B x L = {TOKENS} tokens, block_m={args.block_m}, LSH grouping, mean representatives. "
         "do_bench medians in ms. `f+b`: forward + backward (ours: grouping kernel + forward + backward "
         "kernels); `bwd`: backward only from a saved forward. `err`: worst relative error of (dq, dk, dv), "

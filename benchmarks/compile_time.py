@@ -1,19 +1,25 @@
 """Compile time of ``backend="distr"`` against ``backend="inductor"`` on one HF Llama-style model.
 
 Each measurement runs in a fresh process with Inductor's caches disabled, and times the first
-call (Dynamo trace + our pass and guard + Inductor) minus a warm call. Prints a table; the target
-(issue 3) is distr within 1.25x of inductor.
+call (Dynamo trace + our pass and guard + Inductor) minus a warm call. Triton's own on-disk cache
+(compiled kernels) is reported both ways, for every backend alike: "cold" runs get an empty
+TRITON_CACHE_DIR each (a first compile on a new machine), "warm" runs share one that an unmeasured
+run of the same setting filled (every later compile of the same model). Prints a table and appends
+it to BENCHMARKS.md with --out; the target (issue 3) is distr within 1.25x of inductor.
 
-    python benchmarks/compile_time.py --device cuda --dtype bfloat16 --layers 30 --repeats 3
+    python benchmarks/compile_time.py --device cuda --dtype bfloat16 --layers 8 --repeats 3 --out BENCHMARKS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 SETTINGS = {
@@ -59,34 +65,57 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def run_one(name: str, cache_dir: str) -> float:
+    """One measurement of setting ``name`` in a fresh process using Triton cache ``cache_dir``."""
+    env = os.environ | {"TRITON_CACHE_DIR": cache_dir}
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name],
+                         capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting and cache state")
+    parser.add_argument("--out", type=pathlib.Path, help="append the table to this markdown file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         backend, options = SETTINGS[args.one]
         print(json.dumps(measure(backend, options, args)))
         return
-    rows = []
-    for name in SETTINGS:
-        times = []
-        for _ in range(args.repeats):
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name],
-                                 capture_output=True, text=True, check=True)
-            times.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        rows.append((name, statistics.median(times), times))
-    from tabulate import tabulate
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from results import append_section
 
-    base = rows[0][1]
-    print(f"HF Llama {args.layers} layers, {args.tokens} tokens, {args.attn} attention, {args.dtype} on {args.device}")
-    print(tabulate([(n, f"{m:.2f}", f"{m / base:.2f}x", " ".join(f"{t:.2f}" for t in ts)) for n, m, ts in rows],
-                   headers=["backend", "compile s (median)", "vs inductor", "runs"]))
+    rows, base = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SETTINGS:
+            cold = [run_one(name, tempfile.mkdtemp(dir=tmp)) for _ in range(args.repeats)]
+            warm_dir = tempfile.mkdtemp(dir=tmp)
+            run_one(name, warm_dir)  # fills the cache, not counted
+            warm = [run_one(name, warm_dir) for _ in range(args.repeats)]
+            cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+            base = base or {"cold": cold_s, "warm": warm_s}
+            rows.append({
+                "backend": name,
+                "cold Triton cache s": cold_s, "vs inductor (cold)": f"{cold_s / base['cold']:.2f}x",
+                "warm Triton cache s": warm_s, "vs inductor (warm)": f"{warm_s / base['warm']:.2f}x",
+                "runs cold / warm": " ".join(f"{t:.1f}" for t in cold) + " / " + " ".join(f"{t:.1f}" for t in warm),
+            })
+            print(rows[-1], flush=True)
+    append_section(
+        args.out, 'Compile time: backend="distr" vs "inductor"',
+        f"random-init HF Llama ({args.layers} layers, hidden 576, 9/3 heads), {args.tokens} tokens, {args.attn} "
+        f"attention, {args.dtype}. `python benchmarks/compile_time.py --layers {args.layers} --repeats {args.repeats}`: "
+        "each run a fresh process with Inductor's caches off; seconds of the first call beyond a warm call; "
+        f"medians of {args.repeats} runs per cache state (cold: empty Triton cache; warm: filled by one "
+        "unmeasured run of the same setting).",
+        rows, device=args.device, floatfmt=".2f",
+    )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One device-machine session, in steps (each fits one device call; logs go to $OUT):
+# One device-machine session, in steps (each fits one device call; logs go to $OUT). Every call
+# carries .whl; steps that need the package run `setup` first if this machine has not.
 #   bash benchmarks/gpu_session.sh setup      # wheels from .whl + editable install (entry point)
 #   bash benchmarks/gpu_session.sh tests      # every `gpu` test, 8 workers, autotune off
 #   bash benchmarks/gpu_session.sh kernels    # forward + backward kernel benchmarks
+#   bash benchmarks/gpu_session.sh backward   # backward benchmark at issue 8's shape (d=128, L=4096)
 #   bash benchmarks/gpu_session.sh weights    # keep the SmolLM2 GGUF chunk(s) carried in .weights/
 #                                             # (one per call: the carry limit is 64 MiB); join them
-#   bash benchmarks/gpu_session.sh models     # guard check, end-to-end table (needs `weights`)
-#   bash benchmarks/gpu_session.sh adapt      # the adaptation recipe (needs `weights`)
+#   bash benchmarks/gpu_session.sh models ARGS  # benchmarks/model.py ARGS (SmolLM2 rows need `weights`)
+#   bash benchmarks/gpu_session.sh zoo ARGS   # benchmarks/zoo.py ARGS (MiniLM from carried .weights/minilm)
+#   bash benchmarks/gpu_session.sh compile    # compile time, cold and warm Triton cache
+#   bash benchmarks/gpu_session.sh adapt ARGS # the adaptation recipe (needs `weights`)
 #   bash benchmarks/gpu_session.sh diagnose   # open questions: AOTI load crash, Inductor's SDPA
 #                                             # lowering on HF ViT, the kernel on (B, L, H, D) strides
 # The device machine has no network: .whl holds the pure-Python wheels it lacks.
@@ -18,6 +22,7 @@ mkdir -p "$OUT"
 log() { "$@" 2>&1 | tee -a "$OUT/$STEP.log"; }
 
 STEP=$1
+if [ "$STEP" != setup ] && [ ! -d /tmp/site ]; then bash "$0" setup; fi
 case $STEP in
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -29,19 +34,24 @@ case $STEP in
   kernels)
     log python3 benchmarks/kernel.py --dtypes bf16 --dims 64 128 --lengths 1024 4096 16384 --out "$OUT/BENCHMARKS.md"
     log python3 benchmarks/backward.py --dims 128 --lengths 4096 16384 --out "$OUT/BENCHMARKS.md" ;;
+  backward)
+    log python3 benchmarks/backward.py --dims 128 --lengths 4096 --out "$OUT/BENCHMARKS.md" ;;
   weights)
     cp .weights/smollm2.part* /tmp/ && mkdir -p "$WEIGHTS" && ls -la /tmp/smollm2.part*
     if [ -f /tmp/smollm2.part00 ] && [ -f /tmp/smollm2.part01 ]; then
       cat /tmp/smollm2.part00 /tmp/smollm2.part01 > "$WEIGHTS/SmolLM2-135M-Instruct.Q4_1.gguf" && ls -la "$WEIGHTS"
     fi ;;
   models)
-    log python3 benchmarks/smollm2_guard.py --model-dir "$WEIGHTS" --out "$OUT"
-    log python3 benchmarks/model.py --model-dir "$WEIGHTS" --out "$OUT/BENCHMARKS.md" --plot "$OUT/model.png" ;;
+    log python3 benchmarks/model.py --model-dir "$WEIGHTS" --out "$OUT/BENCHMARKS.md" --plot "$OUT/model.png" "${@:2}" ;;
+  zoo)
+    log python3 benchmarks/zoo.py --smollm2-dir "$WEIGHTS" --minilm-dir .weights/minilm --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
+  compile)
+    log python3 benchmarks/compile_time.py --device cuda --dtype bfloat16 --layers 8 --repeats 2 --out "$OUT/BENCHMARKS.md" ;;
   adapt)
     log python3 examples/adapt.py --device cuda --model-path "$WEIGHTS" --out "$OUT/adapt" "${@:2}" ;;
   diagnose)
     log python3 notes/aoti_probe.py
-    log python3 notes/vit_profile.py
+    log python3 notes/sdpa_lowering_probe.py
     log python3 benchmarks/kernel.py --dtypes bf16 --dims 64 --lengths 1024 --layouts bhsd bshd --out "$OUT/BENCHMARKS.md" ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

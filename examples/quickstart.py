@@ -27,14 +27,6 @@ from distr_compile import models
 from distr_compile.config import APPROXIMATE
 
 
-def embed(model, batch) -> torch.Tensor:
-    """Mean-pooled, normalised sentence embeddings (all-MiniLM-L6-v2's recipe)."""
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"][..., None].to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=8, help="pydoc paragraphs to embed (1-64)")
@@ -65,10 +57,10 @@ def main() -> None:
     print(f"MiniLM-L6 on {args.device}: {len(texts)} paragraphs x {batch['input_ids'].shape[1]} tokens")
     with torch.no_grad():
         exact = torch.compile(model, backend="inductor")
-        ref, t_exact = models.timed(lambda: embed(exact, batch), args.repeats)
+        ref, t_exact = models.timed(lambda: models.sentence_embeddings(exact, batch), args.repeats)
         torch._dynamo.reset()
         distr = torch.compile(model, backend="distr", options=options)
-        out, t_distr = models.timed(lambda: embed(distr, batch), args.repeats)
+        out, t_distr = models.timed(lambda: models.sentence_embeddings(distr, batch), args.repeats)
 
     print()
     distr_compile.report(distr, plot=args.plot)
