@@ -1,9 +1,22 @@
-"""Where does AOTInductor + distr::attention crash? Each case in a child process (faulthandler on).
-Case G=0 is a control without our op (SDPA): does loading any AOTI package work on this machine?"""
-import faulthandler, subprocess, sys, tempfile, os
-faulthandler.enable()
+"""Where does AOTInductor + distr::attention crash on the GPU? Session 2: aoti_load_package
+segfaulted in _load_aoti for a module that is only our op (G=1/2, autotune on/off).
+
+Each case builds a package in one child process and loads + runs it in a second, fresh one
+(faulthandler on; a native backtrace from gdb where the machine has it). Case G=0 is the control
+without our op (SDPA only, no Triton kernel): does loading any AOTI package work on this machine?
+Session 3 (H200, torch 2.11): it does not, G=0 segfaults in _load_aoti too. G=-1 is the same
+control on the CPU; a failed load is retried with run_single_threaded=True.
+"""
+import faulthandler
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
 import torch
-import distr_compile  # noqa: F401
+
+faulthandler.enable()
 
 
 class Op(torch.nn.Module):
@@ -17,29 +30,52 @@ class Op(torch.nn.Module):
         return torch.ops.distr.attention(q, k, v, None, True, None, True, self.G, 64, 16, "mean", "lsh", 0)[0]
 
 
-def case(G):
-    q = torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.float16)
-    k, v = (torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.float16) for _ in range(2))
-    m = Op(G)
+def build(G, path):
+    import distr_compile  # noqa: F401
+
+    torch.manual_seed(0)
+    device, dtype = ("cpu", torch.float32) if G < 0 else ("cuda", torch.float16)
+    q = torch.randn(2, 8, 300, 64, device=device, dtype=dtype)
+    k, v = (torch.randn(2, 2, 300, 64, device=device, dtype=dtype) for _ in range(2))
+    m = Op(max(G, 0))
     prog = torch.export.export(m, (q, k, v))
-    print("exported", flush=True)
-    path = torch._inductor.aoti_compile_and_package(prog, package_path=tempfile.mktemp(suffix=".pt2"))
-    print("packaged", path, flush=True)
-    runner = torch._inductor.aoti_load_package(path)
+    torch._inductor.aoti_compile_and_package(prog, package_path=path)
+    torch.save({"args": (q, k, v), "ref": m(q, k, v)}, path + ".io")
+    print("packaged", path, os.path.getsize(path), "bytes", flush=True)
+
+
+def load(G, path, single_threaded=False):
+    if G > 0:
+        import distr_compile  # noqa: F401
+    io = torch.load(path + ".io")
+    print("loading, run_single_threaded =", single_threaded, flush=True)
+    runner = torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded)
     print("loaded", flush=True)
-    out = runner(q, k, v)
-    torch.cuda.synchronize()
-    print("ran", flush=True)
-    ref = m(q, k, v)
-    print("rel err", ((out.float() - ref.float()).norm() / ref.float().norm()).item(), flush=True)
+    out = runner(*io["args"])
+    if G >= 0:
+        torch.cuda.synchronize()
+    ref = io["ref"]
+    print("ran; rel err vs eager", ((out.float() - ref.float()).norm() / ref.float().norm()).item(), flush=True)
+
+
+def child(*argv, gdb=False):
+    cmd = [sys.executable, __file__, *map(str, argv)]
+    if gdb and shutil.which("gdb"):
+        cmd = ["gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"DISTR_COMPILE_AUTOTUNE": "0"})
+    print(r.stdout[-4000:], r.stderr[-3000:], "rc", r.returncode, flush=True)
+    return r.returncode
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:
-        case(int(sys.argv[1]))
+        {"build": build, "load": load}[sys.argv[1]](int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:]))
     else:
-        for G in (0, 2):  # session 2: G=1 and G=2, autotune on and off, all crashed in load
-            print(f"=== G={G}", flush=True)
-            env = os.environ | {"DISTR_COMPILE_AUTOTUNE": "0"}
-            r = subprocess.run([sys.executable, __file__, str(G)], env=env, capture_output=True, text=True)
-            print(r.stdout[-3000:], r.stderr[-3000:], "rc", r.returncode, flush=True)
+        tmp = tempfile.mkdtemp()
+        for G in (-1, 0, 2):
+            path = os.path.join(tmp, f"g{G}.pt2")
+            print(f"=== G={G} build", flush=True)
+            if child("build", G, path) == 0:
+                print(f"=== G={G} load in a fresh process", flush=True)
+                if child("load", G, path) != 0:
+                    child("load", G, path, 1, gdb=True)
