@@ -168,3 +168,51 @@ def test_non_attention_matmul_softmax_is_ignored():
 
     gm, _ = attention_graph(fn, torch.randn(5, 4), torch.randn(4, 6))
     assert find_attention(gm.graph) == ([], [])
+
+
+def sites_of(fn, *args, **kwargs) -> list:
+    """The attention sites find_attention reports for ``fn(*args, **kwargs)``'s Dynamo graph(s)."""
+    found = []
+
+    def capture(gm, example_inputs):
+        found.extend(find_attention(gm.graph)[0])
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=capture)(*args, **kwargs)
+    return found
+
+
+def test_hf_constant_causal_mask_becomes_is_causal():
+    """Under torch.compile HF Llama passes SDPA a materialised (B, 1, L, L) causal mask: without a
+    padding mask it is a graph constant, and the site takes is_causal instead (no L x L mask read,
+    no masked tiles visited). With a padding mask the mask depends on an input and stays."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = tf.LlamaModel(config).eval()
+    ids = torch.randint(0, 97, (2, 40))
+    folded = sites_of(model, input_ids=ids, use_cache=False)
+    assert len(folded) == 2 and all(s.is_causal and s.attn_mask is None for s in folded)
+    assert all("causal mask as is_causal" in s.pattern for s in folded)
+    padded = sites_of(model, input_ids=ids, attention_mask=torch.ones(2, 40, dtype=torch.long), use_cache=False)
+    assert len(padded) == 2 and all(not s.is_causal and s.attn_mask is not None for s in padded)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_constant_mask_folds_only_when_exactly_causal(window):
+    """A constant mask built from aranges folds when it is the causal pattern; a sliding window
+    (causal AND within 4 positions) is constant too but not causal, and stays a mask."""
+
+    def attend(q, k, v):
+        i = torch.arange(q.shape[-2])[:, None]
+        j = torch.arange(k.shape[-2])[None, :]
+        mask = j <= i if window is None else (j <= i) & (i - j < window)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    (site,) = sites_of(attend, q, k, v)
+    assert site.is_causal == (window is None) and (site.attn_mask is None) == (window is None)

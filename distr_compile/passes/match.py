@@ -16,6 +16,9 @@ K/V copies made for grouped-query attention (``repeat_interleave`` on the head d
 ``softmax(q k^T * scale + mask) v`` is reported as skipped with the reason; a softmax that is not
 attention at all (a classifier head) is ignored silently.
 
+An SDPA ``attn_mask`` that is a graph constant equal to the causal pattern (Hugging Face
+builds one under torch.compile) becomes ``is_causal=True``, see ``causal.py``.
+
 Matching only reads the graph; ``rewrite.py`` changes it.
 """
 
@@ -30,6 +33,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .causal import is_constant_causal_mask
 
 SDPA = torch._C._nn.scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -123,6 +128,9 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSi
             skipped.append(SkippedSite(names.name(node), pattern, str(why), _module_id(node)))
             continue
         site.name = names.name(node)
+        if site.attn_mask is not None and not site.is_causal and is_constant_causal_mask(site.attn_mask):
+            site.attn_mask, site.is_causal = None, True
+            site.pattern += ", constant causal mask as is_causal"
         sites.append(site)
     return sites, skipped
 
