@@ -1,15 +1,25 @@
-"""Test setup: Triton kernels run under the interpreter on machines without CUDA.
+"""Test setup: Triton kernels run under the interpreter on machines without CUDA, and Inductor
+caches in a directory of this run.
 
 TRITON_INTERPRET must be set before ``triton.jit`` decorates the kernels, i.e. before
-``distr_compile`` is imported, so it is decided here, first.
+``distr_compile`` is imported, so it is decided here, first. Inductor's caches key a graph that
+calls ``distr::attention`` on the op's name and its Triton kernels, not on its PyTorch code (the
+CPU path), so a cache left by an older checkout can serve code built from the old op: each test
+run gets a fresh cache directory.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="distr-compile-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
