@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .config import DistrConfig
 from .guard import (
@@ -43,7 +45,9 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
         STORE.put(owner(s.module_id, example_inputs), s, config)
     decisions = _decisions(gm, example_inputs, sites, config)
     mode = mode or config.mode
-    patches = torch._inductor.list_mode_options(mode) if mode else {}
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    if torch._inductor.config.post_grad_custom_post_pass is None:  # never displace a user's pass
+        patches["post_grad_custom_post_pass"] = SOURCE_KEY
     original = copy.deepcopy(gm.graph) if config.monitor_every else None
     compiled = _compile(gm, sites, decisions, example_inputs, config, patches)
     if original is None or not any(d.approximated for d in decisions.values()):
@@ -52,6 +56,22 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
         warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=2)
         return compiled
     return _Monitor(fx.GraphModule(gm, original), decisions, config, patches, compiled)
+
+
+class SourceKey(CustomGraphPass):
+    """A post-grad pass that does nothing; its ``uuid`` (part of Inductor's cache keys) hashes this
+    package's source. Those caches key a graph calling ``distr::attention`` on the op's name and
+    Triton kernels, not on its PyTorch code (the CPU path): without this, a graph compiled by an
+    earlier distr-compile could be served after an upgrade."""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        pass
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(tuple(sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))))
+
+
+SOURCE_KEY = SourceKey()
 
 
 def _decisions(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSite],

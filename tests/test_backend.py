@@ -178,3 +178,28 @@ def test_hf_llama_bf16_runs_the_triton_kernel_and_matches_eager_distr():
     # both stay far closer to each other than to exact attention (checked below).
     assert err(out, expected) < 5e-2, err(out, expected)
     assert err(out, exact) > err(out, expected)
+
+
+@pytest.mark.slow
+def test_inductor_cache_sees_a_changed_op_implementation(monkeypatch):
+    """Inductor's caches key a graph calling distr::attention on the op name and Triton kernels,
+    not on the op's PyTorch code. Once the PyTorch code changes (here: the LSH seed key, so the
+    grouping), a recompile must run the new code, not a graph cached from the old one: the
+    backend's SourceKey (a hash of the package source) is part of the key."""
+    from distr_compile import reference
+
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    options = {"approximate": "always", "group_size": 2, "block_m": 16}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        before = torch.compile(fn, backend="distr", options=options)(q, k, v)
+        monkeypatch.setattr(reference, "seed_key", lambda seed: 12345)  # a new version of the op's code
+        monkeypatch.setattr(backend.SourceKey, "uuid", lambda self: b"the new version's source")
+        torch._dynamo.reset()
+        after = torch.compile(fn, backend="distr", options=options)(q, k, v)
+        expected = distr_compile.distr_attention(q, k, v, is_causal=True, config=DistrConfig(block_m=16))
+    assert not torch.allclose(before, expected, atol=1e-4)  # the change matters
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
