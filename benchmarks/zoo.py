@@ -23,6 +23,7 @@ from distr_compile import models
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from results import append_section  # noqa: E402  (benchmarks/results.py, beside this script)
+from smollm2_guard import windows  # noqa: E402  (the guard check's calibration and held-out windows)
 
 SETTINGS = {"distr default": {}, "distr always (G=2)": {"approximate": "always", "group_size": 2}}
 
@@ -50,24 +51,23 @@ def minilm_row(args) -> dict:
     with torch.no_grad():
         exact = models.sentence_embeddings(model, held_out)
 
-    def min_cosine(m) -> str:
+    def cosine_to_exact(m) -> str:
         with torch.no_grad():
             cos = torch.nn.functional.cosine_similarity(models.sentence_embeddings(m, held_out), exact, dim=-1)
         return f"{cos.mean():.4f} (min {cos.min():.4f})"
 
     row = {"model": "MiniLM-L6 (6 layers, d=32)", "metric": f"embedding cosine vs exact, 32 x {args.minilm_tokens} tok",
            "exact": "1.0000"}
-    compiled_runs(model, calibration, held_out, min_cosine, row)
+    compiled_runs(model, calibration, held_out, cosine_to_exact, row)
     return row
 
 
 def smollm2_row(args) -> dict:
     tokenizer, model = models.smollm2(args.smollm2_dir)
     model = model.to(args.device, args.dtype)
-    ids = models.pydoc_token_ids(tokenizer)
-    n, middle = args.smollm2_tokens, len(ids) // 2
-    calibration = {"input_ids": ids[None, :n].to(args.device), "use_cache": False}
-    held_out = ids[None, middle:middle + n].to(args.device)
+    n = args.smollm2_tokens
+    first, held_out = windows(tokenizer, n, args.device)
+    calibration = {"input_ids": first, "use_cache": False}
     row = {"model": "SmolLM2-135M (30 layers, d=64, GQA)", "metric": f"perplexity, {n} held-out tokens",
            "exact": f"{models.perplexity(model, held_out):.3f}"}
     compiled_runs(model, calibration, held_out, lambda m: f"{models.perplexity(m, held_out):.3f}", row)

@@ -13,6 +13,7 @@ no approximated attention compiles exactly as with ``backend="inductor"``.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -67,7 +68,8 @@ class SourceKey(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         pass
 
-    def uuid(self) -> bytes:
+    @functools.cache
+    def uuid(self) -> bytes:  # the source does not change while the process runs: hash it once
         return get_hash_for_files(tuple(sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))))
 
 

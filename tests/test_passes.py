@@ -112,7 +112,7 @@ def test_dropout_active_in_training_is_left_alone():
     assert len(reasons) == 1 and "dropout" in reasons[0]
 
 
-def attention_graph(fn, *inputs) -> tuple[fx.GraphModule, list]:
+def attention_graph(fn, *inputs, **kwargs) -> tuple[fx.GraphModule, list]:
     """Dynamo's graph of ``fn`` and its example inputs (in the graph's input order)."""
     graphs = []
 
@@ -121,7 +121,7 @@ def attention_graph(fn, *inputs) -> tuple[fx.GraphModule, list]:
         return gm
 
     torch._dynamo.reset()
-    torch.compile(fn, backend=capture, dynamic=False)(*inputs)
+    torch.compile(fn, backend=capture, dynamic=False)(*inputs, **kwargs)
     (graph,) = graphs
     return graph
 
@@ -171,17 +171,9 @@ def test_non_attention_matmul_softmax_is_ignored():
 
 
 def sites_of(fn, *args, **kwargs) -> list:
-    """The attention sites find_attention reports for ``fn(*args, **kwargs)``'s Dynamo graph(s)."""
-    found = []
-
-    def capture(gm, example_inputs):
-        found.extend(find_attention(gm.graph)[0])
-        return gm
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(fn, backend=capture)(*args, **kwargs)
-    return found
+    """The attention sites find_attention reports for ``fn(*args, **kwargs)``'s Dynamo graph."""
+    gm, _ = attention_graph(fn, *args, **kwargs)
+    return find_attention(gm.graph)[0]
 
 
 def test_hf_constant_causal_mask_becomes_is_causal():

@@ -24,6 +24,7 @@ Matching only reads the graph; ``rewrite.py`` changes it.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import re
@@ -113,6 +114,7 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSi
     sites: list[AttentionSite] = []
     skipped: list[SkippedSite] = []
     names = _SiteNamer()
+    causal_mask = functools.cache(is_constant_causal_mask)  # one mask node often serves every layer
     for node in list(graph.nodes):
         if _is_sdpa(node):
             matcher, pattern = _match_sdpa, "sdpa"
@@ -128,7 +130,7 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSi
             skipped.append(SkippedSite(names.name(node), pattern, str(why), _module_id(node)))
             continue
         site.name = names.name(node)
-        if site.attn_mask is not None and not site.is_causal and is_constant_causal_mask(site.attn_mask):
+        if site.attn_mask is not None and not site.is_causal and causal_mask(site.attn_mask):
             site.attn_mask, site.is_causal = None, True
             site.pattern += ", constant causal mask as is_causal"
         sites.append(site)
