@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_session.sh zoo ARGS   # benchmarks/zoo.py ARGS (MiniLM from carried .weights/minilm)
 #   bash benchmarks/gpu_session.sh compile    # compile time, cold and warm Triton cache
 #   bash benchmarks/gpu_session.sh adapt ARGS # the adaptation recipe (needs `weights`)
-#   bash benchmarks/gpu_session.sh diagnose   # open questions: AOTI load crash, Inductor's SDPA
-#                                             # lowering on HF ViT, the kernel on (B, L, H, D) strides
+#   bash benchmarks/gpu_session.sh diagnose   # open questions: AOTI load crash (native backtrace),
+#                                             # Inductor's SDPA lowering on HF ViT, ViT-518 profiles
+#   bash benchmarks/gpu_session.sh sweep      # every forward autotune config's time per shape class
 # The device machine has no network: .whl holds the pure-Python wheels it lacks.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -52,6 +53,8 @@ case $STEP in
   diagnose)
     log python3 notes/aoti_probe.py
     log python3 notes/sdpa_lowering_probe.py
-    log python3 benchmarks/kernel.py --dtypes bf16 --dims 64 --lengths 1024 --layouts bhsd bshd --out "$OUT/BENCHMARKS.md" ;;
+    log python3 notes/vit_profile.py ;;
+  sweep)
+    log python3 notes/autotune_sweep.py ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

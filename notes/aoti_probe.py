@@ -60,10 +60,19 @@ def load(G, path, single_threaded=False):
 
 def child(*argv, gdb=False):
     cmd = [sys.executable, __file__, *map(str, argv)]
+    env = os.environ | {"DISTR_COMPILE_AUTOTUNE": "0"}
     if gdb and shutil.which("gdb"):
         cmd = ["gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args", *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"DISTR_COMPILE_AUTOTUNE": "0"})
-    print(r.stdout[-4000:], r.stderr[-3000:], "rc", r.returncode, flush=True)
+    elif gdb:  # no gdb: a SIGSEGV handler that prints the native frames (notes/segv_backtrace.c)
+        so = os.path.join(tempfile.gettempdir(), "segv_backtrace.so")
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "segv_backtrace.c")
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", so, src], check=True)
+        env["LD_PRELOAD"] = so
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    err = r.stderr[-6000:]
+    if shutil.which("c++filt"):
+        err = subprocess.run(["c++filt"], input=err, capture_output=True, text=True).stdout
+    print(r.stdout[-4000:], err, "rc", r.returncode, flush=True)
     return r.returncode
 
 
