@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting and cache state")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="which settings to run (the first is the baseline of the ratios)")
     parser.add_argument("--out", type=pathlib.Path, help="append the table to this markdown file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -91,29 +93,36 @@ def main() -> None:
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     from results import append_section
 
-    rows, base = [], {}
+    cold = {name: [] for name in args.settings}
+    warm = {name: [] for name in args.settings}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in SETTINGS:
-            cold = [run_one(name, tempfile.mkdtemp(dir=tmp)) for _ in range(args.repeats)]
-            warm_dir = tempfile.mkdtemp(dir=tmp)
-            run_one(name, warm_dir)  # fills the cache, not counted
-            warm = [run_one(name, warm_dir) for _ in range(args.repeats)]
-            cold_s, warm_s = statistics.median(cold), statistics.median(warm)
-            base = base or {"cold": cold_s, "warm": warm_s}
-            rows.append({
-                "backend": name,
-                "cold Triton cache s": cold_s, "vs inductor (cold)": f"{cold_s / base['cold']:.2f}x",
-                "warm Triton cache s": warm_s, "vs inductor (warm)": f"{warm_s / base['warm']:.2f}x",
-                "runs cold / warm": " ".join(f"{t:.1f}" for t in cold) + " / " + " ".join(f"{t:.1f}" for t in warm),
-            })
-            print(rows[-1], flush=True)
+        warm_dirs = {name: tempfile.mkdtemp(dir=tmp) for name in args.settings}
+        for name in args.settings:
+            run_one(name, warm_dirs[name])  # fills the cache, not counted
+        for _ in range(args.repeats):  # settings interleaved, so a drifting machine hits all alike
+            for name in args.settings:
+                cold[name].append(run_one(name, tempfile.mkdtemp(dir=tmp)))
+                warm[name].append(run_one(name, warm_dirs[name]))
+                print(name, "cold", cold[name][-1], "warm", warm[name][-1], flush=True)
+    base = {state: statistics.median(runs[args.settings[0]]) for state, runs in (("cold", cold), ("warm", warm))}
+    rows = []
+    for name in args.settings:
+        cold_s, warm_s = statistics.median(cold[name]), statistics.median(warm[name])
+        rows.append({
+            "backend": name,
+            "cold Triton cache s": cold_s, "vs inductor (cold)": f"{cold_s / base['cold']:.2f}x",
+            "warm Triton cache s": warm_s, "vs inductor (warm)": f"{warm_s / base['warm']:.2f}x",
+            "runs cold / warm": " ".join(f"{t:.1f}" for t in cold[name]) + " / " + " ".join(f"{t:.1f}" for t in warm[name]),
+        })
+    print(rows, flush=True)
     append_section(
         args.out, 'Compile time: backend="distr" vs "inductor"',
         f"random-init HF Llama ({args.layers} layers, hidden 576, 9/3 heads), {args.tokens} tokens, {args.attn} "
         f"attention, {args.dtype}. `python benchmarks/compile_time.py --layers {args.layers} --repeats {args.repeats}`: "
         "each run a fresh process with Inductor's caches off; seconds of the first call beyond a warm call; "
-        f"medians of {args.repeats} runs per cache state (cold: empty Triton cache; warm: filled by one "
-        "unmeasured run of the same setting).",
+        f"medians of {args.repeats} runs per cache state, settings interleaved (cold: empty Triton cache; "
+        "warm: filled by one unmeasured run of the same setting). Forward autotune space: "
+        f"DISTR_COMPILE_AUTOTUNE={os.environ.get('DISTR_COMPILE_AUTOTUNE', '1')}.",
         rows, device=args.device, floatfmt=".2f",
     )
 

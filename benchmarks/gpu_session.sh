@@ -9,7 +9,7 @@
 #                                             # (one per call: the carry limit is 64 MiB); join them
 #   bash benchmarks/gpu_session.sh models ARGS  # benchmarks/model.py ARGS (SmolLM2 rows need `weights`)
 #   bash benchmarks/gpu_session.sh zoo ARGS   # benchmarks/zoo.py ARGS (MiniLM from carried .weights/minilm)
-#   bash benchmarks/gpu_session.sh compile    # compile time, cold and warm Triton cache
+#   bash benchmarks/gpu_session.sh compile ARGS # compile time, cold and warm Triton cache
 #   bash benchmarks/gpu_session.sh adapt ARGS # the adaptation recipe (needs `weights`)
 #   bash benchmarks/gpu_session.sh diagnose   # open questions: AOTI load crash (native backtrace),
 #                                             # Inductor's SDPA lowering on HF ViT, ViT-518 profiles
@@ -47,9 +47,11 @@ case $STEP in
   zoo)
     log python3 benchmarks/zoo.py --smollm2-dir "$WEIGHTS" --minilm-dir .weights/minilm --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   compile)
-    log python3 benchmarks/compile_time.py --device cuda --dtype bfloat16 --layers 8 --repeats 2 --out "$OUT/BENCHMARKS.md" ;;
+    log python3 benchmarks/compile_time.py --device cuda --dtype bfloat16 --layers 8 --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   adapt)
-    log python3 examples/adapt.py --device cuda --model-path "$WEIGHTS" --out "$OUT/adapt" "${@:2}" ;;
+    # checkpoints stay in /tmp/adapt (too large to come back; --resume on the same machine)
+    log python3 examples/adapt.py --device cuda --model-path "$WEIGHTS" --out /tmp/adapt "${@:2}"
+    mkdir -p "$OUT/adapt" && cp /tmp/adapt/*.json /tmp/adapt/*.png "$OUT/adapt/" ;;
   diagnose)
     log python3 notes/aoti_probe.py
     log python3 notes/sdpa_lowering_probe.py

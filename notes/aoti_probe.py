@@ -6,6 +6,11 @@ Each case builds a package in one child process and loads + runs it in a second,
 without our op (SDPA only, no Triton kernel): does loading any AOTI package work on this machine?
 Session 3 (H200, torch 2.11): it does not, G=0 segfaults in _load_aoti too. G=-1 is the same
 control on the CPU; a failed load is retried with run_single_threaded=True.
+Session 4 (H100, same image): the native backtrace (notes/segv_backtrace.c) puts the crash in
+libstdc++'s std::regex compiler, inlined into the package's wrapper.so, under
+torch::aot_inductor::parse_device_str. Suspect: the wrapper.so is built against the system
+compiler's libstdc++ headers while the process runs an older libstdc++. So each load prints the
+libstdc++ it has mapped, and a failed load is retried with the compiler's libstdc++ preloaded.
 """
 import faulthandler
 import os
@@ -48,6 +53,8 @@ def load(G, path, single_threaded=False):
     if G > 0:
         import distr_compile  # noqa: F401
     io = torch.load(path + ".io")
+    with open("/proc/self/maps") as maps:
+        print("libstdc++ mapped:", sorted({line.split()[-1] for line in maps if "libstdc++" in line}))
     print("loading, run_single_threaded =", single_threaded, flush=True)
     runner = torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded)
     print("loaded", flush=True)
@@ -58,21 +65,32 @@ def load(G, path, single_threaded=False):
     print("ran; rel err vs eager", ((out.float() - ref.float()).norm() / ref.float().norm()).item(), flush=True)
 
 
-def child(*argv, gdb=False):
+def compiler_libstdcxx():
+    out = subprocess.run(["c++", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True)
+    version = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    print("compiler:", version, "its libstdc++:", os.path.realpath(out.stdout.strip()), flush=True)
+    return os.path.realpath(out.stdout.strip())
+
+
+def child(*argv, preload=()):
+    """Run this file with ``argv`` in a fresh process; on a crash, print gdb's backtrace where the
+    machine has gdb, else the native frames from notes/segv_backtrace.c (preloaded after ``preload``)."""
     cmd = [sys.executable, __file__, *map(str, argv)]
     env = os.environ | {"DISTR_COMPILE_AUTOTUNE": "0"}
-    if gdb and shutil.which("gdb"):
+    if shutil.which("gdb"):
         cmd = ["gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args", *cmd]
-    elif gdb:  # no gdb: a SIGSEGV handler that prints the native frames (notes/segv_backtrace.c)
+    else:
         so = os.path.join(tempfile.gettempdir(), "segv_backtrace.so")
         src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "segv_backtrace.c")
         subprocess.run(["cc", "-shared", "-fPIC", "-o", so, src], check=True)
-        env["LD_PRELOAD"] = so
+        preload = (*preload, so)
+    if preload:
+        env["LD_PRELOAD"] = " ".join(preload)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    err = r.stderr[-6000:]
+    err = r.stderr[-5000:]
     if shutil.which("c++filt"):
         err = subprocess.run(["c++filt"], input=err, capture_output=True, text=True).stdout
-    print(r.stdout[-4000:], err, "rc", r.returncode, flush=True)
+    print(r.stdout[-3000:], err, "rc", r.returncode, flush=True)
     return r.returncode
 
 
@@ -87,4 +105,5 @@ if __name__ == "__main__":
             if child("build", G, path) == 0:
                 print(f"=== G={G} load in a fresh process", flush=True)
                 if child("load", G, path) != 0:
-                    child("load", G, path, 1, gdb=True)
+                    print(f"=== G={G} load with the compiler's libstdc++ preloaded", flush=True)
+                    child("load", G, path, preload=[compiler_libstdcxx()])

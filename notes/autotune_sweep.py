@@ -11,7 +11,7 @@ import itertools
 import math
 import os
 
-os.environ["DISTR_COMPILE_AUTOTUNE"] = "1"
+os.environ["DISTR_COMPILE_AUTOTUNE"] = "wide"
 import torch  # noqa: E402
 
 from distr_compile.kernels import attention  # noqa: E402

@@ -124,6 +124,27 @@ def test_cpu_default_keeps_exact_attention(eager_backend):
     assert len(plan.sites) == 2 and all("CPU" in d.reason and not d.approximated for d in plan.sites.values())
 
 
+def test_exact_sdpa_sites_take_is_causal_for_a_constant_causal_mask(eager_backend):
+    """Sites that stay exact keep SDPA, but HF's materialised causal mask (use_cache=False under
+    torch.compile) becomes is_causal there too, so Inductor can pick a fused causal kernel: same
+    outputs, no mask argument left."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = tf.LlamaModel(config).eval()
+    ids = torch.randint(0, 97, (2, 40))
+    compiled = torch.compile(model, backend="distr")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).last_hidden_state,
+                                   model(input_ids=ids, use_cache=False).last_hidden_state)
+    sdpa = [n for gm in eager_backend for n in gm.graph.nodes
+            if n.target is torch.nn.functional.scaled_dot_product_attention]
+    assert len(sdpa) == 2 and op_nodes(eager_backend) == []
+    assert all(n.kwargs["is_causal"] is True and n.kwargs["attn_mask"] is None for n in sdpa)
+
+
 def test_recompile_reuses_decisions(eager_backend, monkeypatch):
     """A new sequence length recompiles the graph; the calibrated decisions are reused."""
     calls = []

@@ -30,22 +30,27 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 FIXED_CONFIG = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)  # valid for every head dim
+WIDE_CONFIGS = [
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
+]
 
 
 def _configs() -> list[triton.Config]:
-    """Autotune space: BLOCK_N, warps and pipeline depth (BLOCK_M is the grouping block, fixed by
-    the config). Only FIXED_CONFIG under the interpreter or with DISTR_COMPILE_AUTOTUNE=0 (quick
-    compiles for tests)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("DISTR_COMPILE_AUTOTUNE", "1") == "0":
+    """Autotune space (BLOCK_M is the grouping block, fixed by the config), by DISTR_COMPILE_AUTOTUNE:
+    "1" (default) the one config that came within 1.4% of the best of WIDE_CONFIGS on every shape
+    class of notes/autotune_sweep.py (H100; d 64/128, G 1/2/4, causal or not, L 512-8192), as each
+    config is one more Triton compile in a cold ``torch.compile`` (issue 3); "wide" all of
+    WIDE_CONFIGS, to re-run that sweep on other GPUs; "0" (and the interpreter) FIXED_CONFIG, for
+    quick test compiles. A config that does not fit in shared memory falls back to FIXED_CONFIG."""
+    setting = os.environ.get("DISTR_COMPILE_AUTOTUNE", "1")
+    if os.environ.get("TRITON_INTERPRET") == "1" or setting == "0":
         return [FIXED_CONFIG]
-    return [
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
-    ]
+    return WIDE_CONFIGS if setting == "wide" else WIDE_CONFIGS[:1]
 
 
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V pipeline buffers; Hopper has 227 KiB a block

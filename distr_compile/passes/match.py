@@ -64,7 +64,8 @@ class AttentionSite:
     them to q. ``neg_inf_fills`` are ``(bool node, fill_where_true)``: scores set to -inf where the
     node equals ``fill_where_true``; ``finite_fills`` add a value there instead;
     ``additive_masks`` are ``(node, multiplier)`` terms added to the scores. ``erase`` lists the
-    nodes that become dead once ``output`` is replaced.
+    nodes that become dead once ``output`` is replaced. ``causal_mask`` is the SDPA ``attn_mask``
+    that was recognised as the constant causal pattern (the site then has ``is_causal``).
     """
 
     name: str
@@ -84,6 +85,7 @@ class AttentionSite:
     additive_masks: list[tuple[fx.Node, float]] = field(default_factory=list)
     finite_fills: list[tuple[fx.Node, float, bool]] = field(default_factory=list)
     erase: list[fx.Node] = field(default_factory=list)
+    causal_mask: fx.Node | None = None
 
     @property
     def shapes(self) -> str:
@@ -131,7 +133,7 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSi
             continue
         site.name = names.name(node)
         if site.attn_mask is not None and not site.is_causal and causal_mask(site.attn_mask):
-            site.attn_mask, site.is_causal = None, True
+            site.causal_mask, site.attn_mask, site.is_causal = site.attn_mask, None, True
             site.pattern += ", constant causal mask as is_causal"
         sites.append(site)
     return sites, skipped

@@ -4,7 +4,9 @@ Each rewritten site becomes ``getitem(distr.attention(q, k, v, mask, is_causal, 
 *knobs), 0)``, with a few small nodes in front when the scores were spelled out by hand: the mask
 terms combined into one mask, non-constant scales applied to q, a k^T transposed back. The op
 node carries ``meta["distr_site"]`` (the site name) so calibration can find it. Nodes of the old
-spelling that become dead are erased; nothing else in the graph is touched.
+spelling that become dead are erased. An SDPA site that stays exact is left as it is, except
+that a constant causal mask (see ``causal.py``) becomes ``is_causal=True`` there too: an exact
+rewrite that lets Inductor pick a fused causal kernel instead of reading an L x L mask.
 """
 
 from __future__ import annotations
@@ -18,19 +20,21 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.distr.attention)
 from ..config import DistrConfig
-from .match import AttentionSite
+from .match import SDPA_ARGS, AttentionSite
 
 SITE_META = "distr_site"
 
 
 def rewrite_attention(graph: fx.Graph, sites: list[AttentionSite], configs: Mapping[str, DistrConfig]) -> list[fx.Node]:
     """Rewrite each site whose name is in ``configs`` to the op with that config (G = 1 gives
-    exact attention through the op). Sites not in ``configs`` are left unchanged. Returns the new
-    op nodes."""
+    exact attention through the op). Sites not in ``configs`` keep their attention (SDPA ones
+    take ``is_causal`` for a constant causal mask). Returns the new op nodes."""
     rewritten = []
     for site in sites:
         config = configs.get(site.name)
         if config is None:
+            if site.causal_mask is not None:
+                _sdpa_is_causal(site.output)
             continue
         with graph.inserting_before(site.output):
             rewritten.append(_emit(graph, site, config))
@@ -59,6 +63,14 @@ def _emit(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> fx.Node:
     out.meta.update({k: v for k, v in site.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
     site.output.replace_all_uses_with(out)
     return op
+
+
+def _sdpa_is_causal(node: fx.Node) -> None:
+    """Call the SDPA ``node`` with ``is_causal=True`` and no mask (its mask is the causal pattern)."""
+    args = dict(zip(SDPA_ARGS, node.args)) | dict(node.kwargs)
+    args.update(attn_mask=None, is_causal=True)
+    node.args = tuple(args.pop(name) for name in SDPA_ARGS[:3])
+    node.kwargs = args
 
 
 def _mask(graph: fx.Graph, site: AttentionSite) -> fx.Node | None:
