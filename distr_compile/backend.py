@@ -6,8 +6,9 @@ Registered only through the ``torch_dynamo_backends`` entry point (pyproject.tom
 Per graph: find the attention sites, decide each (a saved plan, a decision stored by an earlier
 compile of the same model, the ``approximate`` setting, or calibration on the real example
 inputs), rewrite the approximated sites to ``torch.ops.distr.attention`` and hand the graph to
-``torch._inductor.compile_fx.compile_fx``. Sites that stay exact are not touched, so a model with
-no approximated attention compiles exactly as with ``backend="inductor"``.
+``torch._inductor.compile_fx.compile_fx``. Sites that stay exact keep their attention; the one
+change there is exact (an SDPA call whose mask is the constant causal pattern takes ``is_causal``,
+passes/causal.py). A graph without attention compiles exactly as with ``backend="inductor"``.
 """
 
 from __future__ import annotations
