@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_session.sh diagnose   # open questions: AOTI load crash (native backtrace),
 #                                             # Inductor's SDPA lowering on HF ViT, ViT-518 profiles
 #   bash benchmarks/gpu_session.sh sweep      # every forward autotune config's time per shape class
+#   bash benchmarks/gpu_session.sh train      # first training steps, static vs dynamic shapes
 # The device machine has no network: .whl holds the pure-Python wheels it lacks.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -30,8 +31,8 @@ case $STEP in
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" ;;
-  tests)
-    DISTR_COMPILE_AUTOTUNE=0 log python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/ -rf --durations=5 ;;
+  tests)  # the preload: this image's AOTI loader crashes without it (README, AOTInductor)
+    LD_PRELOAD=$(c++ -print-file-name=libstdc++.so.6) DISTR_COMPILE_AUTOTUNE=0 log python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/ -rf --durations=5 ;;
   kernels)
     log python3 benchmarks/kernel.py --dtypes bf16 --dims 64 128 --lengths 1024 4096 16384 --out "$OUT/BENCHMARKS.md"
     log python3 benchmarks/backward.py --dims 128 --lengths 4096 16384 --out "$OUT/BENCHMARKS.md" ;;
@@ -58,5 +59,8 @@ case $STEP in
     log python3 notes/vit_profile.py ;;
   sweep)
     log python3 notes/autotune_sweep.py ;;
+  train)  # session 4's open question: the first adaptation step compiled for minutes
+    log timeout 280 python3 notes/train_step_probe.py static
+    log timeout 280 python3 notes/train_step_probe.py ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac
