@@ -208,3 +208,20 @@ def test_constant_mask_folds_only_when_exactly_causal(window):
     q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
     (site,) = sites_of(attend, q, k, v)
     assert site.is_causal == (window is None) and (site.attn_mask is None) == (window is None)
+
+
+def test_mask_over_the_size_limit_stays_a_mask_and_is_logged(monkeypatch, caplog):
+    """A constant causal mask larger than MAX_ELEMENTS is not evaluated: it stays a mask (still
+    exact, just slower), and the log says why."""
+    from distr_compile.passes import causal
+
+    def attend(q, k, v):
+        i = torch.arange(q.shape[-2])[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.arange(k.shape[-2]) <= i)
+
+    q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    monkeypatch.setattr(causal, "MAX_ELEMENTS", 12 * 12 - 1)
+    with caplog.at_level("INFO", logger="distr_compile"):
+        (site,) = sites_of(attend, q, k, v)
+    assert not site.is_causal and site.attn_mask is not None
+    assert "not checked for the causal pattern" in caplog.text

@@ -11,11 +11,14 @@ broadcast index. Anything else is left as it is.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-MAX_ELEMENTS = 1 << 28  # larger masks are not evaluated (256M booleans)
+MAX_ELEMENTS = 1 << 28  # larger masks are not evaluated (256M booleans, e.g. B=4 at 8k tokens)
+log = logging.getLogger("distr_compile")
 _UNSAFE = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty", "poisson")
 
 
@@ -25,7 +28,11 @@ def is_constant_causal_mask(mask: fx.Node) -> bool:
     value = mask.meta.get("example_value", mask.meta.get("val"))
     if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.dim() < 2:
         return False
-    if not all(isinstance(s, int) for s in value.shape) or value.numel() > MAX_ELEMENTS:
+    if not all(isinstance(s, int) for s in value.shape):
+        return False
+    if value.numel() > MAX_ELEMENTS:
+        log.info("mask %s of shape %s is not checked for the causal pattern (over %d elements): it stays a mask",
+                 mask.name, tuple(value.shape), MAX_ELEMENTS)
         return False
     nodes = _constant_ancestors(mask)
     if nodes is None:
