@@ -114,7 +114,6 @@ def main() -> None:
             "warm Triton cache s": warm_s, "vs inductor (warm)": f"{warm_s / base['warm']:.2f}x",
             "runs cold / warm": " ".join(f"{t:.1f}" for t in cold[name]) + " / " + " ".join(f"{t:.1f}" for t in warm[name]),
         })
-    print(rows, flush=True)
     append_section(
         args.out, 'Compile time: backend="distr" vs "inductor"',
         f"random-init HF Llama ({args.layers} layers, hidden 576, 9/3 heads), {args.tokens} tokens, {args.attn} "

@@ -14,7 +14,7 @@ import distr_compile
 import distr_compile.backend as backend
 from distr_compile import DistrConfig
 
-from test_passes import op_nodes
+from test_passes import op_nodes, tiny_hf_llama
 from zoo import CASES, NanoGPTCausalSelfAttention, call, sdpa_as_distr
 
 FORCED_G2 = {"approximate": "always", "group_size": 2, "block_m": 16}
@@ -128,13 +128,7 @@ def test_exact_sdpa_sites_take_is_causal_for_a_constant_causal_mask(eager_backen
     """Sites that stay exact keep SDPA, but HF's materialised causal mask (use_cache=False under
     torch.compile) becomes is_causal there too, so Inductor can pick a fused causal kernel: same
     outputs, no mask argument left."""
-    import transformers as tf
-
-    config = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = tf.LlamaModel(config).eval()
-    ids = torch.randint(0, 97, (2, 40))
+    model, ids = tiny_hf_llama()
     compiled = torch.compile(model, backend="distr")
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).last_hidden_state,

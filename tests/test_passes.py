@@ -176,17 +176,21 @@ def sites_of(fn, *args, **kwargs) -> list:
     return find_attention(gm.graph)[0]
 
 
-def test_hf_constant_causal_mask_becomes_is_causal():
-    """Under torch.compile HF Llama passes SDPA a materialised (B, 1, L, L) causal mask: without a
-    padding mask it is a graph constant, and the site takes is_causal instead (no L x L mask read,
-    no masked tiles visited). With a padding mask the mask depends on an input and stays."""
+def tiny_hf_llama():
+    """A 2-layer random-init HF LlamaModel (sdpa attention) and a (2, 40) batch of token ids."""
     import transformers as tf
 
     config = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = tf.LlamaModel(config).eval()
-    ids = torch.randint(0, 97, (2, 40))
+    return tf.LlamaModel(config).eval(), torch.randint(0, 97, (2, 40))
+
+
+def test_hf_constant_causal_mask_becomes_is_causal():
+    """Under torch.compile HF Llama passes SDPA a materialised (B, 1, L, L) causal mask: without a
+    padding mask it is a graph constant, and the site takes is_causal instead (no L x L mask read,
+    no masked tiles visited). With a padding mask the mask depends on an input and stays."""
+    model, ids = tiny_hf_llama()
     folded = sites_of(model, input_ids=ids, use_cache=False)
     assert len(folded) == 2 and all(s.is_causal and s.attn_mask is None for s in folded)
     assert all("causal mask as is_causal" in s.pattern for s in folded)
@@ -194,19 +198,21 @@ def test_hf_constant_causal_mask_becomes_is_causal():
     assert len(padded) == 2 and all(not s.is_causal and s.attn_mask is not None for s in padded)
 
 
+def attend_with_constant_mask(q, k, v, window=None):
+    """SDPA with a mask built from aranges: causal, or causal within ``window`` positions."""
+    i = torch.arange(q.shape[-2])[:, None]
+    j = torch.arange(k.shape[-2])[None, :]
+    mask = j <= i if window is None else (j <= i) & (i - j < window)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 @pytest.mark.parametrize("window", [None, 4])
 def test_constant_mask_folds_only_when_exactly_causal(window):
     """A constant mask built from aranges folds when it is the causal pattern; a sliding window
     (causal AND within 4 positions) is constant too but not causal, and stays a mask."""
 
-    def attend(q, k, v):
-        i = torch.arange(q.shape[-2])[:, None]
-        j = torch.arange(k.shape[-2])[None, :]
-        mask = j <= i if window is None else (j <= i) & (i - j < window)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
     q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
-    (site,) = sites_of(attend, q, k, v)
+    (site,) = sites_of(attend_with_constant_mask, q, k, v, window=window)
     assert site.is_causal == (window is None) and (site.attn_mask is None) == (window is None)
 
 
@@ -215,13 +221,9 @@ def test_mask_over_the_size_limit_stays_a_mask_and_is_logged(monkeypatch, caplog
     exact, just slower), and the log says why."""
     from distr_compile.passes import causal
 
-    def attend(q, k, v):
-        i = torch.arange(q.shape[-2])[:, None]
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.arange(k.shape[-2]) <= i)
-
     q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
     monkeypatch.setattr(causal, "MAX_ELEMENTS", 12 * 12 - 1)
     with caplog.at_level("INFO", logger="distr_compile"):
-        (site,) = sites_of(attend, q, k, v)
+        (site,) = sites_of(attend_with_constant_mask, q, k, v)
     assert not site.is_causal and site.attn_mask is not None
     assert "not checked for the causal pattern" in caplog.text

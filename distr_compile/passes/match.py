@@ -142,10 +142,16 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSi
 # ----------------------------------------------------------------------------------- SDPA
 
 
-def _match_sdpa(node: fx.Node) -> AttentionSite:
+def sdpa_arguments(node: fx.Node) -> dict:
+    """An SDPA call's arguments by name, positional or keyword, defaults filled in."""
     args = dict(zip(SDPA_ARGS, SDPA_DEFAULTS))
     args.update(zip(SDPA_ARGS, node.args))
     args.update(node.kwargs)
+    return args
+
+
+def _match_sdpa(node: fx.Node) -> AttentionSite:
+    args = sdpa_arguments(node)
     dropout_p, is_causal, enable_gqa = args["dropout_p"], args["is_causal"], args["enable_gqa"]
     if not isinstance(dropout_p, (int, float)) or dropout_p != 0:
         raise _Skip(f"dropout_p={_show(dropout_p)} is active (SDPA applies it in eval mode too)")

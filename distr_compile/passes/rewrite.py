@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.distr.attention)
 from ..config import DistrConfig
-from .match import SDPA_ARGS, AttentionSite
+from .match import SDPA_ARGS, AttentionSite, sdpa_arguments
 
 SITE_META = "distr_site"
 
@@ -67,8 +67,7 @@ def _emit(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> fx.Node:
 
 def _sdpa_is_causal(node: fx.Node) -> None:
     """Call the SDPA ``node`` with ``is_causal=True`` and no mask (its mask is the causal pattern)."""
-    args = dict(zip(SDPA_ARGS, node.args)) | dict(node.kwargs)
-    args.update(attn_mask=None, is_causal=True)
+    args = sdpa_arguments(node) | {"attn_mask": None, "is_causal": True}
     node.args = tuple(args.pop(name) for name in SDPA_ARGS[:3])
     node.kwargs = args
 
