@@ -60,7 +60,8 @@ case $STEP in
   sweep)
     log python3 notes/autotune_sweep.py ;;
   train)  # session 4's open question: the first adaptation step compiled for minutes
-    log timeout 280 python3 notes/train_step_probe.py static
-    log timeout 280 python3 notes/train_step_probe.py ;;
+    log timeout 170 python3 notes/train_step_probe.py --layers 2 --static --budget 130
+    log timeout 210 python3 notes/train_step_probe.py --layers 2 --budget 170
+    log timeout 100 python3 notes/train_step_probe.py --layers 2 --backend inductor --budget 80 ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

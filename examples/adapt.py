@@ -1,9 +1,13 @@
 """Adaptation recipe: fine-tune SmolLM2-135M with DistrAttention (G=2) in every layer, then measure.
 
 Zero-shot, DistrAttention is far from exact on pretrained models (DESIGN.md section 2); the paper
-got its accuracy by fine-tuning with it in the loop. This script does that through
-``torch.compile(model, backend="distr", dynamic=True, options=adaptation_options(...))``: every
-attention runs ``torch.ops.distr.attention`` forward and backward. Then, on held-out pydoc text:
+got its accuracy by fine-tuning with it in the loop. This script does that by compiling each
+decoder layer with ``layer.compile(backend="distr", dynamic=True, options=adaptation_options(...))``:
+every attention runs ``torch.ops.distr.attention`` forward and backward. Compiling the layers
+rather than the whole model ("regional compilation") traces one layer and reuses it for all 30:
+on an H100 the whole model's first dynamic-shape training step compiled for over 10 minutes, a
+2-layer model's for 90-145 s, and plain ``backend="inductor"`` was no faster (notes/gpu-log.md,
+session 5). Then, on held-out pydoc text:
 
 * perplexity of the original model (exact attention), of DistrAttention before adaptation, after
   adaptation, and of the adapted weights with exact attention;
@@ -105,13 +109,14 @@ def main() -> None:
     guard_windows = eval_windows[: args.guard_batches]
     original = copy.deepcopy(model).eval().requires_grad_(False)
     options = adaptation_options(group_size=args.group_size, block_m=args.block_m)
-    compiled = torch.compile(model, backend="distr", dynamic=True, options=options)
+    for layer in model.model.layers:  # in place: parameter names (and checkpoints) stay plain
+        layer.compile(backend="distr", dynamic=True, options=options)
     amp = autocast(args.device)
     print(f"SmolLM2-135M, {len(train_ids)} training / {len(eval_ids)} held-out tokens, "
           f"evaluating {len(eval_windows)} windows of {args.seq_len}; options {options}")
 
     results = {"exact attention, original model": perplexity(original, eval_windows, args, amp)}
-    results["DistrAttention, before adaptation"] = perplexity(compiled, eval_windows, args, amp)
+    results["DistrAttention, before adaptation"] = perplexity(model, eval_windows, args, amp)
     step, losses = 0, []
     checkpoint = out / "checkpoint.pt"
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -123,11 +128,13 @@ def main() -> None:
         print(f"resumed from {checkpoint} at step {step}")
 
     start = time.perf_counter()
-    train(compiled, model, optimizer, train_ids, losses, step, args, amp, checkpoint)
+    train(model, optimizer, train_ids, losses, step, args, amp, checkpoint)
     train_s = time.perf_counter() - start
-    results["DistrAttention, after adaptation"] = perplexity(compiled, eval_windows, args, amp)
-    results["exact attention, adapted weights"] = perplexity(model, eval_windows, args, amp)
-    guards = guard_counts(model, original, guard_windows, args, amp, out)
+    results["DistrAttention, after adaptation"] = perplexity(model, eval_windows, args, amp)
+    adapted = copy.deepcopy(original)  # the adapted weights in an uncompiled (exact attention) model
+    adapted.load_state_dict(model.state_dict())
+    results["exact attention, adapted weights"] = perplexity(adapted, eval_windows, args, amp)
+    guards = guard_counts(adapted, original, guard_windows, args, amp, out)
 
     plot_losses(losses, out / "loss.png")
     summary = {"steps": len(losses), "train_seconds_this_run": round(train_s, 1), "perplexity": results,
@@ -189,10 +196,11 @@ def train_batch(train_ids: torch.Tensor, step: int, args: argparse.Namespace) ->
     return torch.stack([train_ids[s:s + args.seq_len] for s in starts.tolist()])
 
 
-def train(compiled, model, optimizer, train_ids, losses: list[float], step: int, args: argparse.Namespace, amp,
+def train(model, optimizer, train_ids, losses: list[float], step: int, args: argparse.Namespace, amp,
           checkpoint: Path) -> None:
-    """AdamW steps ``step`` .. ``args.steps`` through the compiled model (DistrAttention forward and
-    backward), clipping gradients at norm 1; checkpoints every ``save_every`` steps and at the end."""
+    """AdamW steps ``step`` .. ``args.steps`` through the model with compiled layers (DistrAttention
+    forward and backward), clipping gradients at norm 1; checkpoints every ``save_every`` steps and
+    at the end."""
     from tqdm.auto import tqdm
 
     model.train()
@@ -201,7 +209,7 @@ def train(compiled, model, optimizer, train_ids, losses: list[float], step: int,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         with amp:
-            loss = compiled(**lm_batch(train_batch(train_ids, step, args), args.device)).loss
+            loss = model(**lm_batch(train_batch(train_ids, step, args), args.device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -214,8 +222,8 @@ def train(compiled, model, optimizer, train_ids, losses: list[float], step: int,
 
 
 def guard_counts(model, original, guard_windows, args: argparse.Namespace, amp, out: Path) -> dict:
-    """Layers the guard accepts on the adapted model: per layer against exact attention on the same
-    weights, and end to end against the original model (relative perplexity increase)."""
+    """Layers the guard accepts on the adapted (uncompiled) model: per layer against exact attention
+    on the same weights, and end to end against the original model (relative perplexity increase)."""
     model.eval()
     batches = [lm_batch(w, args.device) for w in guard_windows]
     knobs = dict(group_size=args.group_size, block_m=args.block_m, tolerance=args.tolerance)
