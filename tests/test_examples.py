@@ -45,6 +45,24 @@ def test_llm_perplexity_runs():
     check_table(proc, "perplexity", "tokens/s", "layers approximated", "30/30")
 
 
+@pytest.mark.slow
+def test_adapt_runs(tmp_path):
+    """The adaptation recipe on the CPU (tiny settings): distillation steps through the compiled
+    layers, the four perplexities, both guards, a loadable checkpoint and the loss plot."""
+    import json
+
+    import torch
+
+    proc = run("examples/adapt.py", "--steps", "2", "--seq-len", "32", "--eval-windows", "1",
+               "--guard-batches", "1", "--out", str(tmp_path))
+    check_table(proc, "held-out", "DistrAttention, after adaptation", "end to end vs the original model")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"] == 2 and len(results["perplexity"]) == 4
+    assert results["guard"]["layers"] == 30
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("examples/llm_perplexity.py", ["--context", "9000"], "--context must be in [16, 8192]"),
     ("examples/llm_perplexity.py", ["--windows", "0"], "--windows must be >= 1"),
@@ -52,6 +70,8 @@ def test_llm_perplexity_runs():
     ("examples/vit.py", ["--image-sizes", "224", "500"], "multiples of the patch size 14, got [500]"),
     ("examples/vit.py", ["--batch", "0"], "must be >= 1"),
     ("examples/quickstart.py", ["--sentences", "0"], "--sentences must be in [1, 64]"),
+    ("examples/adapt.py", ["--steps", "0"], "--steps must be >= 1"),
+    ("examples/adapt.py", ["--objective", "mse"], "invalid choice"),
     ("examples/export_and_load.py", ["--tolerance", "-1"], "--tolerance must be >= 0"),
     ("examples/tree_decode.py", ["--new-tokens", "0"], "--new-tokens must be >= 1"),
     ("benchmarks/model.py", ["--device", "cpu", "--tokens", "8"], "--tokens must be >= 16"),
