@@ -15,6 +15,8 @@
 #                                             # Inductor's SDPA lowering on HF ViT, ViT-518 profiles
 #   bash benchmarks/gpu_session.sh sweep      # every forward autotune config's time per shape class
 #   bash benchmarks/gpu_session.sh train      # first training steps, static vs dynamic shapes
+#   bash benchmarks/gpu_session.sh profile    # per-kernel times of the grouped forward+backward,
+#                                             # then the backward benchmark at issue 8's shape
 # The device machine has no network: .whl holds the pure-Python wheels it lacks.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -63,5 +65,8 @@ case $STEP in
     log timeout 170 python3 notes/train_step_probe.py --layers 2 --static --budget 130
     log timeout 210 python3 notes/train_step_probe.py --layers 2 --budget 170
     log timeout 100 python3 notes/train_step_probe.py --layers 2 --backend inductor --budget 80 ;;
+  profile)
+    log python3 notes/backward_profile.py
+    log python3 benchmarks/backward.py --dims 128 --lengths 4096 --out "$OUT/BENCHMARKS.md" ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac
