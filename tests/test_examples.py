@@ -7,11 +7,13 @@ print their table, and reject bad arguments with a message and a non-zero exit c
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,10 +51,6 @@ def test_llm_perplexity_runs():
 def test_adapt_runs(tmp_path):
     """The adaptation recipe on the CPU (tiny settings): distillation steps through the compiled
     layers, the four perplexities, both guards, a loadable checkpoint and the loss plot."""
-    import json
-
-    import torch
-
     proc = run("examples/adapt.py", "--steps", "2", "--seq-len", "32", "--eval-windows", "1",
                "--guard-batches", "1", "--out", str(tmp_path))
     check_table(proc, "held-out", "DistrAttention, after adaptation", "end to end vs the original model")
@@ -70,8 +68,6 @@ def test_adapt_runs(tmp_path):
     ("examples/vit.py", ["--image-sizes", "224", "500"], "multiples of the patch size 14, got [500]"),
     ("examples/vit.py", ["--batch", "0"], "must be >= 1"),
     ("examples/quickstart.py", ["--sentences", "0"], "--sentences must be in [1, 64]"),
-    ("examples/adapt.py", ["--steps", "0"], "--steps must be >= 1"),
-    ("examples/adapt.py", ["--objective", "mse"], "invalid choice"),
     ("examples/export_and_load.py", ["--tolerance", "-1"], "--tolerance must be >= 0"),
     ("examples/tree_decode.py", ["--new-tokens", "0"], "--new-tokens must be >= 1"),
     ("benchmarks/model.py", ["--device", "cpu", "--tokens", "8"], "--tokens must be >= 16"),
