@@ -57,6 +57,16 @@ def check_forward(B, Hq, Hkv, Lq, Lk, D, dtype, group_size, block_m, mask_kind="
     torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
+@pytest.mark.parametrize("L, D", [(37, 16), (64, 64), (130, 32)])
+def test_keys_contiguous(L, D, layout):
+    """The grouped path's K layout: same values, keys contiguous (stride 1 along L), any input strides."""
+    k = make_inputs(2, 3, 3, L, L, D, torch.float16, layout)[1]
+    kt = attention.keys_contiguous(k)
+    assert kt.stride(2) == 1 and kt.shape == k.shape
+    assert torch.equal(kt, k)
+
+
 CPU_DTYPES = [torch.float16, torch.float32]
 
 
