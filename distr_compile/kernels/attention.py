@@ -2,7 +2,7 @@
 
 One program per (query block, batch*head); the query block is the grouping block, so the whole
 tile shares one column order ``perm`` (from kernels/grouping.py). The program
-  1. builds Q_rep (BLOCK_M x D/G) from G strided loads of its Q tile (column j of every group);
+  1. builds Q_rep (BLOCK_M x D/G) from its Q tile, loaded once and permuted in registers;
   2. streams K/V tiles. The fused keys K_fused^T (D/G x BLOCK_N) are G row gathers of K^T: with
      keys contiguous in memory, each gathered row is a contiguous, vectorised run of BLOCK_N keys,
      so the permutation costs no shuffles and no scalar loads. S = Q_rep K_fused^T is one reduced
@@ -89,18 +89,17 @@ def _load(ptrs, ok, BOUNDARY: tl.constexpr):
 
 
 @triton.jit
-def _query_representatives(q_rows, stride_qd, perm_base, row_ok, BLOCK_M: tl.constexpr, D: tl.constexpr,
-                           G: tl.constexpr, REP_MEAN: tl.constexpr):
-    """Q_rep (BLOCK_M x D/G) for G > 1: the block's column groups are runs of G in ``perm``;
-    column j of every group is one strided load, read once per program."""
+def _query_representatives(q, perm_base, D: tl.constexpr, G: tl.constexpr, REP_MEAN: tl.constexpr):
+    """Q_rep (BLOCK_M x D/G) for G > 1 from the block's rows ``q`` (BLOCK_M x D, one contiguous
+    load): the column groups are runs of G in ``perm``, gathered in registers (``tl.gather``)."""
     offs_g = tl.arange(0, D // G)
-    q_rep = tl.zeros([BLOCK_M, D // G], dtype=tl.float32)
+    q_rep = tl.zeros([q.shape[0], D // G], dtype=tl.float32)
     for j in tl.static_range(G if REP_MEAN else 1):
         cols_j = tl.load(perm_base + offs_g * G + j)
-        q_rep += tl.load(q_rows + cols_j[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q_rep += tl.gather(q, tl.broadcast_to(cols_j[None, :], (q.shape[0], D // G)), axis=1).to(tl.float32)
     if REP_MEAN:
         q_rep = q_rep * (1.0 / G)
-    return q_rep.to(q_rows.dtype.element_ty)
+    return q_rep.to(q.dtype)
 
 
 @triton.jit
@@ -185,10 +184,9 @@ def _distr_fwd_kernel(
 
     perm_base = PERM + (pid_bh * num_blocks + pid_m) * D
     q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-    if G == 1:
-        q_rep = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    else:
-        q_rep = _query_representatives(q_rows, stride_qd, perm_base, row_ok, BLOCK_M, D, G, REP_MEAN)
+    q_rep = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    if G > 1:
+        q_rep = _query_representatives(q_rep, perm_base, D, G, REP_MEAN)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh

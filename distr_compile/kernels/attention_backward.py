@@ -14,14 +14,14 @@ because q_tilde already carries each block's own grouping: that is why the prepr
 Three launches, as in FlashAttention-2 (P is recomputed from the forward's log-sum-exp):
   1. ``_bwd_preprocess_kernel`` (query block x batch*head): delta, the base-2 lse (+inf for fully
      masked or padded rows so that P = 0 there), and for G > 1 Q_rep (B, Hq, Lq, D/G) and q_tilde
-     (B, Hq, Lq, D), both from G strided loads of each block (q_tilde's through the inverse
-     permutation, so its stores stay row-contiguous), once;
+     (B, Hq, Lq, D) from one contiguous load of each block, permuted in registers (``tl.gather``;
+     q_tilde through the inverse permutation, so its stores stay row-contiguous), once;
   2. ``_bwd_dkdv_kernel`` (key tile x batch*kv_head): holds a K/V tile and loops over the query
      heads sharing it (GQA sums in registers, no atomics) and their query chunks, accumulating
      dK and dV; mask-free interior chunks, masked chunks only on the causal diagonal and the
      ragged end;
   3. ``_bwd_dq_kernel`` (query block x batch*head): the forward's loop over key tiles, producing
-     dQ_rep, then one scatter of dq per program.
+     dQ_rep, then dq gathered from it through the inverse permutation (row-contiguous stores).
 
 Both main kernels compute S (and dQ) either with the reduced d/G inner dimension (Q_rep against
 K_fused, built by the forward's G contiguous row gathers of K^T) or dense (q_tilde against K, full
@@ -146,22 +146,17 @@ def _bwd_preprocess_kernel(
     tl.store(LSE2 + pid_bh * len_q + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=row_ok)
 
     if G > 1:
-        perm_base = PERM + (pid_bh * num_blocks + pid_m) * D
-        offs_g = tl.arange(0, D // G)
-        q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-        q_rep = _query_representatives(q_rows, stride_qd, perm_base, row_ok, BLOCK_M, D, G, REP_MEAN)
+        block = (pid_bh * num_blocks + pid_m) * D
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None], other=0.0)
+        q_rep = _query_representatives(q, PERM + block, D, G, REP_MEAN)
         rows = pid_bh * len_q + offs_m[:, None]
-        tl.store(Q_REP + rows * (D // G) + offs_g[None, :], q_rep, mask=row_ok[:, None])
-        # q_tilde[:, c] = q_rep[:, group of c]: summed again from q's columns, in q_rep's order, so
-        # that the store is row-contiguous (scattering q_rep's columns was ~10x slower on an H100)
-        first = (tl.load(PERM_INV + (pid_bh * num_blocks + pid_m) * D + offs_d) // G) * G
-        q_tilde = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        for j in tl.static_range(G if REP_MEAN else 1):
-            members = tl.load(perm_base + first + j)
-            q_tilde += tl.load(q_rows + members[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        if REP_MEAN:
-            q_tilde = q_tilde * (1.0 / G)
-        tl.store(Q_TILDE + rows * D + offs_d[None, :], q_tilde.to(Q_TILDE.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(Q_REP + rows * (D // G) + tl.arange(0, D // G)[None, :], q_rep, mask=row_ok[:, None])
+        # q_tilde[:, c] = q_rep[:, group of c], gathered through the inverse permutation so that
+        # the store is row-contiguous (scattering q_rep's columns was ~10x slower on an H100)
+        group = tl.load(PERM_INV + block + offs_d) // G
+        q_tilde = tl.gather(q_rep, tl.broadcast_to(group[None, :], (BLOCK_M, D)), axis=1)
+        tl.store(Q_TILDE + rows * D + offs_d[None, :], q_tilde, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -305,7 +300,7 @@ def _dq_tiles(
 )
 @triton.jit
 def _bwd_dq_kernel(
-    K, V, Q_REP, Q_TILDE, DO, LSE2, DELTA, PERM, MASK, DQ,
+    K, V, Q_REP, Q_TILDE, DO, LSE2, DELTA, PERM, MASK, PERM_INV, DQ,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_tb, stride_th, stride_tm, stride_td,
@@ -359,9 +354,7 @@ def _bwd_dq_kernel(
     acc = acc * scale
 
     dq_rows = DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-    if G == 1:
-        tl.store(dq_rows + offs_d[None, :] * stride_qd, acc.to(DQ.dtype.element_ty), mask=row_ok[:, None])
-    else:
+    if G > 1:
         if not GROUPED:
             # dQ_rep[:, g] = sum of dq_tilde over group g's columns: one product with the one-hot
             # D x D/G membership matrix, in fp32.
@@ -370,13 +363,15 @@ def _bwd_dq_kernel(
                 cols_j = tl.load(perm_base + offs_g * G + j)
                 member += (offs_d[:, None] == cols_j[None, :]).to(tl.float32)
             acc = tl.dot(acc, member, input_precision="ieee")
-        for j in tl.static_range(G):
-            cols_j = tl.load(perm_base + offs_g * G + j)
-            if REP_MEAN:
-                dq_j = acc * (1.0 / G)
-            else:
-                dq_j = acc if j == 0 else tl.zeros_like(acc)
-            tl.store(dq_rows + cols_j[None, :] * stride_qd, dq_j.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        # dq[:, c] = dQ_rep[:, group of c] / G ("mean"; "sample": all to the group's first column),
+        # gathered through the inverse permutation: row-contiguous stores
+        position = tl.load(PERM_INV + (pid_bh * num_blocks + pid_m) * D + offs_d)
+        acc = tl.gather(acc, tl.broadcast_to((position // G)[None, :], (BLOCK_M, D)), axis=1)
+        if REP_MEAN:
+            acc = acc * (1.0 / G)
+        else:
+            acc = tl.where((position % G == 0)[None, :], acc, 0.0)
+    tl.store(dq_rows + offs_d[None, :] * stride_qd, acc.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 def distr_backward(
@@ -443,7 +438,7 @@ def distr_backward(
         BLOCK_GROUP=block_m, D=D, G=G, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
     )
     torch.library.wrap_triton(_bwd_dq_kernel)[(nb, B * Hq)](
-        *common, dq, *strides, *dq.stride(),
+        *common, perm_inv, dq, *strides, *dq.stride(),
         Hq, Hq // Hkv, Lq, Lk, nb, qk_scale, scale, triton.next_power_of_2(Lk),
         BLOCK_M=block_m, D=D, G=G, REP_MEAN=representative == "mean", IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
     )
