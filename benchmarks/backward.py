@@ -30,6 +30,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distr_compile import DistrConfig, reference
+from distr_compile.config import REPRESENTATIVES
 from distr_compile.kernels import attention_backward as bwd
 from distr_compile.kernels.attention import distr_forward
 from distr_compile.kernels.grouping import lsh_group
@@ -75,20 +76,21 @@ def time_sdpa(row, q, k, v, grad_out, causal):
     return grads
 
 
-def time_distr(row, q, k, v, grad_out, causal, G, block_m, sdpa_grads):
-    config = DistrConfig(group_size=G, block_m=block_m)
+def time_distr(row, q, k, v, grad_out, causal, G, block_m, representative, sdpa_grads):
+    config = DistrConfig(group_size=G, block_m=block_m, representative=representative)
 
     def forward():
         perm = lsh_group(q, config) if G > 1 else None
-        return perm, *distr_forward(q, k, v, perm, None, causal, None, G, block_m, config.representative)
+        weights = None if perm is None else reference.representative_weights(k, perm, config)
+        return perm, weights, *distr_forward(q, k, v, perm, weights, None, causal, None, G, block_m)
 
-    def backward(perm, out, lse):
-        return bwd.distr_backward(q, k, v, perm, out, lse, grad_out, None, causal, None, G, block_m, config.representative)
+    def backward(perm, weights, out, lse):
+        return bwd.distr_backward(q, k, v, perm, weights, out, lse, grad_out, None, causal, None, G, block_m)
 
-    perm, out, lse = forward()
-    grads = backward(perm, out, lse)
+    perm, weights, out, lse = forward()
+    grads = backward(perm, weights, out, lse)
     row[f"G={G} f+b"] = bench(lambda: backward(*forward()))
-    row[f"G={G} bwd"] = bench(lambda: backward(perm, out, lse))
+    row[f"G={G} bwd"] = bench(lambda: backward(perm, weights, out, lse))
     if G == 1:
         row["G=1 err"] = worst_rel_err(grads, sdpa_grads)
         return
@@ -101,14 +103,14 @@ def time_distr(row, q, k, v, grad_out, causal, G, block_m, sdpa_grads):
         row["G=2 dq"] = describe(bwd._bwd_dq_kernel.best_config)
 
 
-def run_case(d: int, L: int, causal: bool, block_m: int, groups: list[int]) -> dict:
+def run_case(d: int, L: int, causal: bool, block_m: int, representative: str, groups: list[int]) -> dict:
     B = max(1, TOKENS // L)
     q, k, v, grad_out = (torch.randn(B, HEADS, L, d, device="cuda", dtype=DTYPE) for _ in range(4))
     row = {"d": d, "L": L, "B": B, "causal": causal}
     sdpa_grads = time_sdpa(row, q, k, v, grad_out, causal)
     with set_wrap_triton_enabled(False):  # launch directly, as inside the op
         for G in groups:
-            time_distr(row, q, k, v, grad_out, causal, G, block_m, sdpa_grads)
+            time_distr(row, q, k, v, grad_out, causal, G, block_m, representative, sdpa_grads)
     for G in groups[1:]:
         row[f"G={G} f+b vs flash"] = row["flash f+b"] / row[f"G={G} f+b"]
     return row
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--groups", nargs="+", type=int, default=[1, 2, 4], help="G values; 1 must come first")
     parser.add_argument("--block-m", type=int, default=DistrConfig().block_m)
+    parser.add_argument("--representative", choices=REPRESENTATIVES, default=DistrConfig().representative)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("BENCHMARKS.md"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -131,11 +134,11 @@ def main() -> None:
     for d in args.dims:
         for L in args.lengths:
             for causal in (False, True):
-                rows.append(run_case(d, L, causal, args.block_m, args.groups))
+                rows.append(run_case(d, L, causal, args.block_m, args.representative, args.groups))
                 print(tabulate([rows[-1]], headers="keys", floatfmt=".3f"), flush=True)
     append_section(
         args.out, "Backward kernels: DistrAttention vs SDPA flash, cuDNN and efficient",
-        f"bf16, {HEADS} heads, B x L = {TOKENS} tokens, block_m={args.block_m}, LSH grouping, mean representatives. "
+        f"bf16, {HEADS} heads, B x L = {TOKENS} tokens, block_m={args.block_m}, LSH grouping, {args.representative} representatives. "
         "do_bench medians in ms. `f+b`: forward + backward (ours: grouping kernel + forward + backward "
         "kernels); `bwd`: backward only from a saved forward. `err`: worst relative error of (dq, dk, dv), "
         "G=1 vs SDPA flash's gradients, G>1 vs autograd through the reference (batch 0, heads 0-1). "

@@ -85,9 +85,8 @@ def attention(
     c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, group_size)
     perm = None if config.exact else group_columns(c.q, c.v, config)
     if uses_kernel(c.q, c.v, config):
-        out, lse = distr_forward(
-            c.q, c.k, c.v, perm, c.attn_mask, is_causal, scale, group_size, block_m, representative
-        )
+        weights = None if perm is None else reference.representative_weights(c.k, perm, config)
+        out, lse = distr_forward(c.q, c.k, c.v, perm, weights, c.attn_mask, is_causal, scale, group_size, block_m)
     else:
         out, lse = reference.distr_attention(c.q, c.k, c.v, c.attn_mask, is_causal, scale, config, perm=perm)
     return c.restore(out), c.restore(lse)
@@ -102,8 +101,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
-    """Gradient of the approximate function with the grouping held fixed (recomputed: it is a
-    deterministic function of q). Triton kernels (P recomputed from the saved lse, as in
+    """Gradient of the approximate function with the grouping and the representatives' weights
+    held fixed (recomputed: they are deterministic functions of q and k). Triton kernels (P recomputed from the saved lse, as in
     FlashAttention-2) where the forward ran them and the mask needs no gradient; autograd through
     the reference (exact attention on the representative-replaced q) otherwise."""
     q, k, v, attn_mask, out, lse = ctx.saved_tensors
@@ -114,9 +113,10 @@ def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     if uses_kernel(q, v, config) and not wants[3]:  # dtype, device and head dims: same as canonical
         c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
         perm = None if config.exact else group_columns(c.q, c.v, config)
+        weights = None if perm is None else reference.representative_weights(c.k, perm, config)
         dq, dk, dv = distr_backward(
-            c.q, c.k, c.v, perm, c.flatten(out), c.flatten(lse), c.flatten(grad_out),
-            c.attn_mask, is_causal, scale, config.group_size, config.block_m, config.representative,
+            c.q, c.k, c.v, perm, weights, c.flatten(out), c.flatten(lse), c.flatten(grad_out),
+            c.attn_mask, is_causal, scale, config.group_size, config.block_m,
             grad_lse=None if grad_lse is None else c.flatten(grad_lse),
         )
         grads = (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape))

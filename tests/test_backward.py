@@ -45,9 +45,10 @@ def check_backward(B, Hq, Hkv, Lq, Lk, D, dtype, group_size, block_m, mask_kind=
     grad_out = torch.randn_like(q)
     grad_lse = torch.randn(B, Hq, Lq, device=DEVICE) if with_grad_lse else None
 
-    out, lse = distr_forward(q, k, v, perm, mask, causal, None, group_size, block_m, representative)
+    weights = None if perm is None else reference.representative_weights(k, perm, config)
+    out, lse = distr_forward(q, k, v, perm, weights, mask, causal, None, group_size, block_m)
     dq, dk, dv = bwd.distr_backward(
-        q, k, v, perm, out, lse, grad_out, mask, causal, None, group_size, block_m, representative, grad_lse=grad_lse
+        q, k, v, perm, weights, out, lse, grad_out, mask, causal, None, group_size, block_m, grad_lse=grad_lse
     )
 
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -98,8 +99,13 @@ def test_backward_non_contiguous_and_odd_lengths(path):
     check_backward(1, 3, 3, 17, 5, 32, torch.float32, 2, 32, layout="bshd")
 
 
-def test_backward_sample_representative_and_group_of_8(path):
-    check_backward(1, 2, 1, 33, 33, 128, torch.float16, 8, 16, representative="sample")
+@pytest.mark.parametrize("representative", ["sample", "lstsq"])
+def test_backward_weighted_representatives_and_group_of_8(path, representative):
+    check_backward(1, 2, 1, 33, 33, 128, torch.float16, 8, 16, representative=representative)
+
+
+def test_backward_lstsq_gqa_causal(path):
+    check_backward(2, 4, 2, 40, 40, 32, torch.float32, 2, 16, causal=True, representative="lstsq")
 
 
 @pytest.mark.parametrize("Lq, Lk", [(40, 24), (24, 40)])

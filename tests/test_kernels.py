@@ -47,7 +47,8 @@ def check_forward(B, Hq, Hkv, Lq, Lk, D, dtype, group_size, block_m, mask_kind="
     q, k, v = make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, layout)
     mask = make_mask(mask_kind, B, Hq, Lq, Lk)
     perm = lsh_group(q, config) if group_size > 1 else None
-    out, lse = distr_forward(q, k, v, perm, mask, causal, None, group_size, block_m, representative)
+    weights = None if perm is None else reference.representative_weights(k, perm, config)
+    out, lse = distr_forward(q, k, v, perm, weights, mask, causal, None, group_size, block_m)
     ref_out, ref_lse = reference.distr_attention(
         q.double(), k.double(), v.double(), mask, causal, None, config, perm=perm
     )
@@ -91,8 +92,13 @@ def test_forward_non_contiguous_and_odd_lengths():
     check_forward(1, 3, 3, 17, 5, 32, torch.float32, 2, 32, layout="bshd")
 
 
-def test_forward_sample_representative_and_group_of_8():
-    check_forward(1, 2, 1, 33, 33, 128, torch.float16, 8, 16, representative="sample")
+@pytest.mark.parametrize("representative", ["sample", "lstsq"])
+def test_forward_weighted_representatives_and_group_of_8(representative):
+    check_forward(1, 2, 1, 33, 33, 128, torch.float16, 8, 16, representative=representative)
+
+
+def test_forward_lstsq_gqa_causal():
+    check_forward(2, 4, 2, 40, 40, 32, torch.float32, 2, 16, causal=True, representative="lstsq")
 
 
 def test_forward_queries_longer_than_keys_causal():
@@ -133,6 +139,7 @@ GPU_CASES = {
     "odd": dict(Lq=129, Lk=77, block_m=32),
     "strided": dict(layout="bshd", block_m=128),
     "sample": dict(representative="sample", block_m=16),
+    "lstsq": dict(representative="lstsq", Hkv=2, causal=True),
 }
 
 

@@ -27,9 +27,7 @@ def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
                 rows = slice(blk * bm, min(Lq, (blk + 1) * bm))
                 groups = perm[b, h, blk].view(D // G, G)
                 qb = q[b, h, rows]
-                q_rep = torch.stack(
-                    [qb[:, g].mean(-1) if config.representative == "mean" else qb[:, g[0]] for g in groups], -1
-                )
+                q_rep = torch.stack([literal_representative(qb, kh, g, config) for g in groups], -1)
                 k_fused = torch.stack([kh[:, g].sum(-1) for g in groups], -1)
                 s = q_rep @ k_fused.T * scale
                 if causal:
@@ -37,6 +35,20 @@ def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
                     s = s.masked_fill(torch.arange(kh.shape[0])[None, :] > idx, -math.inf)
                 out[b, h, rows] = s.softmax(-1) @ vh
     return out
+
+
+def literal_representative(qb, kh, g, config):
+    """One group's representative column: the mean, the first column, or ("lstsq") the column r
+    minimising || sum_c q_c kc_c^T - r (sum_c kc_c)^T || over the centered keys kc, solved by
+    least squares rather than by the reference's closed form."""
+    if config.representative == "mean":
+        return qb[:, g].mean(-1)
+    if config.representative == "sample":
+        return qb[:, g[0]]
+    kc = kh - kh.mean(0)
+    target = qb[:, g] @ kc[:, g].T  # (rows, Lk): the group's exact scores on centered keys
+    fused = kc[:, g].sum(-1, keepdim=True)  # (Lk, 1)
+    return torch.linalg.lstsq(fused, target.T).solution[0]
 
 
 def literal_lsh_codes(q, config):
@@ -52,7 +64,7 @@ def literal_lsh_codes(q, config):
     return codes
 
 
-@pytest.mark.parametrize("representative", ["mean", "sample"])
+@pytest.mark.parametrize("representative", ["mean", "sample", "lstsq"])
 @pytest.mark.parametrize("group_size", [2, 4, 8])
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_literal_formula(representative, group_size, causal):
@@ -86,6 +98,47 @@ def test_lsh_groups_equal_columns_together():
     out, _ = reference.distr_attention(q, k, v, config=config)
     exact, _ = reference.attention(q, k, v)
     torch.testing.assert_close(out, exact, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("representative", ["mean", "sample", "lstsq"])
+@pytest.mark.parametrize("group_size", [2, 4])
+def test_representative_weights_sum_to_one_per_group(representative, group_size):
+    config = DistrConfig(group_size=group_size, block_m=16, representative=representative)
+    q, k = rand(2, 4, 40, 32), rand(2, 2, 24, 32)  # GQA: 2 query heads per key head
+    perm = reference.group_columns(q, config)
+    weights = reference.representative_weights(k, perm, config)
+    assert weights.shape == perm.shape and weights.dtype == torch.float64 and weights.is_contiguous()
+    torch.testing.assert_close(weights.unflatten(-1, (32 // group_size, group_size)).sum(-1),
+                               torch.ones(2, 4, 3, 32 // group_size, dtype=torch.float64))
+    if representative == "lstsq":  # query heads 0 and 1 share key head 0: same weights for the same grouping
+        shared = reference.representative_weights(k, perm[:, :1].expand(-1, 4, -1, -1), config)
+        torch.testing.assert_close(shared[:, 1], weights[:, 0])
+        assert not torch.allclose(shared[:, 2], weights[:, 0])
+
+
+def test_lstsq_falls_back_to_the_mean_where_the_fused_keys_do_not_vary():
+    """Keys equal at every position (one key, or a constant sequence) leave a zero centered Gram: the
+    weights fall back to 1/G instead of dividing by zero."""
+    config = DistrConfig(group_size=2, block_m=16, representative="lstsq")
+    q, v = rand(1, 2, 20, 16), rand(1, 2, 7, 16)
+    k = rand(1, 2, 1, 16).expand(1, 2, 7, 16)
+    perm = reference.group_columns(q, config)
+    torch.testing.assert_close(reference.representative_weights(k, perm, config), torch.full(perm.shape, 0.5, dtype=torch.float64))
+    out, _ = reference.distr_attention(q, k, v, config=config)
+    expected, _ = reference.distr_attention(q, k, v, config=config.replace(representative="mean"))
+    torch.testing.assert_close(out, expected)
+
+
+def test_lstsq_beats_the_mean_on_uneven_key_columns():
+    """Where key columns differ in scale (as in trained models), the least-squares representative
+    errs less than the mean."""
+    torch.manual_seed(0)
+    q, v = rand(1, 2, 64, 32), rand(1, 2, 64, 32)
+    k = rand(1, 2, 64, 32) * torch.logspace(-1, 1, 32, dtype=torch.float64)
+    exact, _ = reference.attention(q, k, v)
+    errors = {rep: (reference.distr_attention(q, k, v, config=DistrConfig(block_m=16, representative=rep))[0] - exact).norm()
+              for rep in ("mean", "lstsq")}
+    assert errors["lstsq"] < 0.8 * errors["mean"], errors
 
 
 def test_seed_determinism():

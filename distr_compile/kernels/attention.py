@@ -89,16 +89,16 @@ def _load(ptrs, ok, BOUNDARY: tl.constexpr):
 
 
 @triton.jit
-def _query_representatives(q, perm_base, D: tl.constexpr, G: tl.constexpr, REP_MEAN: tl.constexpr):
+def _query_representatives(q, perm_base, weights_base, D: tl.constexpr, G: tl.constexpr):
     """Q_rep (BLOCK_M x D/G) for G > 1 from the block's rows ``q`` (BLOCK_M x D, one contiguous
-    load): the column groups are runs of G in ``perm``, gathered in registers (``tl.gather``)."""
+    load): group g is the run perm[g*G : (g+1)*G], its representative the weighted sum of those
+    columns (``weights`` in perm's order), gathered in registers (``tl.gather``), in fp32."""
     offs_g = tl.arange(0, D // G)
     q_rep = tl.zeros([q.shape[0], D // G], dtype=tl.float32)
-    for j in tl.static_range(G if REP_MEAN else 1):
+    for j in tl.static_range(G):
         cols_j = tl.load(perm_base + offs_g * G + j)
-        q_rep += tl.gather(q, tl.broadcast_to(cols_j[None, :], (q.shape[0], D // G)), axis=1).to(tl.float32)
-    if REP_MEAN:
-        q_rep = q_rep * (1.0 / G)
+        w_j = tl.load(weights_base + offs_g * G + j)
+        q_rep += w_j[None, :] * tl.gather(q, tl.broadcast_to(cols_j[None, :], (q.shape[0], D // G)), axis=1).to(tl.float32)
     return q_rep.to(q.dtype)
 
 
@@ -162,7 +162,7 @@ def _attend(
 
 @triton.jit
 def _distr_fwd_kernel(
-    Q, K, V, PERM, MASK, OUT, LSE,
+    Q, K, V, PERM, WEIGHTS, MASK, OUT, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -170,7 +170,7 @@ def _distr_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, gqa_ratio, len_q, len_k, num_blocks, qk_scale, lk_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    REP_MEAN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -186,7 +186,7 @@ def _distr_fwd_kernel(
     q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
     q_rep = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     if G > 1:
-        q_rep = _query_representatives(q_rep, perm_base, D, G, REP_MEAN)
+        q_rep = _query_representatives(q_rep, perm_base, WEIGHTS + (pid_bh * num_blocks + pid_m) * D, D, G)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -263,15 +263,17 @@ def distr_forward(
     k: torch.Tensor,
     v: torch.Tensor,
     perm: torch.Tensor | None,
+    weights: torch.Tensor | None,
     attn_mask: torch.Tensor | None,
     is_causal: bool,
     scale: float | None,
     group_size: int,
     block_m: int,
-    representative: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward on canonical tensors (q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D), mask
-    (B, Hq, Lq, Lk) view, perm (B, Hq, nb, D) int32 or None for G = 1): returns (out, lse)."""
+    (B, Hq, Lq, Lk) view; for G > 1 the grouping ``perm`` (B, Hq, nb, D) int32 and the
+    representatives' ``weights`` in perm's order, float32, both contiguous (from
+    ``reference.representative_weights``); None for G = 1): returns (out, lse)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     nb = triton.cdiv(Lq, block_m)
@@ -290,10 +292,9 @@ def distr_forward(
     else:
         kernel, launch = _distr_fwd_kernel, dict(FIXED_CONFIG.all_kwargs())
     torch.library.wrap_triton(kernel)[(nb, B * Hq)](
-        q, k, v, q if perm is None else perm, mask, out, lse,
+        q, k, v, q if perm is None else perm, q if weights is None else weights, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         Hq, Hq // Hkv, Lq, Lk, nb, scale * LOG2E.value, triton.next_power_of_2(Lk),
-        BLOCK_M=block_m, D=D, G=group_size,
-        REP_MEAN=representative == "mean", IS_CAUSAL=is_causal, MASK_KIND=mask_kind, **launch,
+        BLOCK_M=block_m, D=D, G=group_size, IS_CAUSAL=is_causal, MASK_KIND=mask_kind, **launch,
     )
     return out, lse

@@ -7,8 +7,9 @@ dS = P * (dP - delta):
 
     dV = P^T dO,   dK = dS^T q_tilde * scale,   dQ_rep = dS K_fused * scale,
 
-and dq spreads dQ_rep back over each group's columns ("mean": dQ_rep[:, g] / G on every column of
-group g; "sample": dQ_rep[:, g] on the group's first column, 0 on the others). dK needs no scatter
+and dq spreads dQ_rep back over each group's columns, column c of group g getting dQ_rep[:, g] times
+c's weight in the representative ("mean": 1/G; "sample": 1 for the group's first column, 0 for the
+others; "lstsq": least-squares weights, held fixed like the grouping). dK needs no scatter
 because q_tilde already carries each block's own grouping: that is why the preprocess writes it.
 
 Three launches, as in FlashAttention-2 (P is recomputed from the forward's log-sum-exp):
@@ -118,12 +119,12 @@ def _scores(s, mask_base, offs_m, offs_n, row_ok, col_ok, stride_mm, stride_mn,
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    Q, OUT, DO, LSE, DLSE, PERM, PERM_INV, DELTA, LSE2, Q_REP, Q_TILDE,
+    Q, OUT, DO, LSE, DLSE, PERM, PERM_INV, WEIGHTS, DELTA, LSE2, Q_REP, Q_TILDE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     num_heads, len_q, num_blocks,
-    BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr, REP_MEAN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse (a gradient on lse adds P * dlse to dS), the base-2 lse
     (+inf where the row is fully masked or padded), and for G > 1 Q_rep and q_tilde."""
@@ -149,7 +150,7 @@ def _bwd_preprocess_kernel(
         block = (pid_bh * num_blocks + pid_m) * D
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None], other=0.0)
-        q_rep = _query_representatives(q, PERM + block, D, G, REP_MEAN)
+        q_rep = _query_representatives(q, PERM + block, WEIGHTS + block, D, G)
         rows = pid_bh * len_q + offs_m[:, None]
         tl.store(Q_REP + rows * (D // G) + tl.arange(0, D // G)[None, :], q_rep, mask=row_ok[:, None])
         # q_tilde[:, c] = q_rep[:, group of c], gathered through the inverse permutation so that
@@ -300,7 +301,7 @@ def _dq_tiles(
 )
 @triton.jit
 def _bwd_dq_kernel(
-    K, V, Q_REP, Q_TILDE, DO, LSE2, DELTA, PERM, MASK, PERM_INV, DQ,
+    K, V, Q_REP, Q_TILDE, DO, LSE2, DELTA, PERM, MASK, PERM_INV, WEIGHTS, DQ,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_tb, stride_th, stride_tm, stride_td,
@@ -309,7 +310,7 @@ def _bwd_dq_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     num_heads, gqa_ratio, len_q, len_k, num_blocks, qk_scale, scale, lk_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    GROUPED: tl.constexpr, REP_MEAN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    GROUPED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
 ):
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # Inductor may pass fp64
     pid_m = tl.program_id(0)
@@ -363,14 +364,12 @@ def _bwd_dq_kernel(
                 cols_j = tl.load(perm_base + offs_g * G + j)
                 member += (offs_d[:, None] == cols_j[None, :]).to(tl.float32)
             acc = tl.dot(acc, member, input_precision="ieee")
-        # dq[:, c] = dQ_rep[:, group of c] / G ("mean"; "sample": all to the group's first column),
-        # gathered through the inverse permutation: row-contiguous stores
-        position = tl.load(PERM_INV + (pid_bh * num_blocks + pid_m) * D + offs_d)
+        # dq[:, c] = dQ_rep[:, group of c] * (c's weight), gathered through the inverse
+        # permutation: row-contiguous stores
+        block = (pid_bh * num_blocks + pid_m) * D
+        position = tl.load(PERM_INV + block + offs_d)
         acc = tl.gather(acc, tl.broadcast_to((position // G)[None, :], (BLOCK_M, D)), axis=1)
-        if REP_MEAN:
-            acc = acc * (1.0 / G)
-        else:
-            acc = tl.where((position % G == 0)[None, :], acc, 0.0)
+        acc = acc * tl.load(WEIGHTS + block + position)[None, :]
     tl.store(dq_rows + offs_d[None, :] * stride_qd, acc.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -379,6 +378,7 @@ def distr_backward(
     k: torch.Tensor,
     v: torch.Tensor,
     perm: torch.Tensor | None,
+    weights: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
@@ -387,13 +387,13 @@ def distr_backward(
     scale: float | None,
     group_size: int,
     block_m: int,
-    representative: str,
     grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of ``distr_forward`` on canonical tensors, the grouping ``perm``
-    held fixed: q/out/grad_out (B, Hq, Lq, D), k/v (B, Hkv, Lk, D), the forward's ``lse``
-    (B, Hq, Lq) natural-log fp32, mask (B, Hq, Lq, Lk) view, perm (B, Hq, nb, D) int32 or None for
-    G = 1. ``grad_lse`` (B, Hq, Lq), if given, is the incoming gradient on lse. Any strides."""
+    """Gradients (dq, dk, dv) of ``distr_forward`` on canonical tensors, the grouping ``perm`` and
+    the representatives' ``weights`` held fixed: q/out/grad_out (B, Hq, Lq, D), k/v
+    (B, Hkv, Lk, D), the forward's ``lse`` (B, Hq, Lq) natural-log fp32, mask (B, Hq, Lq, Lk)
+    view, perm and weights as for ``distr_forward`` (None for G = 1). ``grad_lse`` (B, Hq, Lq),
+    if given, is the incoming gradient on lse. Any strides."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     nb = triton.cdiv(Lq, block_m)
@@ -424,10 +424,10 @@ def distr_backward(
     qk_scale = scale * LOG2E.value
 
     torch.library.wrap_triton(_bwd_preprocess_kernel)[(nb, B * Hq)](
-        q, out, grad_out, lse, dlse, perm, perm_inv, delta, lse2, q_rep, q_tilde,
+        q, out, grad_out, lse, dlse, perm, perm_inv, q if weights is None else weights, delta, lse2, q_rep, q_tilde,
         *q.stride(), *out.stride(), *grad_out.stride(),
         Hq, Lq, nb,
-        BLOCK_M=block_m, D=D, G=G, REP_MEAN=representative == "mean", HAS_DLSE=grad_lse is not None,
+        BLOCK_M=block_m, D=D, G=G, HAS_DLSE=grad_lse is not None,
     )
     common = (k, v, q_rep, q_tilde, grad_out, lse2, delta, perm, mask)
     strides = (*k.stride(), *v.stride(), *q_tilde.stride(), *grad_out.stride(), *mask_strides)
@@ -438,8 +438,8 @@ def distr_backward(
         BLOCK_GROUP=block_m, D=D, G=G, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
     )
     torch.library.wrap_triton(_bwd_dq_kernel)[(nb, B * Hq)](
-        *common, perm_inv, dq, *strides, *dq.stride(),
+        *common, perm_inv, q if weights is None else weights, dq, *strides, *dq.stride(),
         Hq, Hq // Hkv, Lq, Lk, nb, qk_scale, scale, triton.next_power_of_2(Lk),
-        BLOCK_M=block_m, D=D, G=G, REP_MEAN=representative == "mean", IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+        BLOCK_M=block_m, D=D, G=G, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
     )
     return dq, dk, dv
