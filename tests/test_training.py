@@ -140,9 +140,10 @@ def test_adaptation_gradients_differ_from_exact_attention(aot_graphs):
     assert (g - e).norm() > 1e-3 * e.norm()
 
 
-def test_tiny_training_loop_loss_decreases(aot_graphs):
+@pytest.mark.parametrize("representative", ["mean", "lstsq"])
+def test_tiny_training_loop_loss_decreases(aot_graphs, representative):
     model = tiny_llama()
-    compiled = torch.compile(model, backend="distr", dynamic=True, options=ADAPT)
+    compiled = torch.compile(model, backend="distr", dynamic=True, options=ADAPT | {"representative": representative})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for step in range(25):
