@@ -35,16 +35,18 @@ def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict, 
 
 
 def forward_constexprs(D, G, causal=True, mask_kind=attention.MASK_BOOL, block_m=64, block_n=64):
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, D=D, G=G, REP_MEAN=True, IS_CAUSAL=causal, MASK_KIND=mask_kind)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, D=D, G=G, IS_CAUSAL=causal, MASK_KIND=mask_kind)
 
 
-FORWARD_POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", PERM="*i32", MASK="*i1", OUT="*bf16", LSE="*fp32")
+GROUPING_POINTERS = dict(PERM="*i32", PERM_INV="*i32", WEIGHTS="*fp32")
+FORWARD_POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", MASK="*i1", OUT="*bf16", LSE="*fp32", **GROUPING_POINTERS)
 
 
 def dummy_perm(G: int) -> dict:
-    """At G = 1 the launchers pass a data tensor as the unused PERM: type it so, so that code
-    reachable only for G > 1 (e.g. after an early return) fails here as it does on the GPU."""
-    return {"PERM": "*bf16"} if G == 1 else {}
+    """At G = 1 the launchers pass a data tensor as the unused grouping arguments (PERM, PERM_INV,
+    WEIGHTS): type them so, so that code reachable only for G > 1 (e.g. after an early return)
+    fails here as it does on the GPU."""
+    return dict.fromkeys(GROUPING_POINTERS, "*bf16") if G == 1 else {}
 
 
 def check_forward():
@@ -66,6 +68,7 @@ def check_autotune_configs_fit_shared_memory():
 
 def check_grouping():
     compile_for_hopper(grouping._lsh_group_kernel, dict(Q="*bf16", PERM="*i32"), (), dict(BLOCK_M=64, D=128, R=16))
+    compile_for_hopper(attention._keys_contiguous_kernel, dict(K="*bf16", OUT="*bf16"), (), dict(BLOCK_N=64, D=128))
 
 
 def check_decode():
@@ -76,8 +79,8 @@ def check_decode():
 
 
 BACKWARD_POINTERS = dict(
-    K="*bf16", V="*bf16", Q_REP="*bf16", Q_TILDE="*bf16", DO="*bf16", LSE2="*fp32", DELTA="*fp32",
-    PERM="*i32", MASK="*i1", DK="*bf16", DV="*bf16", DQ="*fp32",
+    Q="*bf16", OUT="*bf16", K="*bf16", V="*bf16", Q_REP="*bf16", Q_TILDE="*bf16", DO="*bf16", LSE="*fp32",
+    DLSE="*fp32", LSE2="*fp32", DELTA="*fp32", MASK="*i1", DK="*bf16", DV="*bf16", DQ="*fp32", **GROUPING_POINTERS,
 )
 
 
@@ -85,10 +88,13 @@ def check_backward():
     for G, grouped in [(1, True), (1, False), (2, True), (2, False)]:
         common = dict(D=128, G=G, GROUPED=grouped, IS_CAUSAL=True, MASK_KIND=attention.MASK_BOOL)
         pointers = {**BACKWARD_POINTERS, **dummy_perm(G)}
+        if grouped:  # the preprocess has no GROUPED knob: once per G
+            compile_for_hopper(attention_backward._bwd_preprocess_kernel, pointers, (),
+                               dict(BLOCK_M=64, D=128, G=G, HAS_DLSE=True))
         compile_for_hopper(attention_backward._bwd_dkdv_kernel.fn, pointers, ("qk_scale", "scale"),
                            dict(BLOCK_M=32, BLOCK_N=64, BLOCK_GROUP=64, **common))
         compile_for_hopper(attention_backward._bwd_dq_kernel.fn, pointers, ("qk_scale", "scale"),
-                           dict(BLOCK_M=64, BLOCK_N=32, REP_MEAN=True, **common))
+                           dict(BLOCK_M=64, BLOCK_N=32, **common))
 
 
 CHECKS = [check_forward, check_autotune_configs_fit_shared_memory, check_grouping, check_decode, check_backward]
