@@ -127,7 +127,8 @@ def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Cal
             "approximated": models.approximated(compiled) if isinstance(options, dict) else "-",
         })
         print(tabulate([rows[-1]], headers="keys", floatfmt=".4f"), flush=True)  # each row as soon as it exists
-    best_exact = min(r["ms"] for r in rows[:len(rows) - len(args.approximate)])
+    exact = {label for label, options in variants.items() if not isinstance(options, dict) or options["group_size"] == 1}
+    best_exact = min(r["ms"] for r in rows if r["backend"] in exact)
     for r in rows:
         r["vs best exact"] = best_exact / r["ms"]
     return rows
