@@ -61,6 +61,17 @@ def group_columns(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> torc
     return reference.group_columns(q, config)
 
 
+def kernel_grouping(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    config: DistrConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the kernels take for canonical inputs: the grouping and the representatives' weights in
+    its order, (None, None) for G = 1. The forward and the backward both call this, so the backward
+    (which recomputes them) sees exactly the forward's."""
+    if config.exact:
+        return None, None
+    perm = group_columns(q, v, config)
+    return perm, reference.representative_weights(k, perm, config)
+
+
 def _config(group_size: int, block_m: int, num_hyperplanes: int, representative: str, grouping: str, seed: int) -> DistrConfig:
     return DistrConfig(group_size, block_m, num_hyperplanes, representative, grouping, seed)
 
@@ -83,12 +94,11 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     config = _config(group_size, block_m, num_hyperplanes, representative, grouping, seed)
     c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, group_size)
-    perm = None if config.exact else group_columns(c.q, c.v, config)
     if uses_kernel(c.q, c.v, config):
-        weights = None if perm is None else reference.representative_weights(c.k, perm, config)
+        perm, weights = kernel_grouping(c.q, c.k, c.v, config)
         out, lse = distr_forward(c.q, c.k, c.v, perm, weights, c.attn_mask, is_causal, scale, group_size, block_m)
     else:
-        out, lse = reference.distr_attention(c.q, c.k, c.v, c.attn_mask, is_causal, scale, config, perm=perm)
+        out, lse = reference.distr_attention(c.q, c.k, c.v, c.attn_mask, is_causal, scale, config)
     return c.restore(out), c.restore(lse)
 
 
@@ -102,9 +112,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     """Gradient of the approximate function with the grouping and the representatives' weights
-    held fixed (recomputed: they are deterministic functions of q and k). Triton kernels (P recomputed from the saved lse, as in
-    FlashAttention-2) where the forward ran them and the mask needs no gradient; autograd through
-    the reference (exact attention on the representative-replaced q) otherwise."""
+    held fixed (recomputed: they are deterministic functions of q and k). Triton kernels (P
+    recomputed from the saved lse, as in FlashAttention-2) where the forward ran them and the mask
+    needs no gradient; autograd through the reference (exact attention on the
+    representative-replaced q) otherwise."""
     q, k, v, attn_mask, out, lse = ctx.saved_tensors
     is_causal, scale, enable_gqa, *knobs = ctx.args
     config = _config(*knobs)
@@ -112,8 +123,7 @@ def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     if uses_kernel(q, v, config) and not wants[3]:  # dtype, device and head dims: same as canonical
         c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
-        perm = None if config.exact else group_columns(c.q, c.v, config)
-        weights = None if perm is None else reference.representative_weights(c.k, perm, config)
+        perm, weights = kernel_grouping(c.q, c.k, c.v, config)
         dq, dk, dv = distr_backward(
             c.q, c.k, c.v, perm, weights, c.flatten(out), c.flatten(lse), c.flatten(grad_out),
             c.attn_mask, is_causal, scale, config.group_size, config.block_m,
