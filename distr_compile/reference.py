@@ -110,11 +110,18 @@ def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrCon
     if config.representative == "sample":
         first = (torch.arange(D, device=perm.device) % G == 0).to(dtype)
         return first.expand(B, H, nb, D).contiguous()
-    keys = k.detach().to(dtype)
+    keys, length = k.detach(), k.shape[-2]
+    if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):  # tensor cores, fp32 accumulate and out
+        flat = keys.reshape(-1, length, D)
+        gram = torch.bmm(flat.transpose(1, 2), flat, out_dtype=torch.float32).view(B, -1, D, D)
+    else:
+        keys = keys.to(dtype)
+        gram = keys.transpose(-1, -2) @ keys
     ratio = H // k.shape[1]
-    norms = keys.square().sum(-2).repeat_interleave(ratio, dim=1)[:, :, None].expand(B, H, nb, D)  # ||k_c||^2
-    keys = keys - keys.mean(-2, keepdim=True)
-    gram = (keys.transpose(-1, -2) @ keys).repeat_interleave(ratio, dim=1).flatten(-2)  # (B, H, D*D)
+    norms = gram.diagonal(0, -2, -1).repeat_interleave(ratio, dim=1)[:, :, None].expand(B, H, nb, D)  # ||k_c||^2
+    mean = keys.sum(-2, dtype=dtype) / length
+    gram = gram - length * mean[..., :, None] * mean[..., None, :]  # centered: (K - mean)^T (K - mean)
+    gram = gram.repeat_interleave(ratio, dim=1).flatten(-2)  # (B, H, D*D)
     groups = perm.long().unflatten(-1, (D // G, G))
     pairs = groups[..., :, None] * D + groups[..., None, :]  # (B, H, nb, D/G, G, G) indices into gram
     numerator = gram.gather(-1, pairs.flatten(2)).view(pairs.shape).sum(-1)  # (B, H, nb, D/G, G)
