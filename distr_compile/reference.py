@@ -111,16 +111,16 @@ def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrCon
         first = (torch.arange(D, device=perm.device) % G == 0).to(dtype)
         return first.expand(B, H, nb, D).contiguous()
     keys, length = k.detach(), k.shape[-2]
+    mean = keys.mean(-2, keepdim=True, dtype=dtype)  # centered first: no cancellation in the Gram
     if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):  # tensor cores, fp32 accumulate and out
-        flat = keys.reshape(-1, length, D)
-        gram = torch.bmm(flat.transpose(1, 2), flat, out_dtype=torch.float32).view(B, -1, D, D)
+        centered = (keys - mean.to(keys.dtype)).reshape(-1, length, D)
+        gram = torch.bmm(centered.transpose(1, 2), centered, out_dtype=dtype).view(B, -1, D, D)
     else:
-        keys = keys.to(dtype)
-        gram = keys.transpose(-1, -2) @ keys
+        centered = keys.to(dtype) - mean
+        gram = centered.transpose(-1, -2) @ centered
     ratio = H // k.shape[1]
-    norms = gram.diagonal(0, -2, -1).repeat_interleave(ratio, dim=1)[:, :, None].expand(B, H, nb, D)  # ||k_c||^2
-    mean = keys.sum(-2, dtype=dtype) / length
-    gram = gram - length * mean[..., :, None] * mean[..., None, :]  # centered: (K - mean)^T (K - mean)
+    norms = gram.diagonal(0, -2, -1) + length * mean.squeeze(-2).square()  # ||k_c||^2
+    norms = norms.repeat_interleave(ratio, dim=1)[:, :, None].expand(B, H, nb, D)
     gram = gram.repeat_interleave(ratio, dim=1).flatten(-2)  # (B, H, D*D)
     groups = perm.long().unflatten(-1, (D // G, G))
     pairs = groups[..., :, None] * D + groups[..., None, :]  # (B, H, nb, D/G, G, G) indices into gram

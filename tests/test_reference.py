@@ -129,6 +129,22 @@ def test_lstsq_falls_back_to_the_mean_where_the_fused_keys_do_not_vary():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lstsq_weights_from_half_keys_match_float32_ones_despite_a_large_key_mean(dtype):
+    """On CUDA, half-precision keys get their Gram on tensor cores. The keys are centered before
+    the product, so a key mean 20x the keys' spread (trained models have such offsets) does not
+    cancel the Gram away: the weights agree with float32 keys'."""
+    torch.manual_seed(0)
+    config = DistrConfig(group_size=2, block_m=64, representative="lstsq")
+    q = torch.randn(2, 4, 256, 64, device="cuda")
+    k = (20 + torch.randn(2, 2, 1024, 64, device="cuda") * torch.logspace(-1, 0, 64, device="cuda")).to(dtype)
+    perm = reference.group_columns(q, config)
+    half = reference.representative_weights(k, perm, config)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, reference.representative_weights(k.float(), perm, config), rtol=0, atol=2e-2)
+
+
 def test_lstsq_beats_the_mean_on_uneven_key_columns():
     """Where key columns differ in scale (as in trained models), the least-squares representative
     errs less than the mean."""
