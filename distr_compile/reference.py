@@ -113,7 +113,7 @@ def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrCon
     keys, length = k.detach(), k.shape[-2]
     mean = keys.mean(-2, keepdim=True, dtype=dtype)  # centered first: no cancellation in the Gram
     if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):  # tensor cores, fp32 accumulate and out
-        centered = (keys - mean.to(keys.dtype)).reshape(-1, length, D)
+        centered = (keys - mean).to(keys.dtype).reshape(-1, length, D)  # fp32 mean: no residual offset
         gram = torch.bmm(centered.transpose(1, 2), centered, out_dtype=dtype).view(B, -1, D, D)
     else:
         centered = keys.to(dtype) - mean
