@@ -4,13 +4,16 @@
 #   bash benchmarks/gpu_session.sh setup      # wheels from .whl + editable install (entry point)
 #   bash benchmarks/gpu_session.sh tests      # every `gpu` test, 8 workers, autotune off
 #   bash benchmarks/gpu_session.sh kernels    # forward + backward kernel benchmarks
-#   bash benchmarks/gpu_session.sh backward   # backward benchmark at issue 8's shape (d=128, L=4096)
+#   bash benchmarks/gpu_session.sh backward ARGS  # backward benchmark at issue 8's shape (d=128, L=4096)
 #   bash benchmarks/gpu_session.sh weights    # keep the SmolLM2 GGUF chunk(s) carried in .weights/
 #                                             # (one per call: the carry limit is 64 MiB); join them
 #   bash benchmarks/gpu_session.sh models ARGS  # benchmarks/model.py ARGS (SmolLM2 rows need `weights`)
 #   bash benchmarks/gpu_session.sh zoo ARGS   # benchmarks/zoo.py ARGS (MiniLM from carried .weights/minilm)
 #   bash benchmarks/gpu_session.sh compile ARGS # compile time, cold and warm Triton cache
 #   bash benchmarks/gpu_session.sh adapt ARGS # the adaptation recipe (needs `weights`)
+#   bash benchmarks/gpu_session.sh adapts SECONDS "ARGS1" "ARGS2" ...  # several recipes at once, each
+#                                             # its own process (one alone leaves the GPU mostly idle),
+#                                             # each stopped after SECONDS; logs adapt-N.log
 #   bash benchmarks/gpu_session.sh diagnose   # open questions: AOTI load crash (native backtrace),
 #                                             # Inductor's SDPA lowering on HF ViT, ViT-518 profiles
 #   bash benchmarks/gpu_session.sh sweep      # every forward autotune config's time per shape class
@@ -39,7 +42,7 @@ case $STEP in
     log python3 benchmarks/kernel.py --dtypes bf16 --dims 64 128 --lengths 1024 4096 16384 --out "$OUT/BENCHMARKS.md"
     log python3 benchmarks/backward.py --dims 128 --lengths 4096 16384 --out "$OUT/BENCHMARKS.md" ;;
   backward)
-    log python3 benchmarks/backward.py --dims 128 --lengths 4096 --out "$OUT/BENCHMARKS.md" ;;
+    log python3 benchmarks/backward.py --dims 128 --lengths 4096 --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   weights)
     cp .weights/smollm2.part* /tmp/ && mkdir -p "$WEIGHTS" && ls -la /tmp/smollm2.part*
     if [ -f /tmp/smollm2.part00 ] && [ -f /tmp/smollm2.part01 ]; then
@@ -55,6 +58,16 @@ case $STEP in
     # checkpoints stay in /tmp/adapt (too large to come back; --resume on the same machine)
     log python3 examples/adapt.py --device cuda --model-path "$WEIGHTS" --out /tmp/adapt "${@:2}"
     mkdir -p "$OUT/adapt" && cp /tmp/adapt/*.json /tmp/adapt/*.png "$OUT/adapt/" ;;
+  adapts)
+    for i in $(seq 3 $#); do
+      n=$((i - 2))
+      ( echo "adapt-$n: ${!i}" > "$OUT/adapt-$n.log"
+        timeout "$2" python3 examples/adapt.py --device cuda --model-path "$WEIGHTS" --out /tmp/adapt-$n ${!i} \
+          >> "$OUT/adapt-$n.log" 2>&1
+        mkdir -p "$OUT/adapt-$n" && cp /tmp/adapt-$n/*.json /tmp/adapt-$n/*.png "$OUT/adapt-$n/" ) &
+    done
+    wait
+    grep -a -o "^adapt-.*\|held-out perplexity.*\|Guard accepts.*\|[A-Za-z]*Error.*" "$OUT"/adapt-*.log ;;
   diagnose)
     log python3 notes/aoti_probe.py
     log python3 notes/sdpa_lowering_probe.py

@@ -89,6 +89,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--objective", choices=("distill", "lm"), default="distill",
                         help="distill: KL divergence from the original model's next-token distribution; "
                              "lm: next-token loss on the training text")
+    parser.add_argument("--hidden-weight", type=float, default=0.0,
+                        help="distill only: add this times each layer's relative squared distance from the "
+                             "original's hidden states (layer-wise distillation), averaged over layers")
     parser.add_argument("--extra-train-text", choices=("none", "stdlib-docstrings"), default="none",
                         help="also train on the standard library's docstrings (~300k tokens); "
                              "evaluation stays on held-out pydoc text")
@@ -104,8 +107,10 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.eval_windows and args.guard_batches > args.eval_windows:
         parser.error(f"--guard-batches ({args.guard_batches}) must be <= --eval-windows ({args.eval_windows})")
-    if not (args.lr > 0 and args.tolerance >= 0 and args.ppl_tolerance >= 0):
-        parser.error("--lr must be > 0 and --tolerance, --ppl-tolerance >= 0")
+    if not (args.lr > 0 and args.tolerance >= 0 and args.ppl_tolerance >= 0 and args.hidden_weight >= 0):
+        parser.error("--lr must be > 0 and --tolerance, --ppl-tolerance, --hidden-weight >= 0")
+    if args.hidden_weight and args.objective != "distill":
+        parser.error("--hidden-weight needs --objective distill (the original's hidden states are the target)")
     try:
         adaptation_options(**knobs(args))
     except ValueError as e:
@@ -134,8 +139,10 @@ def main() -> None:
     print(f"SmolLM2-135M, {len(train_ids)} training / {len(eval_ids)} held-out tokens, "
           f"evaluating {len(eval_windows)} windows of {args.seq_len}; options {options}")
 
-    results = {"exact attention, original model": perplexity(original, eval_windows, args, amp)}
-    results["DistrAttention, before adaptation"] = perplexity(model, eval_windows, args, amp)
+    results = {}
+    measure = lambda name, m: report(results, name, perplexity(m, eval_windows, args, amp))  # noqa: E731
+    measure("exact attention, original model", original)
+    measure("DistrAttention, before adaptation", model)
     step, losses = 0, []
     checkpoint = out / "checkpoint.pt"
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -149,13 +156,13 @@ def main() -> None:
     start = time.perf_counter()
     train(model, original, optimizer, train_ids, losses, step, args, amp, checkpoint)
     train_s = time.perf_counter() - start
-    results["DistrAttention, after adaptation"] = perplexity(model, eval_windows, args, amp)
+    measure("DistrAttention, after adaptation", model)
     adapted = copy.deepcopy(original)  # the adapted weights in an uncompiled (exact attention) model
     adapted.load_state_dict(model.state_dict())
-    results["exact attention, adapted weights"] = perplexity(adapted, eval_windows, args, amp)
+    measure("exact attention, adapted weights", adapted)
     guards = guard_counts(adapted, original, guard_windows, args, amp, out)
 
-    plot_losses(losses, args.objective, out / "loss.png")
+    plot_losses(losses, args, out / "loss.png")
     summary = {"steps": len(losses), "train_seconds_this_run": round(train_s, 1), "perplexity": results,
                "guard": guards, "args": vars(args)}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
@@ -165,6 +172,12 @@ def main() -> None:
 def knobs(args: argparse.Namespace) -> dict:
     """The DistrAttention settings the run trains and guards with."""
     return dict(group_size=args.group_size, block_m=args.block_m, representative=args.representative)
+
+
+def report(results: dict[str, float], name: str, value: float) -> None:
+    """Record a perplexity and print it at once (a run cut short still shows what it measured)."""
+    results[name] = value
+    print(f"held-out perplexity, {name}: {value:.2f}", flush=True)
 
 
 def split(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,9 +251,13 @@ def train(model, original, optimizer, train_ids, losses: list[float], step: int,
                 loss = model(**batch).loss
             else:
                 batch.pop("labels")
+                batch["output_hidden_states"] = args.hidden_weight > 0
                 with torch.no_grad():
-                    target = original(**batch).logits
-                loss = distillation_loss(model(**batch).logits, target)
+                    target = original(**batch)
+                output = model(**batch)
+                loss = distillation_loss(output.logits, target.logits)
+                if args.hidden_weight:
+                    loss = loss + args.hidden_weight * hidden_state_loss(output.hidden_states, target.hidden_states)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -258,6 +275,14 @@ def distillation_loss(logits: torch.Tensor, original_logits: torch.Tensor) -> to
     log_p = F.log_softmax(original_logits.float().flatten(0, -2), dim=-1)
     log_q = F.log_softmax(logits.float().flatten(0, -2), dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def hidden_state_loss(hidden: tuple[torch.Tensor, ...], original_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-token relative squared distance of each layer's output from the original's, averaged
+    over layers and tokens (the embeddings, entry 0, are skipped: they are the same)."""
+    errors = [((h.float() - t.float()).square().sum(-1) / t.float().square().sum(-1).clamp_min(1e-6)).mean()
+              for h, t in zip(hidden[1:], original_hidden[1:])]
+    return torch.stack(errors).mean()
 
 
 def guard_counts(model, original, guard_windows, args: argparse.Namespace, amp, out: Path) -> dict:
@@ -283,7 +308,7 @@ def perplexity_increase(output, original_output) -> float:
     return math.exp(output.loss.float().item() - original_output.loss.float().item()) - 1.0
 
 
-def plot_losses(losses: list[float], objective: str, path: Path) -> None:
+def plot_losses(losses: list[float], args: argparse.Namespace, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,7 +317,8 @@ def plot_losses(losses: list[float], objective: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(range(1, len(losses) + 1), losses, label="training loss (DistrAttention G=2, every layer)")
     ax.set_xlabel("step")
-    ax.set_ylabel("KL(original || adapted) per token" if objective == "distill" else "next-token NLL")
+    label = "KL(original || adapted) per token" if args.objective == "distill" else "next-token NLL"
+    ax.set_ylabel(label + (f" + {args.hidden_weight:g} x hidden-state distance" if args.hidden_weight else ""))
     ax.set_title("SmolLM2-135M adaptation")
     ax.legend()
     fig.tight_layout()
