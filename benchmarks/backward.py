@@ -81,7 +81,7 @@ def time_distr(row, q, k, v, grad_out, causal, G, block_m, representative, sdpa_
 
     def forward():
         perm = lsh_group(q, config) if G > 1 else None
-        weights = None if perm is None else reference.representative_weights(k, perm, config)
+        weights = None if perm is None else reference.representative_weights(k, perm, config, causal, q.shape[-2])
         return perm, weights, *distr_forward(q, k, v, perm, weights, None, causal, None, G, block_m)
 
     def backward(perm, weights, out, lse):

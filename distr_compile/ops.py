@@ -61,15 +61,15 @@ def group_columns(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> torc
     return reference.group_columns(q, config)
 
 
-def kernel_grouping(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    config: DistrConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def kernel_grouping(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig,
+                    is_causal: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """What the kernels take for canonical inputs: the grouping and the representatives' weights in
     its order, (None, None) for G = 1. The forward and the backward both call this, so the backward
     (which recomputes them) sees exactly the forward's."""
     if config.exact:
         return None, None
     perm = group_columns(q, v, config)
-    return perm, reference.representative_weights(k, perm, config)
+    return perm, reference.representative_weights(k, perm, config, is_causal, q.shape[-2])
 
 
 def _config(group_size: int, block_m: int, num_hyperplanes: int, representative: str, grouping: str, seed: int) -> DistrConfig:
@@ -95,7 +95,7 @@ def attention(
     config = _config(group_size, block_m, num_hyperplanes, representative, grouping, seed)
     c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, group_size)
     if uses_kernel(c.q, c.v, config):
-        perm, weights = kernel_grouping(c.q, c.k, c.v, config)
+        perm, weights = kernel_grouping(c.q, c.k, c.v, config, is_causal)
         out, lse = distr_forward(c.q, c.k, c.v, perm, weights, c.attn_mask, is_causal, scale, group_size, block_m)
     else:
         out, lse = reference.distr_attention(c.q, c.k, c.v, c.attn_mask, is_causal, scale, config)
@@ -123,7 +123,7 @@ def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     if uses_kernel(q, v, config) and not wants[3]:  # dtype, device and head dims: same as canonical
         c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
-        perm, weights = kernel_grouping(c.q, c.k, c.v, config)
+        perm, weights = kernel_grouping(c.q, c.k, c.v, config, is_causal)
         dq, dk, dv = distr_backward(
             c.q, c.k, c.v, perm, weights, c.flatten(out), c.flatten(lse), c.flatten(grad_out),
             c.attn_mask, is_causal, scale, config.group_size, config.block_m,

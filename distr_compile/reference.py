@@ -88,20 +88,22 @@ def group_columns(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     return (codes * D + torch.arange(D, device=q.device)).argsort(-1)
 
 
-def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrConfig, is_causal: bool = False,
+                           query_length: int | None = None) -> torch.Tensor:
     """Each column's weight in its group's representative, in ``perm``'s order: (B, Hq, nb, D)
-    float32 (float64 for float64 keys), contiguous; the weights of a group sum to 1. Held fixed like the grouping (no
-    gradient flows through them).
+    float32 (float64 for float64 keys), contiguous; the weights of a group sum to 1. Held fixed
+    like the grouping (no gradient flows through them).
 
     "mean": 1/G. "sample": 1 for the group's first column. "lstsq": the least-squares
-    representative of a group g for its fused key column K_g = sum_c k_c: with C the head's
-    centered key Gram (K - mean key)^T (K - mean key) over ALL keys (a key component shared by
-    every key only shifts each score row, which softmax ignores), w_c = sum_{c' in g} C[c, c'] /
+    representative of a group g for its fused key column K_g = sum_c k_c over the keys the block
+    sees: with C the head's centered Gram of those keys (a key component shared by every key only
+    shifts each score row, which softmax ignores), w_c = sum_{c' in g} C[c, c'] /
     sum_{c, c' in g} C[c, c'], so r_g = sum_c w_c q_c makes r_g K_g^T closest to sum_c q_c k_c^T.
-    A group whose fused keys hardly vary over the keys (centered norm under 1e-6 of the columns'
-    squared norms; e.g. a single key) falls back to 1/G. Measured on SmolLM2-135M with every
-    layer at G=2, block 64: perplexity 208 (mean) -> 77 (lstsq); exact 9.0
-    (notes/representative_study.py)."""
+    The keys a block sees are all of them, or with ``is_causal`` (SDPA's top-left alignment; needs
+    ``query_length``) those up to the block's last row. A group whose fused keys hardly vary over
+    them (centered norm under 1e-6 of the columns' squared norms; e.g. a single key) falls back to
+    1/G. Measured on SmolLM2-135M with every layer at G=2, block 32: perplexity 172 (mean) -> 56
+    (all keys) -> 50 (visible keys); exact 9.05 (notes/representative_study.py)."""
     B, H, nb, D = perm.shape
     G = config.group_size
     dtype = torch.promote_types(k.dtype, torch.float32)
@@ -110,25 +112,55 @@ def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrCon
     if config.representative == "sample":
         first = (torch.arange(D, device=perm.device) % G == 0).to(dtype)
         return first.expand(B, H, nb, D).contiguous()
-    keys, length = k.detach(), k.shape[-2]
-    mean = keys.mean(-2, keepdim=True, dtype=dtype)  # centered first: no cancellation in the Gram
-    if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):  # tensor cores, fp32 accumulate and out
-        centered = (keys - mean).to(keys.dtype).reshape(-1, length, D)  # fp32 mean: no residual offset
-        gram = torch.bmm(centered.transpose(1, 2), centered, out_dtype=dtype).view(B, -1, D, D)
-    else:
-        centered = keys.to(dtype) - mean
-        gram = centered.transpose(-1, -2) @ centered
-    ratio = H // k.shape[1]
-    norms = gram.diagonal(0, -2, -1) + length * mean.squeeze(-2).square()  # ||k_c||^2
-    norms = norms.repeat_interleave(ratio, dim=1)[:, :, None].expand(B, H, nb, D)
-    gram = gram.repeat_interleave(ratio, dim=1).flatten(-2)  # (B, H, D*D)
-    groups = perm.long().unflatten(-1, (D // G, G))
-    pairs = groups[..., :, None] * D + groups[..., None, :]  # (B, H, nb, D/G, G, G) indices into gram
-    numerator = gram.gather(-1, pairs.flatten(2)).view(pairs.shape).sum(-1)  # (B, H, nb, D/G, G)
+    if is_causal and query_length is None:
+        raise ValueError("representative_weights: is_causal needs query_length")
+    gram, norms = visible_key_gram(k, config.block_m, nb, query_length if is_causal else None)
+    Hkv = k.shape[1]
+    groups = perm.long().reshape(B, Hkv, H // Hkv, nb, D // G, G)  # query heads sharing a key head side by side
+    pairs = (groups[..., :, None] * D + groups[..., None, :]).flatten(-3)  # indices into each D x D Gram
+    numerator = gram.flatten(-2)[:, :, None].expand(-1, -1, H // Hkv, nb, -1).gather(-1, pairs)
+    numerator = numerator.view(groups.shape + (G,)).sum(-1)  # (B, Hkv, r, nb, D/G, G)
     denominator = numerator.sum(-1, keepdim=True)  # ||fused centered key column||^2
-    varies = denominator > 1e-6 * norms.gather(-1, perm.long()).view(groups.shape).sum(-1, keepdim=True)
+    squared = norms[:, :, None].expand(-1, -1, H // Hkv, nb, -1).gather(-1, groups.flatten(-2)).view(groups.shape)
+    varies = denominator > 1e-6 * squared.sum(-1, keepdim=True)
     weights = torch.where(varies, numerator / torch.where(varies, denominator, 1.0), 1.0 / G)
-    return weights.flatten(-2)
+    return weights.view(B, H, nb, D)
+
+
+def visible_key_gram(k: torch.Tensor, block_m: int, nb: int,
+                     query_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key head, the centered Gram of the keys each of ``nb`` query blocks sees, and their
+    uncentered squared column norms: ((B, Hkv, n, D, D), (B, Hkv, n, D)) float32 (float64 for
+    float64 keys), n = 1 for all keys, n = nb for causal attention (``query_length`` given: block b
+    sees keys before min((b + 1) block_m, query_length)). Half-precision CUDA keys go through
+    tensor cores (fp32 accumulation); keys are centered by their mean first, so a large shared
+    component does not cancel the centered Gram away."""
+    B, Hkv, length, D = k.shape
+    dtype = torch.promote_types(k.dtype, torch.float32)
+    keys = k.detach()
+    mean = keys.mean(-2, keepdim=True, dtype=dtype)
+    centered = keys - mean
+    if query_length is None:
+        chunk, counts = length, torch.full((1,), length, device=k.device)
+    else:  # keys no query sees (from query_length on) are zeroed; prefix sums over blocks of keys
+        chunk = block_m
+        ends = torch.arange(1, nb + 1, device=k.device) * block_m
+        counts = ends.clamp(max=min(query_length, length))
+        centered = centered.masked_fill(torch.arange(length, device=k.device)[:, None] >= query_length, 0.0)
+        centered = torch.nn.functional.pad(centered, (0, 0, 0, (-length) % block_m))
+    half = keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16)
+    chunks = centered.to(keys.dtype if half else dtype).unflatten(-2, (-1, chunk))  # (B, Hkv, nc, chunk, D)
+    flat = chunks.flatten(0, 2)
+    gram = (torch.bmm(flat.transpose(1, 2), flat, out_dtype=dtype) if half else flat.transpose(1, 2) @ flat)
+    sums = chunks.sum(-2, dtype=dtype)  # (B, Hkv, nc, D)
+    gram = gram.view(B, Hkv, -1, D, D)
+    if query_length is not None:  # the chunks each block sees: those before its last visible key
+        last = (counts - 1).clamp(min=0) // block_m
+        gram, sums = gram.cumsum(2)[:, :, last], sums.cumsum(2)[:, :, last]
+    n = counts.to(dtype).clamp(min=1)[:, None]
+    norms = gram.diagonal(0, -2, -1) + 2 * mean * sums + n * mean.square()
+    gram = gram - sums[..., :, None] * sums[..., None, :] / n[..., None]
+    return gram, norms
 
 
 def representative_query(q: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor, config: DistrConfig) -> torch.Tensor:
@@ -198,7 +230,7 @@ def distr_attention(
     if not config.exact:
         if perm is None:
             perm = group_columns(q, config)
-        weights = representative_weights(k, perm, config)
+        weights = representative_weights(k, perm, config, is_causal, q.shape[-2])
         q = representative_query(q.to(torch.promote_types(dtype, torch.float32)), perm, weights, config)
     out, lse = attention(q, k, v, attn_mask, is_causal, scale, dropout_p)
     return out.to(dtype), lse

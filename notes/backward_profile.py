@@ -23,7 +23,7 @@ B, H, L, D, ITERS = 4, 16, 4096, 128, 20
 def step(q, k, v, grad_out, causal, G):
     config = DistrConfig(group_size=G)
     perm = lsh_group(q, config) if G > 1 else None
-    weights = None if perm is None else reference.representative_weights(k, perm, config)
+    weights = None if perm is None else reference.representative_weights(k, perm, config, causal, q.shape[-2])
     out, lse = distr_forward(q, k, v, perm, weights, None, causal, None, G, config.block_m)
     return distr_backward(q, k, v, perm, weights, out, lse, grad_out, None, causal, None, G, config.block_m)
 

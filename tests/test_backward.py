@@ -45,7 +45,7 @@ def check_backward(B, Hq, Hkv, Lq, Lk, D, dtype, group_size, block_m, mask_kind=
     grad_out = torch.randn_like(q)
     grad_lse = torch.randn(B, Hq, Lq, device=DEVICE) if with_grad_lse else None
 
-    weights = None if perm is None else reference.representative_weights(k, perm, config)
+    weights = None if perm is None else reference.representative_weights(k, perm, config, causal, q.shape[-2])
     out, lse = distr_forward(q, k, v, perm, weights, mask, causal, None, group_size, block_m)
     dq, dk, dv = bwd.distr_backward(
         q, k, v, perm, weights, out, lse, grad_out, mask, causal, None, group_size, block_m, grad_lse=grad_lse

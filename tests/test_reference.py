@@ -27,7 +27,8 @@ def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
                 rows = slice(blk * bm, min(Lq, (blk + 1) * bm))
                 groups = perm[b, h, blk].view(D // G, G)
                 qb = q[b, h, rows]
-                q_rep = torch.stack([literal_representative(qb, kh, g, config) for g in groups], -1)
+                seen = kh[:rows.stop] if causal else kh  # the keys the block's rows see
+                q_rep = torch.stack([literal_representative(qb, seen, g, config) for g in groups], -1)
                 k_fused = torch.stack([kh[:, g].sum(-1) for g in groups], -1)
                 s = q_rep @ k_fused.T * scale
                 if causal:
@@ -39,7 +40,7 @@ def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
 
 def literal_representative(qb, kh, g, config):
     """One group's representative column: the mean, the first column, or ("lstsq") the column r
-    minimising || sum_c q_c kc_c^T - r (sum_c kc_c)^T || over the centered keys kc, solved by
+    minimising || sum_c q_c kc_c^T - r (sum_c kc_c)^T || over the centered keys kc ``kh``, solved by
     least squares rather than by the reference's closed form."""
     if config.representative == "mean":
         return qb[:, g].mean(-1)
@@ -67,9 +68,13 @@ def literal_lsh_codes(q, config):
 @pytest.mark.parametrize("representative", ["mean", "sample", "lstsq"])
 @pytest.mark.parametrize("group_size", [2, 4, 8])
 @pytest.mark.parametrize("causal", [False, True])
-def test_matches_literal_formula(representative, group_size, causal):
+@pytest.mark.parametrize("lengths", [(37, 29), (21, 40)], ids=["lq>lk", "lq<lk"])
+def test_matches_literal_formula(representative, group_size, causal, lengths):
+    """Causal lstsq fits each block's representatives on the keys that block sees, including a
+    last block cut short by the query length while more keys follow."""
     config = DistrConfig(group_size=group_size, block_m=16, representative=representative)
-    q, k, v = rand(2, 2, 37, 32), rand(2, 2, 29, 32), rand(2, 2, 29, 32)
+    lq, lk = lengths
+    q, k, v = rand(2, 2, lq, 32), rand(2, 2, lk, 32), rand(2, 2, lk, 32)
     perm = reference.group_columns(q, config)
     out, _ = reference.distr_attention(q, k, v, is_causal=causal, config=config)
     expected = literal_distr_attention(q, k, v, config, perm, causal=causal)
