@@ -142,21 +142,21 @@ def visible_key_gram(k: torch.Tensor, block_m: int, nb: int,
     centered = keys - mean
     if query_length is None:
         chunk, counts = length, torch.full((1,), length, device=k.device)
-    else:  # keys no query sees (from query_length on) are zeroed; prefix sums over blocks of keys
-        chunk = block_m
-        ends = torch.arange(1, nb + 1, device=k.device) * block_m
-        counts = ends.clamp(max=min(query_length, length))
-        centered = centered.masked_fill(torch.arange(length, device=k.device)[:, None] >= query_length, 0.0)
-        centered = torch.nn.functional.pad(centered, (0, 0, 0, (-length) % block_m))
+    else:  # causal: block b sees the keys before min((b + 1) block_m, query_length, length)
+        seen, chunk = min(query_length, length), block_m
+        counts = (torch.arange(1, nb + 1, device=k.device) * block_m).clamp(max=seen)
+        centered = torch.nn.functional.pad(centered[..., :seen, :], (0, 0, 0, (-seen) % block_m))
     half = keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16)
     chunks = centered.to(keys.dtype if half else dtype).unflatten(-2, (-1, chunk))  # (B, Hkv, nc, chunk, D)
     flat = chunks.flatten(0, 2)
     gram = (torch.bmm(flat.transpose(1, 2), flat, out_dtype=dtype) if half else flat.transpose(1, 2) @ flat)
     sums = chunks.sum(-2, dtype=dtype)  # (B, Hkv, nc, D)
     gram = gram.view(B, Hkv, -1, D, D)
-    if query_length is not None:  # the chunks each block sees: those before its last visible key
-        last = (counts - 1).clamp(min=0) // block_m
-        gram, sums = gram.cumsum(2)[:, :, last], sums.cumsum(2)[:, :, last]
+    if query_length is not None:  # prefix sums over the key blocks: query block b sees key blocks 0..b
+        gram, sums = gram.cumsum_(2), sums.cumsum_(2)
+        if gram.shape[2] < nb:  # query blocks past the last key see every key
+            last = torch.arange(nb, device=k.device).clamp(max=gram.shape[2] - 1)
+            gram, sums = gram[:, :, last], sums[:, :, last]
     n = counts.to(dtype).clamp(min=1)[:, None]
     norms = gram.diagonal(0, -2, -1) + 2 * mean * sums + n * mean.square()
     gram = gram - sums[..., :, None] * sums[..., None, :] / n[..., None]
