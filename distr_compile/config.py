@@ -36,7 +36,8 @@ class DistrConfig:
         representative: what stands for each group of Q columns: "mean" (default), "sample" (the
             paper's: the group's first column in sorted order) or "lstsq" (a weighted sum whose
             weights, from the head's key Gram, make the group's product with its fused keys
-            closest to the exact one; see ``reference.representative_weights``).
+            closest to the exact one; under causal attention each block's weights are fitted on the
+            keys it sees; see ``reference.representative_weights``).
         grouping: "lsh" sorts columns by their LSH code (the paper); "random" groups columns by a
             seeded random permutation per block (the baseline LSH is measured against).
         seed: seeds the hyperplanes (or the random permutation); same seed, same result.
