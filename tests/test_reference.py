@@ -40,7 +40,7 @@ def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
 
 def literal_representative(qb, kh, g, config):
     """One group's representative column: the mean, the first column, or ("lstsq") the column r
-    minimising || sum_c q_c kc_c^T - r (sum_c kc_c)^T || over the centered keys kc ``kh``, solved by
+    minimising || sum_c q_c kc_c^T - r (sum_c kc_c)^T || over ``kh``'s centered keys kc, solved by
     least squares rather than by the reference's closed form."""
     if config.representative == "mean":
         return qb[:, g].mean(-1)
@@ -135,19 +135,22 @@ def test_lstsq_falls_back_to_the_mean_where_the_fused_keys_do_not_vary():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_lstsq_weights_from_half_keys_match_float32_ones_despite_a_large_key_mean(dtype):
-    """On CUDA, half-precision keys get their Gram on tensor cores. The keys are centered before
-    the product, so a key mean 20x the keys' spread (trained models have such offsets) does not
-    cancel the Gram away: the weights agree with float32 keys'."""
+def test_lstsq_weights_from_half_keys_match_float32_ones_despite_a_large_key_mean(dtype, causal):
+    """On CUDA, half-precision keys get their Gram on tensor cores (per key block under causal
+    attention). The keys are centered before the product, so a key mean 20x the keys' spread
+    (trained models have such offsets) does not cancel the Gram away: the weights agree with
+    float32 keys'."""
     torch.manual_seed(0)
     config = DistrConfig(group_size=2, block_m=64, representative="lstsq")
     q = torch.randn(2, 4, 256, 64, device="cuda")
     k = (20 + torch.randn(2, 2, 1024, 64, device="cuda") * torch.logspace(-1, 0, 64, device="cuda")).to(dtype)
     perm = reference.group_columns(q, config)
-    half = reference.representative_weights(k, perm, config)
+    half = reference.representative_weights(k, perm, config, causal, q.shape[-2])
     assert half.dtype == torch.float32
-    torch.testing.assert_close(half, reference.representative_weights(k.float(), perm, config), rtol=0, atol=2e-2)
+    full = reference.representative_weights(k.float(), perm, config, causal, q.shape[-2])
+    torch.testing.assert_close(half, full, rtol=0, atol=2e-2)
 
 
 def test_lstsq_beats_the_mean_on_uneven_key_columns():
