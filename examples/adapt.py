@@ -35,8 +35,8 @@ make the attention's forward+backward 0.6x as fast as SDPA flash at d=128 (block
 BENCHMARKS.md, session 7). ``--block-m 64`` trains the fast setting.
 
 GPU run (bf16 autocast, fp32 master weights; the cuda preset: 1500 steps of 8 x 1024 tokens,
-lr 1e-3; four such runs side by side on one H100 took 11.5 minutes; 9.14 perplexity vs the
-original's 8.60, +6.3%, BENCHMARKS.md session 7):
+lr 1e-3; 2.5 steps/s with four runs sharing one H100, so about 10 minutes of training; 9.14
+perplexity vs the original's 8.60, +6.3%, BENCHMARKS.md session 7):
     python examples/adapt.py --device cuda --model-path <folder with SmolLM2 (GGUF or save_pretrained)> \
         --extra-train-text stdlib-docstrings
 """
