@@ -33,7 +33,7 @@ from distr_compile import DistrConfig, reference
 from distr_compile.config import REPRESENTATIVES
 from distr_compile.kernels import attention_backward as bwd
 from distr_compile.kernels.attention import distr_forward
-from distr_compile.kernels.grouping import lsh_group
+from distr_compile.ops import kernel_grouping
 
 from results import append_section  # benchmarks/results.py, beside this script
 
@@ -80,8 +80,7 @@ def time_distr(row, q, k, v, grad_out, causal, G, block_m, representative, sdpa_
     config = DistrConfig(group_size=G, block_m=block_m, representative=representative)
 
     def forward():
-        perm = lsh_group(q, config) if G > 1 else None
-        weights = None if perm is None else reference.representative_weights(k, perm, config, causal, q.shape[-2])
+        perm, weights = kernel_grouping(q, k, v, config, causal)  # as the op computes them
         return perm, weights, *distr_forward(q, k, v, perm, weights, None, causal, None, G, block_m)
 
     def backward(perm, weights, out, lse):

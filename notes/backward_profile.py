@@ -12,18 +12,17 @@ from tabulate import tabulate
 from torch._library.triton import set_wrap_triton_enabled
 from torch.profiler import ProfilerActivity, profile
 
-from distr_compile import DistrConfig, reference
+from distr_compile import DistrConfig
 from distr_compile.kernels.attention import distr_forward
 from distr_compile.kernels.attention_backward import distr_backward
-from distr_compile.kernels.grouping import lsh_group
+from distr_compile.ops import kernel_grouping
 
 B, H, L, D, ITERS = 4, 16, 4096, 128, 20
 
 
 def step(q, k, v, grad_out, causal, G):
     config = DistrConfig(group_size=G)
-    perm = lsh_group(q, config) if G > 1 else None
-    weights = None if perm is None else reference.representative_weights(k, perm, config, causal, q.shape[-2])
+    perm, weights = kernel_grouping(q, k, v, config, causal)
     out, lse = distr_forward(q, k, v, perm, weights, None, causal, None, G, config.block_m)
     return distr_backward(q, k, v, perm, weights, out, lse, grad_out, None, causal, None, G, config.block_m)
 
