@@ -182,11 +182,12 @@ def _distr_fwd_kernel(
     offs_d = tl.arange(0, D)
     row_ok = offs_m < len_q
 
-    perm_base = PERM + (pid_bh * num_blocks + pid_m) * D
+    block = (pid_bh * num_blocks + pid_m) * D  # this query block's grouping and weights
+    perm_base = PERM + block
     q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
     q_rep = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     if G > 1:
-        q_rep = _query_representatives(q_rep, perm_base, WEIGHTS + (pid_bh * num_blocks + pid_m) * D, D, G)
+        q_rep = _query_representatives(q_rep, perm_base, WEIGHTS + block, D, G)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh

@@ -322,7 +322,8 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, D)
     offs_g = tl.arange(0, D // G)
     row_ok = offs_m < len_q
-    perm_base = PERM + (pid_bh * num_blocks + pid_m) * D
+    block = (pid_bh * num_blocks + pid_m) * D  # this query block's grouping and weights
+    perm_base = PERM + block
     do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
                  mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE2 + pid_bh * len_q + offs_m, mask=row_ok, other=float("inf"))
@@ -366,7 +367,6 @@ def _bwd_dq_kernel(
             acc = tl.dot(acc, member, input_precision="ieee")
         # dq[:, c] = dQ_rep[:, group of c] * (c's weight), gathered through the inverse
         # permutation: row-contiguous stores
-        block = (pid_bh * num_blocks + pid_m) * D
         position = tl.load(PERM_INV + block + offs_d)
         acc = tl.gather(acc, tl.broadcast_to((position // G)[None, :], (BLOCK_M, D)), axis=1)
         acc = acc * tl.load(WEIGHTS + block + position)[None, :]
