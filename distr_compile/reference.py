@@ -116,12 +116,13 @@ def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrCon
         raise ValueError("representative_weights: is_causal needs query_length")
     gram, norms = visible_key_gram(k, config.block_m, nb, query_length if is_causal else None)
     Hkv = k.shape[1]
-    groups = perm.long().reshape(B, Hkv, H // Hkv, nb, D // G, G)  # query heads sharing a key head side by side
+    r = H // Hkv  # query heads per key head
+    groups = perm.long().reshape(B, Hkv, r, nb, D // G, G)  # query heads sharing a key head side by side
     pairs = (groups[..., :, None] * D + groups[..., None, :]).flatten(-3)  # indices into each D x D Gram
-    numerator = gram.flatten(-2)[:, :, None].expand(-1, -1, H // Hkv, nb, -1).gather(-1, pairs)
+    numerator = gram.flatten(-2)[:, :, None].expand(-1, -1, r, nb, -1).gather(-1, pairs)
     numerator = numerator.view(groups.shape + (G,)).sum(-1)  # (B, Hkv, r, nb, D/G, G)
     denominator = numerator.sum(-1, keepdim=True)  # ||fused centered key column||^2
-    squared = norms[:, :, None].expand(-1, -1, H // Hkv, nb, -1).gather(-1, groups.flatten(-2)).view(groups.shape)
+    squared = norms[:, :, None].expand(-1, -1, r, nb, -1).gather(-1, groups.flatten(-2)).view(groups.shape)
     varies = denominator > 1e-6 * squared.sum(-1, keepdim=True)
     weights = torch.where(varies, numerator / torch.where(varies, denominator, 1.0), 1.0 / G)
     return weights.view(B, H, nb, D)
