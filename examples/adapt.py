@@ -22,7 +22,9 @@ of the adapted weights rose 8.6 -> 16.8 in 1500 steps at lr 2e-4). Then, on held
   the error being the relative perplexity increase on the guard batches).
 
 Checkpoints (model + optimizer, ``torch.save``) are written to ``--out``; ``--resume`` continues
-from the last one (a larger ``--steps`` stretches the cosine schedule over the new total). The
+from the last one (a larger ``--steps`` stretches the cosine schedule over the new total). SIGTERM
+(a scheduler's preemption, ``timeout``) ends training after the current step with a checkpoint
+there, so a stopped run loses nothing; the exit status is then 143 (128 + SIGTERM). The
 loss curve goes to ``--out/loss.png``, the numbers to ``results.json``.
 
 CPU smoke run (a few minutes; the numbers only show the pipeline works):
@@ -48,6 +50,7 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -233,9 +236,11 @@ def train(model, original, optimizer, train_ids, losses: list[float], step: int,
           checkpoint: Path) -> None:
     """AdamW steps ``step`` .. ``args.steps`` through the model with compiled layers (DistrAttention
     forward and backward) on ``args.objective``, clipping gradients at norm 1; checkpoints every
-    ``save_every`` steps and at the end."""
+    ``save_every`` steps, at the end, and after the step during which SIGTERM arrived (then exits)."""
     from tqdm.auto import tqdm
 
+    stop = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
     model.train()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="adapting")
     for step in bar:
@@ -257,8 +262,12 @@ def train(model, original, optimizer, train_ids, losses: list[float], step: int,
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
-        if done == args.steps or (args.save_every and done % args.save_every == 0):
+        if stop or done == args.steps or (args.save_every and done % args.save_every == 0):
             save_checkpoint(checkpoint, model, optimizer, done, losses=losses)
+        if stop:
+            print(f"\nSIGTERM: stopped at step {done}, checkpoint {checkpoint}; --resume continues", flush=True)
+            raise SystemExit(128 + signal.SIGTERM)
+    signal.signal(signal.SIGTERM, previous)
 
 
 def distillation_loss(logits: torch.Tensor, original_logits: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ print their table, and reject bad arguments with a message and a non-zero exit c
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +61,26 @@ def test_adapt_runs(tmp_path):
     assert results["guard"]["layers"] == 30
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_adapt_sigterm_saves_the_current_step(tmp_path):
+    """SIGTERM mid-training (preemption, ``timeout``) leaves a checkpoint at the step reached, with
+    that many losses, and exits with 128 + SIGTERM instead of losing the steps since the last save."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples/adapt.py"), "--steps", "100000", "--seq-len", "16",
+                             "--eval-windows", "1", "--guard-batches", "1", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    seen = ""
+    while not re.search(r"adapting:.*?\| *[1-9]\d*/100000", seen):  # tqdm's bar after the first step
+        char = proc.stderr.read(1)
+        assert char, f"the run ended before a training step: {seen[-3000:]}"
+        seen += char
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, (seen + err)[-3000:]
+    assert "SIGTERM: stopped at step" in out
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert 1 <= state["step"] < 100000 and len(state["extra"]["losses"]) == state["step"]
 
 
 @pytest.mark.parametrize("script, args, message", [
