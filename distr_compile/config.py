@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 GROUP_SIZES = (1, 2, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
-REPRESENTATIVES = ("mean", "sample", "lstsq")
+REPRESENTATIVES = ("mean", "sample", "lstsq", "lstsq-visible")
 GROUPINGS = ("lsh", "random")
 MAX_HYPERPLANES = 16
 APPROXIMATE = ("auto", "guarded", "always")
@@ -34,10 +34,11 @@ class DistrConfig:
             ``block_m`` rows picks its own column grouping. Smaller is more accurate, larger faster.
         num_hyperplanes: random hyperplanes of the angular LSH that hashes each column of a block.
         representative: what stands for each group of Q columns: "mean" (default), "sample" (the
-            paper's: the group's first column in sorted order) or "lstsq" (a weighted sum whose
+            paper's: the group's first column in sorted order), "lstsq" (a weighted sum whose
             weights, from the head's key Gram, make the group's product with its fused keys
-            closest to the exact one; under causal attention each block's weights are fitted on the
-            keys it sees; see ``reference.representative_weights``).
+            closest to the exact one) or "lstsq-visible" (the same, but under causal attention
+            each block's weights are fitted on the keys it sees: a better zero-shot fit for a
+            prefix sum of per-key-block Grams; see ``reference.representative_weights``).
         grouping: "lsh" sorts columns by their LSH code (the paper); "random" groups columns by a
             seeded random permutation per block (the baseline LSH is measured against).
         seed: seeds the hyperplanes (or the random permutation); same seed, same result.

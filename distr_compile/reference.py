@@ -95,15 +95,17 @@ def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrCon
     like the grouping (no gradient flows through them).
 
     "mean": 1/G. "sample": 1 for the group's first column. "lstsq": the least-squares
-    representative of a group g for its fused key column K_g = sum_c k_c over the keys the block
-    sees: with C the head's centered Gram of those keys (a key component shared by every key only
-    shifts each score row, which softmax ignores), w_c = sum_{c' in g} C[c, c'] /
-    sum_{c, c' in g} C[c, c'], so r_g = sum_c w_c q_c makes r_g K_g^T closest to sum_c q_c k_c^T.
-    The keys a block sees are all of them, or with ``is_causal`` (SDPA's top-left alignment; needs
-    ``query_length``) those up to the block's last row. A group whose fused keys hardly vary over
-    them (centered norm under 1e-6 of the columns' squared norms; e.g. a single key) falls back to
-    1/G. Measured on SmolLM2-135M with every layer at G=2, block 32: perplexity 172 (mean) -> 56
-    (all keys) -> 50 (visible keys); exact 9.05 (notes/representative_study.py)."""
+    representative of a group g for its fused key column K_g = sum_c k_c over all keys: with C the
+    head's centered Gram of the keys (a key component shared by every key only shifts each score
+    row, which softmax ignores), w_c = sum_{c' in g} C[c, c'] / sum_{c, c' in g} C[c, c'], so
+    r_g = sum_c w_c q_c makes r_g K_g^T closest to sum_c q_c k_c^T. "lstsq-visible": the same
+    fit, with ``is_causal`` (SDPA's top-left alignment; needs ``query_length``) on the keys up to
+    the block's last row. A group whose fused keys hardly vary (centered norm under 1e-6 of the
+    columns' squared norms; e.g. a single key) falls back to 1/G. SmolLM2-135M, every layer at
+    G=2, block 32: perplexity 172 (mean) -> 56 (lstsq) -> 50 (lstsq-visible); exact 9.05
+    (notes/representative_study.py). The visible fit costs a prefix sum of per-key-block Grams:
+    causal f+b 4.76 ms against 3.54 at d=128, L=4096 on an H100 (BENCHMARKS.md, session 8), and
+    adaptation ends at the same perplexity with either fit."""
     B, H, nb, D = perm.shape
     G = config.group_size
     dtype = torch.promote_types(k.dtype, torch.float32)
@@ -112,9 +114,10 @@ def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrCon
     if config.representative == "sample":
         first = (torch.arange(D, device=perm.device) % G == 0).to(dtype)
         return first.expand(B, H, nb, D).contiguous()
-    if is_causal and query_length is None:
-        raise ValueError("representative_weights: is_causal needs query_length")
-    gram, norms = visible_key_gram(k, config.block_m, nb, query_length if is_causal else None)
+    visible = is_causal and config.representative == "lstsq-visible"
+    if visible and query_length is None:
+        raise ValueError("representative_weights: lstsq-visible under is_causal needs query_length")
+    gram, norms = visible_key_gram(k, config.block_m, nb, query_length if visible else None)
     Hkv = k.shape[1]
     r = H // Hkv  # query heads per key head
     groups = perm.long().reshape(B, Hkv, r, nb, D // G, G)  # query heads sharing a key head side by side

@@ -104,8 +104,9 @@ def test_backward_weighted_representatives_and_group_of_8(path, representative):
     check_backward(1, 2, 1, 33, 33, 128, torch.float16, 8, 16, representative=representative)
 
 
-def test_backward_lstsq_gqa_causal(path):
-    check_backward(2, 4, 2, 40, 40, 32, torch.float32, 2, 16, causal=True, representative="lstsq")
+@pytest.mark.parametrize("representative", ["lstsq", "lstsq-visible"])
+def test_backward_lstsq_gqa_causal(path, representative):
+    check_backward(2, 4, 2, 40, 40, 32, torch.float32, 2, 16, causal=True, representative=representative)
 
 
 @pytest.mark.parametrize("Lq, Lk", [(40, 24), (24, 40)])

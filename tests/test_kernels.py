@@ -97,8 +97,9 @@ def test_forward_weighted_representatives_and_group_of_8(representative):
     check_forward(1, 2, 1, 33, 33, 128, torch.float16, 8, 16, representative=representative)
 
 
-def test_forward_lstsq_gqa_causal():
-    check_forward(2, 4, 2, 40, 40, 32, torch.float32, 2, 16, causal=True, representative="lstsq")
+@pytest.mark.parametrize("representative", ["lstsq", "lstsq-visible"])
+def test_forward_lstsq_gqa_causal(representative):
+    check_forward(2, 4, 2, 40, 40, 32, torch.float32, 2, 16, causal=True, representative=representative)
 
 
 def test_forward_queries_longer_than_keys_causal():

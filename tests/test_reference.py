@@ -27,7 +27,8 @@ def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
                 rows = slice(blk * bm, min(Lq, (blk + 1) * bm))
                 groups = perm[b, h, blk].view(D // G, G)
                 qb = q[b, h, rows]
-                seen = kh[:rows.stop] if causal else kh  # the keys the block's rows see
+                visible = causal and config.representative == "lstsq-visible"
+                seen = kh[:rows.stop] if visible else kh  # the keys the block's representatives are fitted on
                 q_rep = torch.stack([literal_representative(qb, seen, g, config) for g in groups], -1)
                 k_fused = torch.stack([kh[:, g].sum(-1) for g in groups], -1)
                 s = q_rep @ k_fused.T * scale
@@ -39,7 +40,7 @@ def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
 
 
 def literal_representative(qb, kh, g, config):
-    """One group's representative column: the mean, the first column, or ("lstsq") the column r
+    """One group's representative column: the mean, the first column, or ("lstsq*") the column r
     minimising || sum_c q_c kc_c^T - r (sum_c kc_c)^T || over ``kh``'s centered keys kc, solved by
     least squares rather than by the reference's closed form."""
     if config.representative == "mean":
@@ -65,13 +66,13 @@ def literal_lsh_codes(q, config):
     return codes
 
 
-@pytest.mark.parametrize("representative", ["mean", "sample", "lstsq"])
+@pytest.mark.parametrize("representative", ["mean", "sample", "lstsq", "lstsq-visible"])
 @pytest.mark.parametrize("group_size", [2, 4, 8])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths", [(37, 29), (21, 40)], ids=["lq>lk", "lq<lk"])
 def test_matches_literal_formula(representative, group_size, causal, lengths):
-    """Causal lstsq fits each block's representatives on the keys that block sees, including a
-    last block cut short by the query length while more keys follow."""
+    """Causal lstsq fits on every key, causal lstsq-visible on the keys each block sees, including
+    a last block cut short by the query length while more keys follow."""
     config = DistrConfig(group_size=group_size, block_m=16, representative=representative)
     lq, lk = lengths
     q, k, v = rand(2, 2, lq, 32), rand(2, 2, lk, 32), rand(2, 2, lk, 32)
@@ -105,18 +106,20 @@ def test_lsh_groups_equal_columns_together():
     torch.testing.assert_close(out, exact, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("representative", ["mean", "sample", "lstsq"])
+@pytest.mark.parametrize("representative", ["mean", "sample", "lstsq", "lstsq-visible"])
 @pytest.mark.parametrize("group_size", [2, 4])
 def test_representative_weights_sum_to_one_per_group(representative, group_size):
+    """lstsq-visible runs causal here: per-block fits, and blocks past the last key see every key."""
     config = DistrConfig(group_size=group_size, block_m=16, representative=representative)
     q, k = rand(2, 4, 40, 32), rand(2, 2, 24, 32)  # GQA: 2 query heads per key head
     perm = reference.group_columns(q, config)
-    weights = reference.representative_weights(k, perm, config)
+    fit = dict(is_causal=representative == "lstsq-visible", query_length=40)
+    weights = reference.representative_weights(k, perm, config, **fit)
     assert weights.shape == perm.shape and weights.dtype == torch.float64 and weights.is_contiguous()
     torch.testing.assert_close(weights.unflatten(-1, (32 // group_size, group_size)).sum(-1),
                                torch.ones(2, 4, 3, 32 // group_size, dtype=torch.float64))
-    if representative == "lstsq":  # query heads 0 and 1 share key head 0: same weights for the same grouping
-        shared = reference.representative_weights(k, perm[:, :1].expand(-1, 4, -1, -1), config)
+    if representative.startswith("lstsq"):  # query heads 0 and 1 share key head 0: same weights, same grouping
+        shared = reference.representative_weights(k, perm[:, :1].expand(-1, 4, -1, -1), config, **fit)
         torch.testing.assert_close(shared[:, 1], weights[:, 0])
         assert not torch.allclose(shared[:, 2], weights[:, 0])
 
@@ -138,12 +141,12 @@ def test_lstsq_falls_back_to_the_mean_where_the_fused_keys_do_not_vary():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lstsq_weights_from_half_keys_match_float32_ones_despite_a_large_key_mean(dtype, causal):
-    """On CUDA, half-precision keys get their Gram on tensor cores (per key block under causal
-    attention). The keys are centered before the product, so a key mean 20x the keys' spread
+    """On CUDA, half-precision keys get their Gram on tensor cores (lstsq-visible: per key block
+    under causal attention). The keys are centered before the product, so a key mean 20x the keys' spread
     (trained models have such offsets) does not cancel the Gram away: the weights agree with
     float32 keys'."""
     torch.manual_seed(0)
-    config = DistrConfig(group_size=2, block_m=64, representative="lstsq")
+    config = DistrConfig(group_size=2, block_m=64, representative="lstsq-visible")
     q = torch.randn(2, 4, 256, 64, device="cuda")
     k = (20 + torch.randn(2, 2, 1024, 64, device="cuda") * torch.logspace(-1, 0, 64, device="cuda")).to(dtype)
     perm = reference.group_columns(q, config)
