@@ -37,8 +37,8 @@ class DistrConfig:
             paper's: the group's first column in sorted order), "lstsq" (a weighted sum whose
             weights, from the head's key Gram, make the group's product with its fused keys
             closest to the exact one) or "lstsq-visible" (the same, but under causal attention
-            each block's weights are fitted on the keys it sees: a better zero-shot fit for a
-            prefix sum of per-key-block Grams; see ``reference.representative_weights``).
+            each block's weights are fitted on the keys it sees: a better zero-shot fit, at the
+            cost of a prefix sum of per-key-block Grams; see ``reference.representative_weights``).
         grouping: "lsh" sorts columns by their LSH code (the paper); "random" groups columns by a
             seeded random permutation per block (the baseline LSH is measured against).
         seed: seeds the hyperplanes (or the random permutation); same seed, same result.

@@ -19,6 +19,7 @@ def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
     B, H, Lq, D = q.shape
     G, bm = config.group_size, config.block_m
     scale = 1 / math.sqrt(D) if scale is None else scale
+    visible = causal and config.representative == "lstsq-visible"
     out = torch.empty_like(q)
     for b in range(B):
         for h in range(H):
@@ -27,7 +28,6 @@ def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
                 rows = slice(blk * bm, min(Lq, (blk + 1) * bm))
                 groups = perm[b, h, blk].view(D // G, G)
                 qb = q[b, h, rows]
-                visible = causal and config.representative == "lstsq-visible"
                 seen = kh[:rows.stop] if visible else kh  # the keys the block's representatives are fitted on
                 q_rep = torch.stack([literal_representative(qb, seen, g, config) for g in groups], -1)
                 k_fused = torch.stack([kh[:, g].sum(-1) for g in groups], -1)
