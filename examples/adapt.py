@@ -295,7 +295,7 @@ def guard_counts(model, original, guard_windows, args: argparse.Namespace, amp, 
     end_to_end.save(str(out / "plan_original_reference.json"))
     count = lambda plan: sum(d.approximated for d in plan.sites.values())  # noqa: E731
     return {"layers": len(per_layer.sites), "per_layer_vs_exact": count(per_layer),
-            "end_to_end_vs_original": count(end_to_end)}
+            "end_to_end_vs_original": count(end_to_end), "end_to_end_ppl_increase": end_to_end.output_error}
 
 
 def perplexity_increase(output, original_output) -> float:
@@ -326,7 +326,8 @@ def print_table(results: dict[str, float], guards: dict, steps: int, train_s: fl
     print(tabulate([[name, f"{ppl:.2f}"] for name, ppl in results.items()], headers=["held-out", "perplexity"]))
     print(f"{steps} steps ({train_s:.0f} s this run, compile included). Guard accepts "
           f"{guards['per_layer_vs_exact']}/{guards['layers']} layers per layer vs exact attention, "
-          f"{guards['end_to_end_vs_original']}/{guards['layers']} end to end vs the original model.")
+          f"{guards['end_to_end_vs_original']}/{guards['layers']} end to end vs the original model "
+          f"(perplexity {guards['end_to_end_ppl_increase']:+.1%} on the guard windows with that plan).")
 
 
 if __name__ == "__main__":

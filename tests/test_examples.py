@@ -58,7 +58,8 @@ def test_adapt_runs(tmp_path):
     check_table(proc, "held-out", "DistrAttention, after adaptation", "end to end vs the original model")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == 2 and len(results["perplexity"]) == 4
-    assert results["guard"]["layers"] == 30
+    assert results["guard"]["layers"] == 30 and isinstance(results["guard"]["end_to_end_ppl_increase"], float)
+    assert "on the guard windows with that plan" in proc.stdout
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
     assert (tmp_path / "loss.png").stat().st_size > 0
 

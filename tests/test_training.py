@@ -16,7 +16,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import distr_compile
 import distr_compile.backend as backend
-from distr_compile import DistrConfig
+from distr_compile import DistrConfig, DistrPlan
 from distr_compile.training import adaptation_options, load_checkpoint, save_checkpoint
 
 from test_guard import Synthetic, inputs, synthetic
@@ -225,10 +225,11 @@ def rel_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_original_reference_guard_decides_as_designed():
+def test_original_reference_guard_decides_as_designed(tmp_path):
     """Tolerance just above the adapted model's own exact-attention gap to the original: the
     sites whose approximation is exact stay approximated (layer 2 steps down from G=4 to G=2),
-    the others go back to exact. The same adapted model against a different original: all exact."""
+    the others go back to exact. The same adapted model against a different original: all exact,
+    and the plan says that even so the model is over the tolerance."""
     original, adapted = adapted_synthetic()
     batches = [inputs(0), inputs(1)]
     with torch.no_grad():
@@ -238,13 +239,20 @@ def test_original_reference_guard_decides_as_designed():
     assert [d.group_size for d in plan.sites.values()] == [4, 1, 2, 1], plan.sites
     assert all(d.source == "original" for d in plan.sites.values())
     assert "demoted" in plan.sites["layers.1"].reason and "<= output_tolerance" in plan.sites["layers.0"].reason
+    tolerance = gap * 1.01 + 1e-5
+    assert 0 < plan.output_error <= tolerance
+    assert DistrPlan.load(plan.save(str(tmp_path / "plan.json"))).output_error == plan.output_error
     with open("/dev/null", "w") as devnull:
-        assert "Reference: the original model's output" in distr_compile.report(plan, file=devnull)
+        text = distr_compile.report(plan, file=devnull)
+    assert "Reference: the original model's output" in text and "End-to-end error of this plan" in text
 
     torch.manual_seed(1)
     stranger = Synthetic().eval()
     plan = guard_original(adapted, stranger, batches, gap * 1.01 + 1e-5, group_size=[4, 2])
     assert not any(d.approximated for d in plan.sites.values())
+    assert plan.output_error > tolerance
+    with open("/dev/null", "w") as devnull:
+        assert "over output_tolerance although every site is exact" in distr_compile.report(plan, file=devnull)
 
 
 def test_original_reference_guard_accepts_a_task_metric():
