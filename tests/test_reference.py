@@ -142,9 +142,9 @@ def test_lstsq_falls_back_to_the_mean_where_the_fused_keys_do_not_vary():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lstsq_weights_from_half_keys_match_float32_ones_despite_a_large_key_mean(dtype, causal):
     """On CUDA, half-precision keys get their Gram on tensor cores (lstsq-visible: per key block
-    under causal attention). The keys are centered before the product, so a key mean 20x the keys' spread
-    (trained models have such offsets) does not cancel the Gram away: the weights agree with
-    float32 keys'."""
+    under causal attention). The keys are centered before the product, so a key mean 20x the
+    keys' spread (trained models have such offsets) does not cancel the Gram away: the weights
+    agree with float32 keys'."""
     torch.manual_seed(0)
     config = DistrConfig(group_size=2, block_m=64, representative="lstsq-visible")
     q = torch.randn(2, 4, 256, 64, device="cuda")

@@ -235,11 +235,11 @@ def test_original_reference_guard_decides_as_designed(tmp_path):
     with torch.no_grad():
         gap = max(rel_gap(adapted(x), original(x)) for x in batches)
     assert gap > 1e-4
-    plan = guard_original(adapted, original, batches, gap * 1.01 + 1e-5, group_size=[4, 2])
+    tolerance = gap * 1.01 + 1e-5
+    plan = guard_original(adapted, original, batches, tolerance, group_size=[4, 2])
     assert [d.group_size for d in plan.sites.values()] == [4, 1, 2, 1], plan.sites
     assert all(d.source == "original" for d in plan.sites.values())
     assert "demoted" in plan.sites["layers.1"].reason and "<= output_tolerance" in plan.sites["layers.0"].reason
-    tolerance = gap * 1.01 + 1e-5
     assert 0 < plan.output_error <= tolerance
     assert DistrPlan.load(plan.save(str(tmp_path / "plan.json"))).output_error == plan.output_error
     with open("/dev/null", "w") as devnull:
@@ -248,7 +248,7 @@ def test_original_reference_guard_decides_as_designed(tmp_path):
 
     torch.manual_seed(1)
     stranger = Synthetic().eval()
-    plan = guard_original(adapted, stranger, batches, gap * 1.01 + 1e-5, group_size=[4, 2])
+    plan = guard_original(adapted, stranger, batches, tolerance, group_size=[4, 2])
     assert not any(d.approximated for d in plan.sites.values())
     assert plan.output_error > tolerance
     with open("/dev/null", "w") as devnull:
