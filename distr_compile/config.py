@@ -15,7 +15,7 @@ from typing import Any, Mapping
 GROUP_SIZES = (1, 2, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
 REPRESENTATIVES = ("mean", "sample", "lstsq", "lstsq-visible")
-GROUPINGS = ("lsh", "random")
+GROUPINGS = ("lsh", "random", "fixed")
 MAX_HYPERPLANES = 16
 APPROXIMATE = ("auto", "guarded", "always")
 METRICS = ("rel_fro", "cosine", "max_abs")
@@ -40,7 +40,12 @@ class DistrConfig:
             each block's weights are fitted on the keys it sees: a better zero-shot fit, at the
             cost of a prefix sum of per-key-block Grams; see ``reference.representative_weights``).
         grouping: "lsh" sorts columns by their LSH code (the paper); "random" groups columns by a
-            seeded random permutation per block (the baseline LSH is measured against).
+            seeded random permutation per block (the baseline LSH is measured against); "fixed"
+            groups G consecutive columns in every block: q_tilde is then a fixed linear map of q,
+            for models fine-tuned with it (zero-shot it is the worst: SmolLM2 perplexity 684).
+            Training cannot adapt to LSH's grouping, which moves with the data and has no
+            gradient; it can to this one. Adapted at block 64, SmolLM2 reaches 9.11 (original
+            8.60), as good as LSH at block 16 (9.15) at block 64's speed (BENCHMARKS.md, session 9).
         seed: seeds the hyperplanes (or the random permutation); same seed, same result.
 
     Compiler and guard knobs (``torch.compile(..., backend="distr", options={...})``):

@@ -56,9 +56,9 @@ def uses_kernel(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> bool:
 def group_columns(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     """The grouping for canonical q, computed where the forward computes it, so the backward
     (which recomputes it) sees exactly the forward's grouping."""
-    if config.grouping == "lsh" and uses_kernel(q, v, config):
-        return lsh_group(q, config)
-    return reference.group_columns(q, config)
+    if not uses_kernel(q, v, config):
+        return reference.group_columns(q, config)
+    return lsh_group(q, config) if config.grouping == "lsh" else reference.group_columns(q, config).to(torch.int32)
 
 
 def kernel_grouping(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig,

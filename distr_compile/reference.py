@@ -71,9 +71,12 @@ def group_columns(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     "lsh": each column (a block_m-long vector) gets an integer code from the signs of its
     projections on ``num_hyperplanes`` Gaussian hyperplanes; columns sort by (code, index).
     "random": a seeded random permutation per block.
+    "fixed": the identity in every block (groups of G consecutive columns).
     """
     B, H, L, D = q.shape
     nb, block = _row_blocks(L, config.block_m, q.device)
+    if config.grouping == "fixed":
+        return torch.arange(D, device=q.device).expand(B, H, nb, D).contiguous()
     if config.grouping == "random":
         index = torch.arange(B * H * nb * D, device=q.device, dtype=torch.int64).view(B, H, nb, D)
         return hash_uniform(config.seed, index).argsort(-1)

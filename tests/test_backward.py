@@ -131,10 +131,10 @@ def kernels_on_cpu(monkeypatch):
     return calls
 
 
-def op_gradients(dtype, mask_grad):
+def op_gradients(dtype, mask_grad, grouping="lsh"):
     """Gradients of a 5-d GQA call with a broadcast additive mask, through the op and through
     float64 autograd of the reference given the op's own grouping."""
-    config = DistrConfig(group_size=2, block_m=16)
+    config = DistrConfig(group_size=2, block_m=16, grouping=grouping)
     q = torch.randn(2, 1, 4, 21, 32, device=DEVICE, dtype=dtype)
     k, v = (torch.randn(2, 1, 2, 30, 32, device=DEVICE, dtype=dtype) for _ in range(2))
     mask = torch.randn(21, 30, device=DEVICE, dtype=dtype)
@@ -152,9 +152,10 @@ def op_gradients(dtype, mask_grad):
     return got, [t.grad for t in ref if t.requires_grad]
 
 
-def test_op_backward_runs_the_kernels(kernels_on_cpu):
+@pytest.mark.parametrize("grouping", ["lsh", "fixed"])
+def test_op_backward_runs_the_kernels(kernels_on_cpu, grouping):
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-    got, want = op_gradients(dtype, mask_grad=False)
+    got, want = op_gradients(dtype, mask_grad=False, grouping=grouping)
     assert kernels_on_cpu, "the op's backward did not call the Triton kernels"
     for name, g, w in zip("qkv", got, want):
         assert g.shape == w.shape and g.dtype == dtype, name

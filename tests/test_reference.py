@@ -82,7 +82,7 @@ def test_matches_literal_formula(representative, group_size, causal, lengths):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("grouping", ["lsh", "random"])
+@pytest.mark.parametrize("grouping", ["lsh", "random", "fixed"])
 def test_grouping_is_a_permutation_sorted_by_code(grouping):
     config = DistrConfig(block_m=16, grouping=grouping, seed=3)
     q = rand(2, 3, 40, 64)
@@ -92,6 +92,18 @@ def test_grouping_is_a_permutation_sorted_by_code(grouping):
     if grouping == "lsh":
         codes = literal_lsh_codes(q, config).gather(-1, perm)
         assert (codes.diff(dim=-1) >= 0).all(), "columns are not sorted by their LSH code"
+
+
+@pytest.mark.parametrize("G", [2, 4])
+def test_fixed_grouping_is_exact_attention_on_averaged_query_columns(G):
+    """grouping="fixed" with mean representatives: every block and head averages the same runs of
+    G consecutive columns of q, a fixed linear map (what fine-tuning adapts to)."""
+    config = DistrConfig(group_size=G, block_m=16, grouping="fixed", representative="mean")
+    q, k, v = rand(2, 4, 37, 32), rand(2, 2, 41, 32), rand(2, 2, 41, 32)
+    averaged = q.unflatten(-1, (-1, G)).mean(-1, keepdim=True).expand(-1, -1, -1, -1, G).flatten(-2)
+    out, _ = reference.distr_attention(q, k, v, is_causal=True, config=config)
+    expected = F.scaled_dot_product_attention(averaged, k, v, is_causal=True, scale=32 ** -0.5, enable_gqa=True)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_lsh_groups_equal_columns_together():
