@@ -30,7 +30,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distr_compile import DistrConfig, reference
-from distr_compile.config import REPRESENTATIVES
+from distr_compile.config import GROUPINGS, REPRESENTATIVES
 from distr_compile.kernels import attention_backward as bwd
 from distr_compile.kernels.attention import distr_forward
 from distr_compile.ops import kernel_grouping
@@ -76,8 +76,8 @@ def time_sdpa(row, q, k, v, grad_out, causal):
     return grads
 
 
-def time_distr(row, q, k, v, grad_out, causal, G, block_m, representative, sdpa_grads):
-    config = DistrConfig(group_size=G, block_m=block_m, representative=representative)
+def time_distr(row, q, k, v, grad_out, causal, config: DistrConfig, sdpa_grads):
+    G, block_m = config.group_size, config.block_m
 
     def forward():
         perm, weights = kernel_grouping(q, k, v, config, causal)  # as the op computes them
@@ -102,14 +102,14 @@ def time_distr(row, q, k, v, grad_out, causal, G, block_m, representative, sdpa_
         row["G=2 dq"] = describe(bwd._bwd_dq_kernel.best_config)
 
 
-def run_case(d: int, L: int, causal: bool, block_m: int, representative: str, groups: list[int]) -> dict:
+def run_case(d: int, L: int, causal: bool, base: DistrConfig, groups: list[int]) -> dict:
     B = max(1, TOKENS // L)
     q, k, v, grad_out = (torch.randn(B, HEADS, L, d, device="cuda", dtype=DTYPE) for _ in range(4))
     row = {"d": d, "L": L, "B": B, "causal": causal}
     sdpa_grads = time_sdpa(row, q, k, v, grad_out, causal)
     with set_wrap_triton_enabled(False):  # launch directly, as inside the op
         for G in groups:
-            time_distr(row, q, k, v, grad_out, causal, G, block_m, representative, sdpa_grads)
+            time_distr(row, q, k, v, grad_out, causal, base.replace(group_size=G), sdpa_grads)
     for G in groups[1:]:
         row[f"G={G} f+b vs flash"] = row["flash f+b"] / row[f"G={G} f+b"]
     return row
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--groups", nargs="+", type=int, default=[1, 2, 4], help="G values; 1 must come first")
     parser.add_argument("--block-m", type=int, default=DistrConfig().block_m)
     parser.add_argument("--representative", choices=REPRESENTATIVES, default=DistrConfig().representative)
+    parser.add_argument("--grouping", choices=GROUPINGS, default=DistrConfig().grouping)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("BENCHMARKS.md"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -129,15 +130,16 @@ def main() -> None:
     if args.groups[0] != 1:
         sys.exit("--groups must start with 1 (the exact baseline)")
 
+    base = DistrConfig(block_m=args.block_m, representative=args.representative, grouping=args.grouping)
     rows = []
     for d in args.dims:
         for L in args.lengths:
             for causal in (False, True):
-                rows.append(run_case(d, L, causal, args.block_m, args.representative, args.groups))
+                rows.append(run_case(d, L, causal, base, args.groups))
                 print(tabulate([rows[-1]], headers="keys", floatfmt=".3f"), flush=True)
     append_section(
         args.out, "Backward kernels: DistrAttention vs SDPA flash, cuDNN and efficient",
-        f"bf16, {HEADS} heads, B x L = {TOKENS} tokens, block_m={args.block_m}, LSH grouping, {args.representative} representatives. "
+        f"bf16, {HEADS} heads, B x L = {TOKENS} tokens, block_m={args.block_m}, {args.grouping} grouping, {args.representative} representatives. "
         "do_bench medians in ms. `f+b`: forward + backward (ours: grouping kernel + forward + backward "
         "kernels); `bwd`: backward only from a saved forward. `err`: worst relative error of (dq, dk, dv), "
         "G=1 vs SDPA flash's gradients, G>1 vs autograd through the reference (batch 0, heads 0-1). "
