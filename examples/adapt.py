@@ -34,9 +34,9 @@ the fixed grouping (``grouping="fixed"``: G consecutive Q columns in every block
 map of q) with mean representatives and blocks of 64 query rows, lr 1e-3, 3000 steps. Training can
 adapt to a fixed grouping; it cannot to LSH's, which moves with the data and has no gradient
 (zero-shot, fixed is the worst grouping: 684). Measured on an H100 (BENCHMARKS.md, session 9):
-9.11 / 9.16 (two seeds) against the original's 8.60, +5.9%, as close as LSH gets at blocks of 16
+9.11 / 9.16 (two seeds) against the original's 8.60, +5.9% / +6.5%, as close as LSH gets at blocks of 16
 (9.15, ``--grouping lsh --block-m 16 --representative lstsq``), but at blocks of 64, whose
-attention forward+backward is 1.2x as fast as SDPA flash at d=128 (blocks of 16: 0.6x), and 3.1
+attention forward+backward is 1.25x as fast as SDPA flash at d=128 (blocks of 16: 0.6x), and 3.1
 instead of 2.5 training steps/s. The price: the adapted weights need the approximation (exact
 attention on them: 11.1), so the end-to-end guard has no exact layer to fall back on; after an
 LSH adaptation the weights stay good with exact attention (8.5-8.8) and the guard can mix.
