@@ -56,9 +56,11 @@ def uses_kernel(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> bool:
 def group_columns(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     """The grouping for canonical q, computed where the forward computes it, so the backward
     (which recomputes it) sees exactly the forward's grouping."""
-    if not uses_kernel(q, v, config):
-        return reference.group_columns(q, config)
-    return lsh_group(q, config) if config.grouping == "lsh" else reference.group_columns(q, config).to(torch.int32)
+    kernel = uses_kernel(q, v, config)
+    if kernel and config.grouping == "lsh":
+        return lsh_group(q, config)
+    perm = reference.group_columns(q, config)
+    return perm.to(torch.int32) if kernel else perm  # the kernels take int32
 
 
 def kernel_grouping(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig,
