@@ -52,12 +52,12 @@ def test_llm_perplexity_runs():
 @pytest.mark.slow
 def test_adapt_runs(tmp_path):
     """The adaptation recipe on the CPU (tiny settings): distillation steps through the compiled
-    layers, the four perplexities, both guards, a loadable checkpoint and the loss plot."""
+    layers, the four perplexities, both guards, a loadable checkpoint, the loss plot and its numbers."""
     proc = run("examples/adapt.py", "--steps", "2", "--seq-len", "32", "--eval-windows", "1",
                "--guard-batches", "1", "--out", str(tmp_path))
     check_table(proc, "held-out", "DistrAttention, after adaptation", "end to end vs the original model")
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["steps"] == 2 and len(results["perplexity"]) == 4
+    assert results["steps"] == 2 and len(results["perplexity"]) == 4 and len(results["training_loss"]) == 2
     assert results["guard"]["layers"] == 30 and isinstance(results["guard"]["end_to_end_ppl_increase"], float)
     assert "on the guard windows with that plan" in proc.stdout
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
