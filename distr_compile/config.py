@@ -63,14 +63,14 @@ class DistrConfig:
             (largest) first; empty means just ``group_size``. ``group_size=[4, 2]`` in options
             sets this (and ``group_size`` to the largest, used when ``approximate="always"``).
         output_tolerance: if set, the end-to-end guard compares the graph outputs (relative
-            Frobenius error) with and without the approximation and moves the worst layers back
-            to exact until they agree within this.
+            Frobenius error) with and without the approximation and moves the layers that hurt
+            the output most (each measured on its own) back to exact until they agree within this.
         guard_reference: what the guard compares with. "exact" (default): each site against exact
             attention on the same weights (and, with ``output_tolerance``, the graph's outputs
             against the same graph with every site exact). "original": for a model adapted by
             fine-tuning with DistrAttention in the loop, whose layers no longer agree with exact
             attention on the same weights although the model is good: every site starts
-            approximated and the worst ones go back to exact until the model's outputs agree with
+            approximated and those that hurt most go back to exact until the model's outputs agree with
             the ORIGINAL (pre-adaptation) model's within ``output_tolerance`` (or a task metric).
             Needs ``output_tolerance`` and the original model, so it runs through
             ``distr_compile.calibrate(adapted, batches, original=model, ...)``; compile with the

@@ -265,27 +265,84 @@ class Calibrator:
 
 def end_to_end(gm: fx.GraphModule, inputs_list: list[list], decisions: dict[str, SiteDecision],
                config: DistrConfig) -> None:
-    """Demote approximated sites, worst error/tolerance first, until the graph outputs with the
-    approximation agree with exact ones within ``output_tolerance`` on every input list."""
+    """Demote approximated sites (:func:`demote_until_within`) until the graph outputs with the
+    approximation agree with exact ones within ``output_tolerance`` on every input list. A demoted
+    site may come back at a smaller G that passed the per-site tolerance."""
     probe_gm = probe_module(gm)
     exact_outputs = [run_probe(SiteProbe(probe_gm, {}), inputs) for inputs in inputs_list]
-    while True:
-        approx = {n: config.replace(group_size=d.group_size) for n, d in decisions.items() if d.approximated}
-        if not approx:
-            return
-        worst = max(
-            _output_error(run_probe(SiteProbe(probe_gm, {}, approx), inputs), ref)
-            for inputs, ref in zip(inputs_list, exact_outputs)
-        )
-        if worst <= config.output_tolerance:
-            log.info("end-to-end output error %.3g <= %g with %d approximated sites",
-                     worst, config.output_tolerance, len(approx))
-            return
-        victim = max(approx, key=lambda n: decisions[n].error(config.metric) or 0.0)
-        d = decisions[victim]
-        d.group_size, d.source = EXACT, "end-to-end"
-        d.reason = f"demoted: graph output error {worst:.3g} > output_tolerance {config.output_tolerance:g}"
-        log.info("end-to-end guard: %s back to exact (%s)", victim, d.reason)
+
+    def error_of(approx: dict[str, DistrConfig]) -> float:
+        return max(_output_error(run_probe(SiteProbe(probe_gm, {}, approx), inputs), ref)
+                   for inputs, ref in zip(inputs_list, exact_outputs))
+
+    within = {n: [g for g in config.candidates if g <= d.group_size and g in d.errors
+                  and metric_error(d.errors[g], config.metric) <= config.tolerance] or [d.group_size]
+              for n, d in decisions.items() if d.approximated}
+    before = {n: decisions[n].group_size for n in within}
+    worst = demote_until_within(decisions, within, error_of, config)
+    for n, g in before.items():
+        if decisions[n].group_size != g:
+            decisions[n].source = "end-to-end"
+    log.info("end-to-end guard: %d sites approximated, graph output error %.3g",
+             sum(decisions[n].approximated for n in within), worst)
+
+
+def demote_until_within(decisions: dict[str, SiteDecision], choices: dict[str, list[int]],
+                        error_of: Callable[[dict[str, DistrConfig]], float], config: DistrConfig) -> float:
+    """Move sites to exact, or to a smaller G, until ``error_of(approx)`` (the model's end-to-end
+    error with the sites in ``approx`` approximated) is within ``output_tolerance``; return it.
+
+    ``choices[name]`` lists a site's allowed G, largest first; the site starts at the first. The
+    order comes from each site's own end-to-end effect, not from its error against exact
+    attention (after adaptation that error says little about what a layer does to the output):
+    1. if the start is within tolerance it stays; if every site exact is not, every site is exact;
+    2. rank the sites by the error with that site alone made exact (one run each), lowest first;
+    3. make exact the shortest prefix of that ranking that is within tolerance (bisection);
+    4. bring each of those back, least harmful first, at the largest G still within tolerance.
+    Every plan this keeps was measured, so the result is within tolerance whenever step 1 allows.
+    """
+    tol = config.output_tolerance
+
+    def error_with(groups: dict[str, int]) -> float:
+        return error_of({n: config.replace(group_size=g) for n, g in groups.items() if g != EXACT})
+
+    groups = {n: gs[0] for n, gs in choices.items()}
+    for n, g in groups.items():
+        decisions[n].group_size = g
+    worst = error_with(groups)
+    if worst <= tol or not groups:
+        return worst
+    all_exact = error_with({})
+    if all_exact > tol:
+        for n in groups:
+            decisions[n].group_size = EXACT
+            decisions[n].reason = f"demoted: even with every site exact the error is {all_exact:.3g} > {tol:g}"
+        return all_exact
+    alone = {n: error_with({**groups, n: EXACT}) for n in groups}
+    order = sorted(groups, key=lambda n: (alone[n], -(decisions[n].error(config.metric) or 0.0)))
+    lo, hi, errors = 0, len(order), {len(order): all_exact}  # error of the prefix lo exceeds tol, hi's not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        errors[mid] = error_with({**groups, **dict.fromkeys(order[:mid], EXACT)})
+        lo, hi = (lo, mid) if errors[mid] <= tol else (mid, hi)
+    groups.update(dict.fromkeys(order[:hi], EXACT))
+    worst = errors[hi]
+    for n in reversed(order[:hi]):
+        tried = []
+        for g in choices[n]:
+            error = error_with({**groups, n: g})
+            if error <= tol:
+                groups[n], worst = g, error
+                break
+            tried.append(f"G={g} {error:.3g}")
+        decisions[n].group_size = groups[n]
+        if tried:
+            to = "exact" if groups[n] == EXACT else f"G={groups[n]}"
+            decisions[n].reason = (f"demoted to {to}: the model's error with this site at {', '.join(tried)} "
+                                   f"> output_tolerance {tol:g}")
+    log.info("end-to-end guard: %d of %d sites made exact, %d of them brought back; error %.3g",
+             hi, len(order), sum(groups[n] != EXACT for n in order[:hi]), worst)
+    return worst
 
 
 def _output_error(out: Any, ref: Any) -> float:
@@ -473,26 +530,22 @@ def against_original(run_with: Callable[[dict[str, DistrConfig]], list], referen
                      decisions: dict[str, SiteDecision], config: DistrConfig,
                      output_error: Callable[[Any, Any], float]) -> float:
     """The guard of an adapted model (``guard_reference="original"``): every measured site starts
-    at its cheapest measured G; then the site whose own error (against exact attention on the
-    adapted weights) is worst steps down to its next smaller measured G, or to exact, until
-    ``output_error(output, reference)`` is within ``output_tolerance`` on every batch.
+    at its cheapest measured G and :func:`demote_until_within` moves sites to smaller G or exact
+    until ``output_error(output, reference)`` is within ``output_tolerance`` on every batch.
     ``run_with(approx)`` runs the adapted model on the batches with the sites in ``approx``
     approximated; ``references`` are the original model's outputs on them. Returns the final
     error, which exceeds the tolerance only when the adapted weights alone (every site exact) do."""
-    for d in decisions.values():
-        if d.errors:
-            d.group_size, d.source = max(d.errors), "original"
+    choices = {n: sorted(d.errors, reverse=True) for n, d in decisions.items() if d.errors}
+    for n in choices:
+        decisions[n].source = "original"
+
+    def error_of(approx: dict[str, DistrConfig]) -> float:
+        return max(output_error(out, ref) for out, ref in zip(run_with(approx), references))
+
+    worst = demote_until_within(decisions, choices, error_of, config)
     tol = config.output_tolerance
-    while True:
-        approx = {n: config.replace(group_size=d.group_size) for n, d in decisions.items() if d.approximated}
-        worst = max(output_error(out, ref) for out, ref in zip(run_with(approx), references))
-        if worst <= tol or not approx:
-            break
-        victim = decisions[max(approx, key=lambda n: decisions[n].error(config.metric) or 0.0)]
-        victim.group_size = max((g for g in victim.errors if g < victim.group_size), default=EXACT)
-        victim.reason = f"demoted: error {worst:.3g} vs the original model's output > output_tolerance {tol:g}"
-        log.info("original-reference guard: %s to G=%d (%s)", victim.name, victim.group_size, victim.reason)
     verdict = "<=" if worst <= tol else ">"
+    approx = [n for n in choices if decisions[n].approximated]
     for name in approx:
         decisions[name].reason = (f"G={decisions[name].group_size}: model error {worst:.3g} vs the original "
                                   f"model's output {verdict} output_tolerance {tol:g}")
@@ -557,7 +610,7 @@ def _summary(plan: DistrPlan) -> str:
     if plan.config.get("guard_reference") == "original":
         tol = plan.config["output_tolerance"]
         lines.append(f"Reference: the original model's output (output_tolerance {tol:g}); "
-                     "per-site errors are against exact attention on the adapted weights, for ordering only.")
+                     "per-site errors are against exact attention on the adapted weights, for reference only.")
         if plan.output_error is not None:
             lines.append(f"End-to-end error of this plan on the calibration batches: {plan.output_error:.3g}"
                          + (" (over output_tolerance although every site is exact: the adapted weights alone are "

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import distr_compile
 import distr_compile.backend as backend
+import distr_compile.guard as guard
 from distr_compile import DistrConfig, DistrPlan, distr_attention
 
 from test_passes import op_nodes
@@ -134,7 +135,7 @@ def test_metric_is_configurable(eager_backend):
 
 def test_end_to_end_guard_demotes_worst_layers(eager_backend):
     """With a loose per-site tolerance every layer passes; the output guard moves the bad layers
-    (worst first) back to exact until the model output agrees."""
+    back to exact until the model output agrees."""
     model = synthetic()
     options = {**GUARDED, "group_size": 2, "tolerance": 10.0, "output_tolerance": 1e-3}
     compiled, out = run(model, inputs(), **options)
@@ -146,6 +147,51 @@ def test_end_to_end_guard_demotes_worst_layers(eager_backend):
     with torch.no_grad():
         exact = model(inputs())
     assert ((out - exact).norm() / exact.norm()).item() <= 1e-3
+
+
+COST_AT_4 = {"loud": 0.0, "quiet": 0.08, "a": 0.01, "b": 0.01}  # each site's share of the model's error
+
+
+@pytest.mark.parametrize("cost, kept", [
+    ({2: COST_AT_4}, {"loud": 2, "quiet": 1, "a": 2, "b": 2}),
+    ({4: COST_AT_4, 2: {"loud": 0.0, "quiet": 0.02, "a": 0.005, "b": 0.005}}, {"loud": 4, "quiet": 2, "a": 4, "b": 4}),
+])
+def test_demotion_follows_each_sites_end_to_end_effect(cost, kept):
+    """The site that errs most against exact attention ("loud", as after adaptation) costs the model
+    nothing; "quiet" costs the most. The guard ranks by end-to-end effect, so only "quiet" moves
+    (to exact, or to G=2 where it is cheap enough); demoting by per-site error would have moved all
+    four. Every plan kept is one that was measured."""
+    choices = sorted(cost, reverse=True)
+    per_site = {"loud": 0.9, "quiet": 0.1, "a": 0.2, "b": 0.2}
+    decisions = {n: guard.SiteDecision(n, "sdpa", "", 1, "", "original", {g: {"rel_fro": e, "cosine": 1.0, "max_abs": e}
+                                                                           for g in choices})
+                 for n, e in per_site.items()}
+    measured = {}
+
+    def error_of(approx: dict[str, DistrConfig]) -> float:
+        plan = tuple(sorted((n, c.group_size) for n, c in approx.items()))
+        measured[plan] = sum(cost[c.group_size][n] for n, c in approx.items())
+        return measured[plan]
+
+    config = DistrConfig(output_tolerance=0.045)
+    worst = guard.demote_until_within(decisions, {n: choices for n in per_site}, error_of, config)
+    assert {n: d.group_size for n, d in decisions.items()} == kept
+    assert worst == pytest.approx(measured[tuple(sorted((n, g) for n, g in kept.items() if g != 1))]) and worst <= 0.045
+    assert len(measured) <= 2 + len(per_site) + 2 + len(choices)  # start, all exact, ranking, bisection, restore
+    assert "demoted to" in decisions["quiet"].reason
+
+
+def test_demotion_when_even_all_exact_is_too_far():
+    """Adapted weights that need the approximation: every site exact is over the tolerance too, so
+    the guard says so after two runs instead of demoting site by site."""
+    decisions = {n: guard.SiteDecision(n, "sdpa", "", 2, "", "original", {2: {"rel_fro": 0.5, "cosine": 1.0,
+                                                                                "max_abs": 0.5}})
+                 for n in "abc"}
+    runs = []
+    worst = guard.demote_until_within(decisions, {n: [2] for n in "abc"}, lambda approx: runs.append(approx) or 0.3,
+                                      DistrConfig(output_tolerance=0.05))
+    assert worst == 0.3 and len(runs) == 2 and not any(d.approximated for d in decisions.values())
+    assert "even with every site exact" in decisions["a"].reason
 
 
 class Identity(nn.Module):
