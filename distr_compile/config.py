@@ -44,8 +44,9 @@ class DistrConfig:
             groups G consecutive columns in every block: q_tilde is then a fixed linear map of q,
             for models fine-tuned with it (zero-shot it is the worst: SmolLM2 perplexity 684).
             Training cannot adapt to LSH's grouping, which moves with the data and has no
-            gradient; it can to this one. Adapted at block 64, SmolLM2 reaches 9.11 (original
-            8.60), as good as LSH at block 16 (9.15) at block 64's speed (BENCHMARKS.md, session 9).
+            gradient; it can to this one. Adapted at block 64, SmolLM2 reaches 9.02-9.06 (original
+            8.60, 6000-7000 steps), below LSH's best at block 16 (9.14-9.15, which more steps did
+            not improve) at block 64's speed (BENCHMARKS.md, sessions 9-10).
         seed: seeds the hyperplanes (or the random permutation); same seed, same result.
 
     Compiler and guard knobs (``torch.compile(..., backend="distr", options={...})``):

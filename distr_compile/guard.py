@@ -228,12 +228,19 @@ def has_real_inputs(example_inputs: list) -> bool:
 # ------------------------------------------------------------------------------- deciding
 
 
+def within_tolerance(errors: Mapping[int, Mapping[str, float]], config: DistrConfig) -> list[int]:
+    """The measured candidate G whose error is within ``tolerance``, cheapest (largest) first."""
+    return [g for g in config.candidates
+            if g in errors and metric_error(errors[g], config.metric) <= config.tolerance]
+
+
 def decide(errors: Mapping[int, Mapping[str, float]], config: DistrConfig) -> tuple[int, str]:
     """The cheapest candidate G within tolerance, else exact; with the reason."""
     tol, metric = config.tolerance, config.metric
-    for g in config.candidates:
-        if g in errors and metric_error(errors[g], metric) <= tol:
-            return g, f"G={g}: {metric} {metric_error(errors[g], metric):.3g} <= tolerance {tol:g}"
+    passing = within_tolerance(errors, config)
+    if passing:
+        g = passing[0]
+        return g, f"G={g}: {metric} {metric_error(errors[g], metric):.3g} <= tolerance {tol:g}"
     if not errors:
         return EXACT, "no calibration data reached this site"
     shown = ", ".join(f"G={g} {metric_error(errors[g], metric):.3g}" for g in config.candidates if g in errors)
@@ -275,8 +282,7 @@ def end_to_end(gm: fx.GraphModule, inputs_list: list[list], decisions: dict[str,
         return max(_output_error(run_probe(SiteProbe(probe_gm, {}, approx), inputs), ref)
                    for inputs, ref in zip(inputs_list, exact_outputs))
 
-    within = {n: [g for g in config.candidates if g <= d.group_size and g in d.errors
-                  and metric_error(d.errors[g], config.metric) <= config.tolerance] or [d.group_size]
+    within = {n: [g for g in within_tolerance(d.errors, config) if g <= d.group_size] or [d.group_size]
               for n, d in decisions.items() if d.approximated}
     before = {n: decisions[n].group_size for n in within}
     worst = demote_until_within(decisions, within, error_of, config)
@@ -300,11 +306,16 @@ def demote_until_within(decisions: dict[str, SiteDecision], choices: dict[str, l
     3. make exact the shortest prefix of that ranking that is within tolerance (bisection);
     4. bring each of those back, least harmful first, at the largest G still within tolerance.
     Every plan this keeps was measured, so the result is within tolerance whenever step 1 allows.
+    Each distinct plan runs once (the bisection and step 4 revisit plans steps 2-3 measured).
     """
     tol = config.output_tolerance
+    measured: dict[frozenset, float] = {}
 
     def error_with(groups: dict[str, int]) -> float:
-        return error_of({n: config.replace(group_size=g) for n, g in groups.items() if g != EXACT})
+        plan = frozenset((n, g) for n, g in groups.items() if g != EXACT)
+        if plan not in measured:
+            measured[plan] = error_of({n: config.replace(group_size=g) for n, g in plan})
+        return measured[plan]
 
     groups = {n: gs[0] for n, gs in choices.items()}
     for n, g in groups.items():
@@ -320,13 +331,13 @@ def demote_until_within(decisions: dict[str, SiteDecision], choices: dict[str, l
         return all_exact
     alone = {n: error_with({**groups, n: EXACT}) for n in groups}
     order = sorted(groups, key=lambda n: (alone[n], -(decisions[n].error(config.metric) or 0.0)))
-    lo, hi, errors = 0, len(order), {len(order): all_exact}  # error of the prefix lo exceeds tol, hi's not
+    prefix_exact = lambda k: {**groups, **dict.fromkeys(order[:k], EXACT)}  # noqa: E731
+    lo, hi = 0, len(order)  # the prefix lo made exact is over tolerance, hi is not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        errors[mid] = error_with({**groups, **dict.fromkeys(order[:mid], EXACT)})
-        lo, hi = (lo, mid) if errors[mid] <= tol else (mid, hi)
-    groups.update(dict.fromkeys(order[:hi], EXACT))
-    worst = errors[hi]
+        lo, hi = (lo, mid) if error_with(prefix_exact(mid)) <= tol else (mid, hi)
+    groups = prefix_exact(hi)
+    worst = error_with(groups)
     for n in reversed(order[:hi]):
         tried = []
         for g in choices[n]:

@@ -166,10 +166,11 @@ def test_demotion_follows_each_sites_end_to_end_effect(cost, kept):
     decisions = {n: guard.SiteDecision(n, "sdpa", "", 1, "", "original", {g: {"rel_fro": e, "cosine": 1.0, "max_abs": e}
                                                                            for g in choices})
                  for n, e in per_site.items()}
-    measured = {}
+    measured, runs = {}, []
 
     def error_of(approx: dict[str, DistrConfig]) -> float:
         plan = tuple(sorted((n, c.group_size) for n, c in approx.items()))
+        runs.append(plan)
         measured[plan] = sum(cost[c.group_size][n] for n, c in approx.items())
         return measured[plan]
 
@@ -178,6 +179,7 @@ def test_demotion_follows_each_sites_end_to_end_effect(cost, kept):
     assert {n: d.group_size for n, d in decisions.items()} == kept
     assert worst == pytest.approx(measured[tuple(sorted((n, g) for n, g in kept.items() if g != 1))]) and worst <= 0.045
     assert len(measured) <= 2 + len(per_site) + 2 + len(choices)  # start, all exact, ranking, bisection, restore
+    assert len(runs) == len(measured), "a plan was run twice"
     assert "demoted to" in decisions["quiet"].reason
 
 
