@@ -1,25 +1,27 @@
-"""DistrAttention forward kernels vs every SDPA backend, side by side in one run (GPU).
+"""DistrAttention through the public op vs every SDPA backend, side by side in one run (GPU).
 
-For each (dtype, head dim, sequence length, causal): median time (triton.testing.do_bench) of
-SDPA flash / cuDNN / efficient, the ``distr::attention`` op at G=1 (our Triton forward without
-grouping: plain FlashAttention-2, the kernel's own exact baseline) and at G=2 and G=4 (grouping
-kernel + grouped forward), plus the
-grouping kernel's share of the op's time and each DistrAttention config's relative output error
-against exact attention on the same random inputs. Batch is chosen so every row holds 16k tokens
-of 16 heads. Prints a table and appends it to BENCHMARKS.md with device and versions.
+For each (head dim, sequence length, causal): do_bench medians (ms) of SDPA cuDNN / flash /
+efficient and of ``distr_attention`` (the public op) for each variant: our exact kernel (G=1), the
+per-block LSH grouping (the paper's algorithm) and the fixed grouping (the static path: q' = q A,
+k' = k B once per call, then one exact kernel with a d/G Q/K head dim), at G=2 and G=4. Forward
+("fwd") and forward+backward ("f+b"), eager and under ``torch.compile`` ("compiled"). The last
+columns give each variant's speed against the fastest SDPA backend (>1: faster) and its output
+error against exact attention on these random inputs. Batch x length is 16k tokens of 16 heads.
 
-    python benchmarks/kernel.py                       # full sweep (about 3 minutes on an H100)
-    python benchmarks/kernel.py --lengths 1024 --dims 64 --dtypes bf16   # quick look
-    python benchmarks/kernel.py --dims 64 --lengths 1024 --layouts bhsd bshd  # HF's strided q/k/v too
+    python benchmarks/kernel.py                                   # the full sweep (about 8 min, H200)
+    python benchmarks/kernel.py --dims 128 --lengths 4096 --no-compiled   # a quick look
+    python benchmarks/kernel.py --json results.json               # also write every number as JSON
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
+import json
 import math
 import pathlib
 import sys
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +29,23 @@ import triton
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from torch._library.triton import set_wrap_triton_enabled
+from distr_compile import DistrConfig, distr_attention
 
-from distr_compile import DistrConfig
-from distr_compile.kernels.grouping import lsh_group
+from results import environment  # benchmarks/results.py, beside this script
 
-from results import append_section  # benchmarks/results.py, beside this script
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+VARIANTS = {
+    "G=1": DistrConfig(group_size=1),
+    "lsh G=2": DistrConfig(group_size=2, grouping="lsh"),
+    "fixed G=2": DistrConfig(group_size=2, grouping="fixed"),
+    "lsh G=4": DistrConfig(group_size=4, grouping="lsh"),
+    "fixed G=4": DistrConfig(group_size=4, grouping="fixed"),
+}
 TOKENS, HEADS = 16384, 16
 
 
-def bench(fn) -> float:
+def bench(fn: Callable) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -47,68 +53,83 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run_case(dtype: torch.dtype, d: int, L: int, causal: bool, block_m: int, layout: str) -> dict:
+def op_call(config: DistrConfig, causal: bool) -> Callable:
+    """The public entry: ``distr_attention``; G=1 goes through ``torch.ops.distr.attention`` (our
+    exact Triton kernel) since ``distr_attention`` hands G=1 to SDPA."""
+    if config.exact:
+        knobs = dataclasses.astuple(config)[:6]
+        return lambda q, k, v: torch.ops.distr.attention(q, k, v, None, causal, None, False, *knobs)[0]
+    return lambda q, k, v: distr_attention(q, k, v, is_causal=causal, config=config)
+
+
+def timings(fn: Callable, q, k, v, grad) -> dict[str, float]:
+    """Forward and forward+backward medians of ``fn(q, k, v)``."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        fwd = bench(lambda: fn(q, k, v))
+    fwd_bwd = bench(lambda: torch.autograd.grad(fn(*leaves), leaves, grad))
+    return {"fwd": fwd, "f+b": fwd_bwd}
+
+
+def run_case(d: int, L: int, causal: bool, variants: list[str], compiled: bool, dtype: torch.dtype) -> list[dict]:
     B = max(1, TOKENS // L)
-    if layout == "bshd":  # (B, L, H, D) storage seen as (B, H, L, D), as a fused QKV projection gives
-        q, k, v = (torch.randn(B, L, HEADS, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
-    else:
-        q, k, v = (torch.randn(B, HEADS, L, d, device="cuda", dtype=dtype) for _ in range(3))
-    row = {"dtype": str(dtype).removeprefix("torch."), "d": d, "L": L, "B": B, "causal": causal, "layout": layout}
+    q, k, v = (torch.randn(B, HEADS, L, d, device="cuda", dtype=dtype) for _ in range(3))
+    grad = torch.randn_like(q)
     exact = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    base = {"d": d, "L": L, "B": B, "causal": causal}
+    rows = []
     for name, backend in SDPA_BACKENDS.items():
+        sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         try:
             with sdpa_kernel(backend):
-                row[f"sdpa-{name}"] = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-        except RuntimeError:  # backend refuses this shape/dtype
-            row[f"sdpa-{name}"] = math.nan
-    for G in (1, 2, 4):
-        config = DistrConfig(group_size=G, block_m=block_m)
-
-        def op():
-            return torch.ops.distr.attention(
-                q, k, v, None, causal, None, False,
-                G, block_m, config.num_hyperplanes, config.representative, config.grouping, config.seed,
-            )
-
-        name = "triton G=1" if G == 1 else f"distr G={G}"
-        row[name] = bench(op)
-        if G > 1:
-            with set_wrap_triton_enabled(False):  # launch directly, as inside the op
-                row[f"group% G={G}"] = 100 * bench(lambda: lsh_group(q, config)) / row[name]
-            row[f"err G={G}"] = rel_err(op()[0], exact)
-    best_exact = min(row[f"sdpa-{n}"] for n in SDPA_BACKENDS if not math.isnan(row[f"sdpa-{n}"]))
-    row["G=2 vs best SDPA"] = best_exact / row["distr G=2"]
-    return row
+                rows.append(base | {"impl": f"sdpa {name}", "mode": "eager"} | timings(sdpa, q, k, v, grad))
+        except RuntimeError:  # the backend refuses this shape or dtype
+            continue
+    best = {m: min(r[m] for r in rows) for m in ("fwd", "f+b")}
+    for name in variants:
+        fn = op_call(VARIANTS[name], causal)
+        error = rel_err(fn(q, k, v), exact)
+        for mode in ("eager", "compiled") if compiled else ("eager",):
+            run = torch.compile(fn, fullgraph=True, dynamic=False) if mode == "compiled" else fn
+            rows.append(base | {"impl": f"distr {name}", "mode": mode} | timings(run, q, k, v, grad) | {"err": error})
+    for row in rows:
+        row["fwd vs best"] = best["fwd"] / row["fwd"]
+        row["f+b vs best"] = best["f+b"] / row["f+b"]
+    torch._dynamo.reset()
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--dims", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384])
-    parser.add_argument("--block-m", type=int, default=DistrConfig().block_m)
-    parser.add_argument("--layouts", nargs="+", default=["bhsd"], choices=["bhsd", "bshd"],
-                        help="memory layout of q/k/v: contiguous (B, H, L, D), or (B, L, H, D) as HF models give")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("BENCHMARKS.md"))
+    parser.add_argument("--causal", nargs="+", type=int, choices=(0, 1), default=[0, 1])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time each variant under torch.compile")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="write every row here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernel.py needs a CUDA GPU")
+    torch._dynamo.config.recompile_limit = 1024  # one compile per (variant, shape) is intended
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 
     rows = []
-    for dtype in args.dtypes:
-        for d in args.dims:
-            for L in args.lengths:
-                for causal, layout in itertools.product((False, True), args.layouts):
-                    rows.append(run_case(DTYPES[dtype], d, L, causal, args.block_m, layout))
-                    print(tabulate([rows[-1]], headers="keys", floatfmt=".3f"), flush=True)
-    append_section(
-        args.out, "Forward kernel: DistrAttention vs SDPA",
-        f"{HEADS} heads, B x L = {TOKENS} tokens, block_m={args.block_m}, LSH grouping, mean representatives. "
-        "Times are do_bench medians in ms; `group%` is the grouping kernel's share of the DistrAttention "
-        "time; `err` is the relative Frobenius error of the output vs exact attention on these random "
-        "inputs; the last column is best SDPA time / DistrAttention G=2 time (>1: faster).",
-        rows,
-    )
+    print(f"{environment()}, {args.dtype}, {HEADS} heads, B x L = {TOKENS}", flush=True)
+    for d in args.dims:
+        for L in args.lengths:
+            for causal in args.causal:
+                case = run_case(d, L, bool(causal), args.variants, args.compiled, dtype)
+                print(tabulate(case, headers="keys", floatfmt=".3f", tablefmt="github", missingval="-"), flush=True)
+                rows += case
+    if args.json:
+        args.json.write_text(json.dumps({"environment": environment(), "dtype": args.dtype, "rows": rows}, indent=1))
+    summary = [r for r in rows if r["impl"].startswith("distr")]
+    print("\nSummary (speed vs the fastest SDPA backend, >1 is faster):")
+    print(tabulate([{k: r[k] for k in ("d", "L", "causal", "impl", "mode", "fwd vs best", "f+b vs best", "err")}
+                    for r in summary], headers="keys", floatfmt=".3f", tablefmt="github"))
+
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,9 @@
 
 Cases: SmolLM2-135M prefill (``--lm-batch`` windows of ``--tokens`` pydoc tokens; the distr guard
 calibrates on windows from the start of the text, latency and accuracy are measured on windows from
-the middle) and a randomly initialised ViT (``--vit-preset``, patch 14) on a batch of random images
-per ``--image-sizes``. For every case: inductor (exact), distr with G=1 at every site (our exact
+the middle), a randomly initialised Llama-3.2-1B-shaped model (``--llama-layers`` layers, 32/8
+heads of dim 64, one sequence of ``--llama-tokens`` random tokens) and a randomly initialised ViT
+(``--vit-preset``, patch 14) on a batch of random images per ``--image-sizes``. For every case: inductor (exact), distr with G=1 at every site (our exact
 Triton kernel: separates what a fused kernel gains from what the approximation gains) and distr
 under each ``--approximate`` setting, each compiled afresh. Columns: median latency
 (``triton.testing.do_bench`` on the GPU, wall-clock median on the CPU), speedup vs inductor,
@@ -47,6 +48,9 @@ def parse_args() -> argparse.Namespace:
                         help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--tokens", type=int, nargs="*", default=[2048, 4096, 8192],
                         help="SmolLM2 prefill lengths (none: no SmolLM2 rows)")
+    parser.add_argument("--llama-tokens", type=int, nargs="*", default=[2048, 8192],
+                        help="prefill lengths of the Llama-3.2-1B-shaped model (random weights; none: no rows)")
+    parser.add_argument("--llama-layers", type=int, default=4)
     parser.add_argument("--image-sizes", type=int, nargs="*", default=[224, 518],
                         help=f"ViT image sizes, multiples of {PATCH} (none: no ViT rows)")
     parser.add_argument("--vit-preset", choices=list(models.VIT_PRESETS), default="base")
@@ -57,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--approximate", nargs="+", choices=APPROXIMATE, default=["auto", "always"],
                         help="distr settings to measure, each against inductor")
     parser.add_argument("--group-size", type=int, default=2, choices=(1, 2, 4, 8))
+    parser.add_argument("--grouping", default="fixed", choices=("fixed", "lsh"),
+                        help="grouping of the approximated rows: fixed (the static path) or lsh (per query block)")
     parser.add_argument("--exact-kernel", action=argparse.BooleanOptionalAction, default=True,
                         help="also time distr with G=1 at every site (our exact Triton kernel)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case on the CPU")
@@ -69,6 +75,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.smoke:
         args.tokens, args.image_sizes, args.vit_preset, args.vit_layers, args.batch = [64], [28], "tiny", 2, 1
+        args.llama_tokens, args.llama_layers = [], 1
         args.lm_batch = 1
         args.approximate, args.repeats = ["always"], 2  # on a CPU "auto" is exact: nothing new to see
         args.exact_kernel = False  # on a CPU G=1 is the PyTorch reference: no kernel to see
@@ -103,7 +110,8 @@ def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Cal
     variants = {"inductor": None, "eager": "eager"}  # label: distr options (None: inductor; "eager": no compile)
     if args.exact_kernel:
         variants["distr (exact kernel, G=1)"] = {"approximate": "always", "group_size": 1}
-    variants |= {f"distr ({a})": {"approximate": a, "group_size": args.group_size} for a in args.approximate}
+    variants |= {f"distr ({a})": {"approximate": a, "group_size": args.group_size, "grouping": args.grouping}
+                 for a in args.approximate}
     for label, options in variants.items():
         torch._dynamo.reset()
         if options is None:
@@ -151,6 +159,17 @@ def smollm2_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def llama_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    model = models.llama(args.llama_layers).to(args.device, dtype)
+    rows = []
+    for n in args.llama_tokens:
+        calibration, inputs = (torch.randint(0, 32000, (1, n), device=args.device) for _ in range(2))
+        rows += measure(model, {"input_ids": calibration, "use_cache": False}, {"input_ids": inputs, "use_cache": False},
+                        lambda out: out.last_hidden_state, args, f"Llama-1B shape ({args.llama_layers} layers)", n, n,
+                        lm=False)
+    return rows
+
+
 def vit_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     rows = []
     for px in args.image_sizes:
@@ -178,7 +197,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
             ms = {r["size"]: r["ms"] for r in rows if r["model"] == name and r["backend"] == backend}
             ax.bar([j + i * width for j in range(len(sizes))], [ms[s] for s in sizes], width, label=backend)
         ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(sizes))], [str(s) for s in sizes])
-        ax.set_xlabel("tokens" if name.startswith("SmolLM2") else "image px")
+        ax.set_xlabel("image px" if name.startswith("ViT") else "tokens")
         ax.set_ylabel("latency (ms)")
         ax.set_title(name)
         ax.legend()
@@ -191,7 +210,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def main() -> None:
     args = parse_args()
     dtype = getattr(torch, args.dtype)
-    rows = (smollm2_rows(args, dtype) if args.tokens else []) + vit_rows(args, dtype)
+    rows = (smollm2_rows(args, dtype) if args.tokens else []) + llama_rows(args, dtype) + vit_rows(args, dtype)
     if args.plot:
         plot(rows, args.plot)
     picture = f"\n\n![latency]({os.path.relpath(args.plot, args.out.parent)})" if args.plot and args.out else ""

@@ -131,6 +131,19 @@ def vit(image_size: int, preset: str = "base", layers: int | None = None, patch_
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
+def llama(layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0):
+    """A randomly initialised ``transformers`` LlamaModel (no LM head, eval mode) of Llama-3.2-1B's
+    shape: hidden 2048, 32 query / 8 KV heads (head dim 64), MLP 8192, RoPE theta 500000;
+    ``layers`` of its 16 (4 are enough to time attention against the rest)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=32000, max_position_embeddings=131072,
+                         rope_theta=500000.0, attn_implementation=attn_implementation)
+    torch.manual_seed(seed)
+    return LlamaModel(config).eval()
+
+
 def sentence_embeddings(model, batch) -> torch.Tensor:
     """Mean-pooled, normalised sentence embeddings of a tokenized batch (all-MiniLM-L6-v2's recipe)."""
     hidden = model(**batch).last_hidden_state

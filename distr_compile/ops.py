@@ -5,12 +5,19 @@ kernels it launches on CUDA, ``torch.export`` keeps it as one node, and its body
 fake implementation. Dispatch, decided per call from the tensors:
 
 * CUDA, fp16/bf16, head dim a power of two in [16, 256] with d/G >= 16, v's head dim equal to
-  q's: Triton grouping kernel (LSH) + Triton forward;
+  q's (at G = 1, any power of two in [16, 256]): the Triton kernels. A fixed grouping
+  (``grouping="fixed"``, any representative but "lstsq-visible") is the same linear map of q and k
+  in every query block, so it takes the static path: q' = q A (B, Hq, Lq, d/G) and k' = k B
+  (B, Hkv, Lk, d/G) once per call (two small matrix products), then one exact FlashAttention
+  kernel with a Q/K head dim of d/G and a V head dim of d; its backward maps dq', dk' back through
+  A and B. Other groupings (LSH, random) run the grouping kernel and the grouped forward, block by
+  block;
 * everything else (CPU, float32/float64 anywhere, other head dims): the PyTorch reference.
   float32 on CUDA takes the reference on purpose: the kernel would run the dots in tf32.
 
 The backward follows the forward: the Triton backward kernels where the forward ran the kernels
-(unless an additive mask needs a gradient), autograd through the reference otherwise. Inside an
+(unless an additive mask needs a gradient), through the internal op ``distr::attention_backward``
+so that eager calls launch them directly; autograd through the reference otherwise. Inside an
 autocast region the op casts its floating inputs to the autocast dtype first, as SDPA does.
 
 Schema (version 1, stable; a change bumps ``SCHEMA_VERSION`` and gets a new overload):
@@ -26,12 +33,14 @@ q.shape[:-1]: the natural-log log-sum-exp of each query row (-inf for a fully ma
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from . import reference
 from .config import DistrConfig
-from .inputs import canonicalize
+from .inputs import Canonical, canonicalize
 from .kernels.attention import distr_forward
 from .kernels.attention_backward import distr_backward
 from .kernels.grouping import lsh_group
@@ -42,14 +51,16 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def uses_kernel(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> bool:
-    """Whether these inputs run the Triton kernels (else the PyTorch reference)."""
-    d = q.shape[-1]
+    """Whether these inputs run the Triton kernels (else the PyTorch reference): CUDA, fp16/bf16,
+    head dims in ``KERNEL_HEAD_DIMS`` with d/G >= 16, and v's head dim equal to q's, except at
+    G = 1, where the exact kernel takes any two supported head dims (the static path's q', k')."""
+    d, dv = q.shape[-1], v.shape[-1]
     return (
         q.is_cuda
         and q.dtype in KERNEL_DTYPES
         and d in KERNEL_HEAD_DIMS
         and d // config.group_size >= 16
-        and v.shape[-1] == d
+        and (dv == d or (config.exact and dv in KERNEL_HEAD_DIMS))
     )
 
 
@@ -65,13 +76,75 @@ def group_columns(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> torc
 
 def kernel_grouping(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig,
                     is_causal: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """What the kernels take for canonical inputs: the grouping and the representatives' weights in
-    its order, (None, None) for G = 1. The forward and the backward both call this, so the backward
-    (which recomputes them) sees exactly the forward's."""
+    """What the grouped kernels take for canonical inputs: the grouping and the representatives'
+    weights in its order, (None, None) for G = 1. The forward and the backward both call this, so
+    the backward (which recomputes them) sees exactly the forward's."""
     if config.exact:
         return None, None
     perm = group_columns(q, v, config)
     return perm, reference.representative_weights(k, perm, config, is_causal, q.shape[-2])
+
+
+def is_static(config: DistrConfig) -> bool:
+    """Whether every query block shares one grouping and one set of representative weights per
+    head: then DistrAttention is exact attention on q' = q A, k' = k B (the static path)."""
+    return not config.exact and config.grouping == "fixed" and config.representative != "lstsq-visible"
+
+
+def static_maps(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The static path's maps for canonical q, k: A (D, D/G) or (B, Hq, D, D/G) and B (D, D/G), in
+    the input dtype, with q' = q A and k' = k B. Group g is the G consecutive columns g*G..g*G+G-1:
+    B sums them; A weights them by their representative weights (1/G for "mean", exact in
+    half precision; per head from the keys for "lstsq"), so that q' k'^T equals q_tilde k^T."""
+    D, G = q.shape[-1], config.group_size
+    member = torch.eye(D // G, device=q.device, dtype=q.dtype).repeat_interleave(G, dim=0)
+    if config.representative == "mean":
+        return member / G, member
+    B, H = q.shape[:2]
+    weights = reference.representative_weights(k, torch.arange(D, device=q.device).expand(B, H, 1, D), config)
+    return (weights.view(B, H, D, 1) * member).to(q.dtype), member
+
+
+def static_qk(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """q' = q A (B, Hq, Lq, D/G) and k' = k B (B, Hkv, Lk, D/G): two small matrix products (one
+    read of q and k, fp32 accumulation), then one exact kernel runs on them."""
+    a, b = static_maps(q, k, config)
+    return q @ a, k @ b
+
+
+def static_qk_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients on q, k from those on q', k' (maps held fixed): dq = dq' A^T, dk = dk' B^T."""
+    a, b = static_maps(q, k, config)
+    return grad_q @ a.mT, grad_k @ b.mT
+
+
+def kernel_forward(c: Canonical, config: DistrConfig, is_causal: bool,
+                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's forward on the Triton kernels, for canonical inputs ``c``: the static path (q', k'
+    once per call, then the ungrouped kernel with a Q/K head dim of D/G) or the grouped kernel."""
+    scale = 1.0 / math.sqrt(c.q.shape[-1]) if scale is None else scale  # of the ORIGINAL head dim
+    if is_static(config):
+        q, k = static_qk(c.q, c.k, config)
+        return distr_forward(q, k, c.v, None, None, c.attn_mask, is_causal, scale, 1, config.block_m)
+    perm, weights = kernel_grouping(c.q, c.k, c.v, config, is_causal)
+    return distr_forward(c.q, c.k, c.v, perm, weights, c.attn_mask, is_causal, scale, config.group_size, config.block_m)
+
+
+def kernel_backward(c: Canonical, config: DistrConfig, is_causal: bool, scale: float | None, out: torch.Tensor,
+                    lse: torch.Tensor, grad_out: torch.Tensor,
+                    grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of :func:`kernel_forward` on canonical tensors (out, lse and the
+    incoming gradients canonical too), on the Triton backward kernels."""
+    scale = 1.0 / math.sqrt(c.q.shape[-1]) if scale is None else scale
+    if is_static(config):
+        q, k = static_qk(c.q, c.k, config)
+        dq, dk, dv = distr_backward(q, k, c.v, None, None, out, lse, grad_out, c.attn_mask, is_causal, scale, 1,
+                                    config.block_m, grad_lse=grad_lse)
+        return (*static_qk_backward(dq, dk, c.q, c.k, config), dv)
+    perm, weights = kernel_grouping(c.q, c.k, c.v, config, is_causal)
+    return distr_backward(c.q, c.k, c.v, perm, weights, out, lse, grad_out, c.attn_mask, is_causal, scale,
+                          config.group_size, config.block_m, grad_lse=grad_lse)
 
 
 def _config(group_size: int, block_m: int, num_hyperplanes: int, representative: str, grouping: str, seed: int) -> DistrConfig:
@@ -97,8 +170,7 @@ def attention(
     config = _config(group_size, block_m, num_hyperplanes, representative, grouping, seed)
     c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, group_size)
     if uses_kernel(c.q, c.v, config):
-        perm, weights = kernel_grouping(c.q, c.k, c.v, config, is_causal)
-        out, lse = distr_forward(c.q, c.k, c.v, perm, weights, c.attn_mask, is_causal, scale, group_size, block_m)
+        out, lse = kernel_forward(c, config, is_causal, scale)
     else:
         out, lse = reference.distr_attention(c.q, c.k, c.v, c.attn_mask, is_causal, scale, config)
     return c.restore(out), c.restore(lse)
@@ -124,14 +196,7 @@ def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
     wants = ctx.needs_input_grad[:4]
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     if uses_kernel(q, v, config) and not wants[3]:  # dtype, device and head dims: same as canonical
-        c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
-        perm, weights = kernel_grouping(c.q, c.k, c.v, config, is_causal)
-        dq, dk, dv = distr_backward(
-            c.q, c.k, c.v, perm, weights, c.flatten(out), c.flatten(lse), c.flatten(grad_out),
-            c.attn_mask, is_causal, scale, config.group_size, config.block_m,
-            grad_lse=None if grad_lse is None else c.flatten(grad_lse),
-        )
-        grads = (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape))
+        grads = torch.ops.distr.attention_backward(q, k, v, attn_mask, out, lse, grad_out, grad_lse, *ctx.args)
         return (*(g if w else None for g, w in zip(grads, wants)), None, *([None] * len(ctx.args)))
     with torch.enable_grad():
         inputs = [t if t is None else t.detach().requires_grad_(w) for t, w in zip((q, k, v, attn_mask), wants)]
@@ -148,6 +213,37 @@ def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.triton_op("distr::attention_backward", mutates_args=())
+def attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    group_size: int,
+    block_m: int,
+    num_hyperplanes: int,
+    representative: str,
+    grouping: str,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``distr::attention`` on the Triton backward kernels (internal). An op of its
+    own, like the forward, so that eager calls launch the kernels directly: launched through
+    ``wrap_triton`` outside an op, every call built a new autotuner and re-tuned every config (on an
+    H200 an eager G=2 backward took 1.6 s instead of milliseconds)."""
+    config = _config(group_size, block_m, num_hyperplanes, representative, grouping, seed)
+    c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, group_size)
+    dq, dk, dv = kernel_backward(c, config, is_causal, scale, c.flatten(out), c.flatten(lse), c.flatten(grad_out),
+                                 None if grad_lse is None else c.flatten(grad_lse))
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 _LIB = torch.library.Library("distr", "FRAGMENT")
 

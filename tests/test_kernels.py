@@ -111,7 +111,8 @@ def test_forward_queries_longer_than_keys_causal():
 def test_forward_fixed_config(monkeypatch, causal):
     """Inside ``fixed_config()`` (the guard's calibration) the forward launches the bare kernel with
     one config; the autotuner is never reached."""
-    monkeypatch.setattr(attention, "_distr_fwd_tuned", None)
+    monkeypatch.setattr(attention, "_distr_fwd_grouped", None)
+    monkeypatch.setattr(attention, "_distr_fwd_ungrouped", None)
     with attention.fixed_config():
         check_forward(1, 2, 1, 40, 40, 64, torch.float16, 2, 16, causal=causal)
 

@@ -34,8 +34,8 @@ def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict, 
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages}).metadata
 
 
-def forward_constexprs(D, G, causal=True, mask_kind=attention.MASK_BOOL, block_m=64, block_n=64):
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, D=D, G=G, IS_CAUSAL=causal, MASK_KIND=mask_kind)
+def forward_constexprs(D, G, causal=True, mask_kind=attention.MASK_BOOL, block_m=64, block_n=64, DV=None):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, D=D, DV=DV or D, G=G, IS_CAUSAL=causal, MASK_KIND=mask_kind)
 
 
 GROUPING_POINTERS = dict(PERM="*i32", PERM_INV="*i32", WEIGHTS="*fp32")
@@ -50,20 +50,25 @@ def dummy_perm(G: int) -> dict:
 
 
 def check_forward():
-    for D, G in [(64, 1), (64, 4), (128, 2), (256, 2)]:
+    for D, G, DV in [(64, 1, 64), (64, 4, 64), (128, 2, 128), (256, 2, 256), (32, 1, 128)]:
         compile_for_hopper(attention._distr_fwd_kernel, {**FORWARD_POINTERS, **dummy_perm(G)}, ("qk_scale",),
-                           forward_constexprs(D, G))
+                           forward_constexprs(D, G, DV=DV))
 
 
 def check_autotune_configs_fit_shared_memory():
-    for D in (128, 256):  # WIDE_CONFIGS holds the default config too
-        for config in attention._fit_shared_memory(attention.WIDE_CONFIGS, {}, D=D):
-            meta = compile_for_hopper(
-                attention._distr_fwd_kernel, FORWARD_POINTERS, ("qk_scale",),
-                forward_constexprs(D, 2, causal=False, mask_kind=attention.MASK_NONE, block_n=config.kwargs["BLOCK_N"]),
-                num_warps=config.num_warps, num_stages=config.num_stages,
-            )
-            assert meta.shared <= HOPPER_SHARED_MEMORY, f"D={D} {config}: {meta.shared} bytes of shared memory"
+    # grouped (WIDE_CONFIGS holds its default) and ungrouped (EXACT_CONFIGS; the static path's
+    # reduced Q/K head dim beside a full V head dim), each after the shared-memory pruning
+    for configs, G, dims in [(attention.WIDE_CONFIGS, 2, [(128, 128), (256, 256)]),
+                             (attention.EXACT_CONFIGS, 1, [(128, 128), (256, 256)])]:
+        for D, DV in dims:
+            for config in attention._fit_shared_memory(configs, {}, D=D, DV=DV):
+                tile = dict(block_m=config.kwargs.get("BLOCK_M", 64), block_n=config.kwargs["BLOCK_N"])
+                meta = compile_for_hopper(
+                    attention._distr_fwd_kernel, {**FORWARD_POINTERS, **dummy_perm(G)}, ("qk_scale",),
+                    forward_constexprs(D, G, causal=False, mask_kind=attention.MASK_NONE, DV=DV, **tile),
+                    num_warps=config.num_warps, num_stages=config.num_stages,
+                )
+                assert meta.shared <= HOPPER_SHARED_MEMORY, f"D={D} {config}: {meta.shared} bytes of shared memory"
 
 
 def check_grouping():
@@ -80,17 +85,18 @@ def check_decode():
 
 BACKWARD_POINTERS = dict(
     Q="*bf16", OUT="*bf16", K="*bf16", V="*bf16", Q_REP="*bf16", Q_TILDE="*bf16", DO="*bf16", LSE="*fp32",
-    DLSE="*fp32", LSE2="*fp32", DELTA="*fp32", MASK="*i1", DK="*bf16", DV="*bf16", DQ="*fp32", **GROUPING_POINTERS,
+    DLSE="*fp32", LSE2="*fp32", DELTA="*fp32", MASK="*i1", GRAD_K="*bf16", GRAD_V="*bf16", DQ="*fp32",
+    **GROUPING_POINTERS,
 )
 
 
 def check_backward():
-    for G, grouped in [(1, True), (1, False), (2, True), (2, False)]:
-        common = dict(D=128, G=G, GROUPED=grouped, IS_CAUSAL=True, MASK_KIND=attention.MASK_BOOL)
+    for G, grouped, D in [(1, True, 128), (1, False, 128), (2, True, 128), (2, False, 128), (1, False, 64)]:
+        common = dict(D=D, DV=128, G=G, GROUPED=grouped, IS_CAUSAL=True, MASK_KIND=attention.MASK_BOOL)
         pointers = {**BACKWARD_POINTERS, **dummy_perm(G)}
         if grouped:  # the preprocess has no GROUPED knob: once per G
             compile_for_hopper(attention_backward._bwd_preprocess_kernel, pointers, (),
-                               dict(BLOCK_M=64, D=128, G=G, HAS_DLSE=True))
+                               dict(BLOCK_M=64, D=D, DV=128, G=G, HAS_DLSE=True))
         compile_for_hopper(attention_backward._bwd_dkdv_kernel.fn, pointers, ("qk_scale", "scale"),
                            dict(BLOCK_M=32, BLOCK_N=64, BLOCK_GROUP=64, **common))
         compile_for_hopper(attention_backward._bwd_dq_kernel.fn, pointers, ("qk_scale", "scale"),

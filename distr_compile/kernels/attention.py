@@ -38,30 +38,45 @@ WIDE_CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
+# Ungrouped (G = 1: exact, and the static path's reduced q/k): the query tile is free of the
+# grouping block, so it is tuned too; Hopper wants 128-row tiles with 8 warps.
+EXACT_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+]
 
 
-def _configs() -> list[triton.Config]:
-    """Autotune space (BLOCK_M is the grouping block, fixed by the config), by DISTR_COMPILE_AUTOTUNE:
-    "1" (default) the one config that came within 1.4% of the best of WIDE_CONFIGS on every shape
-    class of notes/autotune_sweep.py (H100; d 64/128, G 1/2/4, causal or not, L 512-8192), as each
-    config is one more Triton compile in a cold ``torch.compile`` (issue 3); "wide" all of
-    WIDE_CONFIGS, to re-run that sweep on other GPUs; "0" (and the interpreter) FIXED_CONFIG, for
-    quick test compiles. A config that does not fit in shared memory falls back to FIXED_CONFIG."""
+def _configs(grouped: bool) -> list[triton.Config]:
+    """Autotune space, by DISTR_COMPILE_AUTOTUNE: "1" (default) a short list (each config is one
+    more Triton compile in a cold ``torch.compile``): for the grouped kernel the one config that
+    came within 1.4% of the best of WIDE_CONFIGS on every shape class (H100; d 64/128, G 1/2/4,
+    causal or not, L 512-8192), for the ungrouped one the first three of EXACT_CONFIGS; "wide" every
+    config, to re-run the sweep on other GPUs; "0" (and the interpreter) FIXED_CONFIG, for quick
+    test compiles. Configs that do not fit in shared memory are pruned (FIXED_CONFIG is kept)."""
     setting = os.environ.get("DISTR_COMPILE_AUTOTUNE", "1")
     if os.environ.get("TRITON_INTERPRET") == "1" or setting == "0":
         return [FIXED_CONFIG]
-    return WIDE_CONFIGS if setting == "wide" else WIDE_CONFIGS[:1]
+    configs = WIDE_CONFIGS if grouped else EXACT_CONFIGS
+    return configs if setting == "wide" else configs[:1 if grouped else 3]
 
 
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V pipeline buffers; Hopper has 227 KiB a block
 
 
 def _fit_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose K/V pipeline would not fit in shared memory (d = 256); keep one that does."""
-    d = named_args["D"] if "D" in named_args else kwargs["D"]
-    size = lambda c: 2 * 2 * c.kwargs["BLOCK_N"] * d * c.num_stages
+    """Drop configs whose K/V pipeline would not fit in shared memory (large head dims); keep one
+    that does (FIXED_CONFIG, with a 64-row query tile where the tile is tuned)."""
+    arg = lambda name: named_args[name] if name in named_args else kwargs[name]
+    width = arg("D") + arg("DV")
+    size = lambda c: 2 * c.kwargs["BLOCK_N"] * width * c.num_stages
     fitting = [c for c in configs if size(c) <= SHARED_MEMORY_BUDGET]
-    return fitting or [FIXED_CONFIG]
+    tuned_tile = "BLOCK_M" in configs[0].kwargs
+    return fitting or [triton.Config(FIXED_CONFIG.kwargs | ({"BLOCK_M": 64} if tuned_tile else {}),
+                                     num_warps=FIXED_CONFIG.num_warps, num_stages=FIXED_CONFIG.num_stages)]
 
 
 _AUTOTUNE = contextvars.ContextVar("distr_compile_autotune", default=True)
@@ -124,38 +139,44 @@ def _attend(
     acc, l_i, m_i, q_rep, k_base, v_base, mask_base, perm_base, start, end,
     offs_m, row_ok, len_k, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDARY: tl.constexpr,
 ):
     """Online softmax over key tiles [start, end). BOUNDARY=False is the interior: every key is
     in range and (causal) visible to every row, so no key masks are built or applied."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < len_k
         k_t = _keys_t(k_base, perm_base, cols, col_ok, stride_kn, stride_kd, D, G, BOUNDARY)
-        s = tl.dot(q_rep, k_t) * qk_scale
-        if MASK_KIND != 0:
-            m_tile = tl.load(mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
-                             mask=row_ok[:, None] & col_ok[None, :], other=0)
-            if MASK_KIND == 1:
-                s = tl.where(m_tile != 0, s, float("-inf"))
-            else:
-                s += m_tile.to(tl.float32) * LOG2E
-        if BOUNDARY:
-            keep = col_ok[None, :]
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None])
-            s = tl.where(keep, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep p = 0
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
+        s = tl.dot(q_rep, k_t)
+        if MASK_KIND == 0 and not BOUNDARY:
+            # every score finite: the scale folds into one FMA with the max subtraction
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        else:
+            s *= qk_scale
+            if MASK_KIND != 0:
+                m_tile = tl.load(mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
+                                 mask=row_ok[:, None] & col_ok[None, :], other=0)
+                if MASK_KIND == 1:
+                    s = tl.where(m_tile != 0, s, float("-inf"))
+                else:
+                    s += m_tile.to(tl.float32) * LOG2E
+            if BOUNDARY:
+                keep = col_ok[None, :]
+                if IS_CAUSAL:
+                    keep = keep & (cols[None, :] <= offs_m[:, None])
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep p = 0
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok[:, None], BOUNDARY)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = _load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, col_ok[:, None], BOUNDARY)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # the MMA accumulates in place
         m_i = m_new
     return acc, l_i, m_i
 
@@ -169,7 +190,7 @@ def _distr_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, gqa_ratio, len_q, len_k, num_blocks, qk_scale, lk_bucket,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -194,7 +215,7 @@ def _distr_fwd_kernel(
     mask_base = MASK + b * stride_mb + h * stride_mh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
     # Interior tiles (all keys in range and, causal, below the block's first row) need no key
     # masks; the rest (the causal diagonal and the ragged end) take the masked path.
     interior = (len_k // BLOCK_N) * BLOCK_N
@@ -205,29 +226,34 @@ def _distr_fwd_kernel(
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q_rep, k_base, v_base, mask_base, perm_base, 0, interior, offs_m, row_ok, len_k, qk_scale,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        BLOCK_N, D, G, IS_CAUSAL, MASK_KIND, False,
+        BLOCK_N, D, DV, G, IS_CAUSAL, MASK_KIND, False,
     )
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q_rep, k_base, v_base, mask_base, perm_base, interior, end, offs_m, row_ok, len_k, qk_scale,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        BLOCK_N, D, G, IS_CAUSAL, MASK_KIND, True,
+        BLOCK_N, D, DV, G, IS_CAUSAL, MASK_KIND, True,
     )
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(
-        OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + tl.arange(0, DV)[None, :] * stride_od,
         out.to(OUT.dtype.element_ty), mask=row_ok[:, None],
     )
     tl.store(LSE + pid_bh * len_q + offs_m, lse, mask=row_ok)
 
 
-_distr_fwd_tuned = triton.autotune(
-    configs=_configs(),
-    key=["lk_bucket", "D", "G", "BLOCK_M", "IS_CAUSAL", "MASK_KIND"],
-    prune_configs_by={"early_config_prune": _fit_shared_memory},
-)(_distr_fwd_kernel)
+def _autotuned(grouped: bool):
+    return triton.autotune(
+        configs=_configs(grouped),
+        key=["lk_bucket", "D", "DV", "G", "IS_CAUSAL", "MASK_KIND"] + (["BLOCK_M"] if grouped else []),
+        prune_configs_by={"early_config_prune": _fit_shared_memory},
+    )(_distr_fwd_kernel)
+
+
+_distr_fwd_grouped = _autotuned(grouped=True)  # BLOCK_M is the grouping block, given per call
+_distr_fwd_ungrouped = _autotuned(grouped=False)  # BLOCK_M tuned
 
 
 @triton.jit
@@ -271,31 +297,37 @@ def distr_forward(
     group_size: int,
     block_m: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward on canonical tensors (q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D), mask
-    (B, Hq, Lq, Lk) view; for G > 1 the grouping ``perm`` (B, Hq, nb, D) int32 and the
-    representatives' ``weights`` in perm's order, float32, both contiguous (from
-    ``reference.representative_weights``); None for G = 1): returns (out, lse)."""
+    """Launch the forward on canonical tensors (q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v
+    (B, Hkv, Lk, DV), mask (B, Hq, Lq, Lk) view; for G > 1 the grouping ``perm`` (B, Hq, nb, D)
+    int32 and the representatives' ``weights`` in perm's order, float32, both contiguous (from
+    ``reference.representative_weights``), and DV == D; None for G = 1, where q/k may have a
+    smaller head dim than v (the static path's reduced q', k')): returns (out (B, Hq, Lq, DV), lse).
+    ``block_m`` is the grouping block for G > 1; for G = 1 the query tile is autotuned (it is
+    ``block_m`` only in untuned launches: the interpreter and the guard's calibration runs)."""
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[-1]
     nb = triton.cdiv(Lq, block_m)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if group_size > 1:
         k = keys_contiguous(k)  # vectorised row gathers of K^T
-    out = torch.empty_like(q)
+    out = q.new_empty(B, Hq, Lq, DV)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32)
     if attn_mask is None:
         mask_kind, mask, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
     else:
         mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_ADD
         mask, mask_strides = attn_mask, attn_mask.stride()
-    if _AUTOTUNE.get() or torch.compiler.is_compiling():
-        kernel, launch = _distr_fwd_tuned, {}
+    if not (_AUTOTUNE.get() or torch.compiler.is_compiling()) or _configs(group_size > 1) == [FIXED_CONFIG]:
+        kernel, launch = _distr_fwd_kernel, dict(FIXED_CONFIG.all_kwargs(), BLOCK_M=block_m)
+    elif group_size > 1:
+        kernel, launch = _distr_fwd_grouped, {"BLOCK_M": block_m}
     else:
-        kernel, launch = _distr_fwd_kernel, dict(FIXED_CONFIG.all_kwargs())
-    torch.library.wrap_triton(kernel)[(nb, B * Hq)](
+        kernel, launch = _distr_fwd_ungrouped, {}
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+    torch.library.wrap_triton(kernel)[grid](
         q, k, v, q if perm is None else perm, q if weights is None else weights, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         Hq, Hq // Hkv, Lq, Lk, nb, scale * LOG2E.value, triton.next_power_of_2(Lk),
-        BLOCK_M=block_m, D=D, G=group_size, IS_CAUSAL=is_causal, MASK_KIND=mask_kind, **launch,
+        D=D, DV=DV, G=group_size, IS_CAUSAL=is_causal, MASK_KIND=mask_kind, **launch,
     )
     return out, lse

@@ -77,10 +77,11 @@ def _arg(name, named_args, kwargs):
 
 def _prune_dq(configs, named_args, **kwargs):
     """Grouped configs only for G > 1; K/V pipeline within shared memory (as the forward)."""
-    d, g = _arg("D", named_args, kwargs), _arg("G", named_args, kwargs)
+    g = _arg("G", named_args, kwargs)
+    width = _arg("D", named_args, kwargs) + _arg("DV", named_args, kwargs)
     kept = [
         c for c in configs
-        if (g > 1 or not c.kwargs["GROUPED"]) and 2 * 2 * c.kwargs["BLOCK_N"] * d * c.num_stages <= SHARED_MEMORY_BUDGET
+        if (g > 1 or not c.kwargs["GROUPED"]) and 2 * c.kwargs["BLOCK_N"] * width * c.num_stages <= SHARED_MEMORY_BUDGET
     ]
     return kept or [triton.Config({"BLOCK_N": 32, "GROUPED": False}, num_warps=4, num_stages=2)]
 
@@ -89,13 +90,13 @@ def _prune_dkdv(configs, named_args, **kwargs):
     """Grouped configs only for G > 1 and query chunks inside one grouping block (one ``perm``
     per chunk); q_tilde/dO pipeline within shared memory; the held dK/dV/K/V tiles at most
     128 x 128 elements each (register budget)."""
-    d, g = _arg("D", named_args, kwargs), _arg("G", named_args, kwargs)
-    block_group = _arg("BLOCK_GROUP", named_args, kwargs)
+    g, block_group = _arg("G", named_args, kwargs), _arg("BLOCK_GROUP", named_args, kwargs)
+    d, dv = _arg("D", named_args, kwargs), _arg("DV", named_args, kwargs)
     kept = [
         c for c in configs
         if (not c.kwargs["GROUPED"] or (g > 1 and c.kwargs["BLOCK_M"] <= block_group))
-        and 2 * 2 * c.kwargs["BLOCK_M"] * d * c.num_stages <= SHARED_MEMORY_BUDGET
-        and c.kwargs["BLOCK_N"] * d <= 128 * 128
+        and 2 * c.kwargs["BLOCK_M"] * (d + dv) * c.num_stages <= SHARED_MEMORY_BUDGET
+        and c.kwargs["BLOCK_N"] * max(d, dv) <= 128 * 128
     ]
     return kept or [triton.Config({"BLOCK_N": 32, "BLOCK_M": 16, "GROUPED": False}, num_warps=4, num_stages=1)]
 
@@ -124,7 +125,7 @@ def _bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     num_heads, len_q, num_blocks,
-    BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse (a gradient on lse adds P * dlse to dS), the base-2 lse
     (+inf where the row is fully masked or padded), and for G > 1 Q_rep and q_tilde."""
@@ -134,10 +135,11 @@ def _bwd_preprocess_kernel(
     h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
     row_ok = offs_m < len_q
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                  mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
@@ -165,13 +167,14 @@ def _dkdv_chunks(
     dk, dv, k, v, k_base, q_rep_base, q_tilde_base, do_base, lse_base, delta_base, mask_base, perm_base,
     start, end, offs_n, col_ok, len_q, qk_scale,
     stride_kn, stride_kd, stride_tm, stride_td, stride_gm, stride_gd, stride_mm, stride_mn,
-    BLOCK_M: tl.constexpr, BLOCK_GROUP: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
     GROUPED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDARY: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query chunks [start, end) of one query head, in the
     transposed orientation (rows = keys). BOUNDARY=False: every row in range and (causal) at or
     below every key of the tile, so no loads are masked and no causal cut is applied."""
     offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
     offs_g = tl.arange(0, D // G)
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -193,7 +196,7 @@ def _dkdv_chunks(
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         p_t = tl.math.exp2(s_t - lse[None, :])
-        do = _load(do_base + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, row_ok[:, None], BOUNDARY)
+        do = _load(do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd, row_ok[:, None], BOUNDARY)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
@@ -203,12 +206,12 @@ def _dkdv_chunks(
 
 @triton.autotune(
     configs=_dkdv_configs(),
-    key=["lq_bucket", "D", "G", "BLOCK_GROUP", "IS_CAUSAL", "MASK_KIND"],
+    key=["lq_bucket", "D", "DV", "G", "BLOCK_GROUP", "IS_CAUSAL", "MASK_KIND"],
     prune_configs_by={"early_config_prune": _prune_dkdv},
 )
 @triton.jit
 def _bwd_dkdv_kernel(
-    K, V, Q_REP, Q_TILDE, DO, LSE2, DELTA, PERM, MASK, DK, DV,
+    K, V, Q_REP, Q_TILDE, DO, LSE2, DELTA, PERM, MASK, GRAD_K, GRAD_V,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_tb, stride_th, stride_tm, stride_td,
@@ -217,8 +220,8 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_kv_heads, gqa_ratio, len_q, len_k, num_blocks, qk_scale, scale, lq_bucket,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GROUP: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    GROUPED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    G: tl.constexpr, GROUPED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
 ):
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # Inductor may pass fp64
     pid_n = tl.program_id(0)
@@ -228,13 +231,14 @@ def _bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
     col_ok = offs_n < len_k
     k_base = K + b * stride_kb + hk * stride_kh
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
 
     # Query chunks: [lo, mid) straddle the causal diagonal (masked), [mid, full) are interior,
     # [max(mid, full), padded) hold the ragged end (masked). Causal rows above the tile are skipped.
@@ -264,23 +268,23 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, k_base, q_rep_base, q_tilde_base, do_base, LSE2 + bh * len_q, DELTA + bh * len_q,
                 mask_base, perm_base, first, last, offs_n, col_ok, len_q, qk_scale,
                 stride_kn, stride_kd, stride_tm, stride_td, stride_gm, stride_gd, stride_mm, stride_mn,
-                BLOCK_M, BLOCK_GROUP, D, G, GROUPED and G > 1, IS_CAUSAL, MASK_KIND, c != 1,
+                BLOCK_M, BLOCK_GROUP, D, DV, G, GROUPED and G > 1, IS_CAUSAL, MASK_KIND, c != 1,
             )
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(GRAD_K + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(GRAD_K.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(GRAD_V + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(GRAD_V.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
 def _dq_tiles(
     acc, q_op, do, lse, delta, k_base, v_base, mask_base, perm_base, start, end, offs_m, row_ok, len_k, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDARY: tl.constexpr,
 ):
     """Accumulate dS K (G = 1: dense, full d) or dS K_fused (d/G) over key tiles [start, end)."""
-    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < len_k
@@ -288,7 +292,7 @@ def _dq_tiles(
         s = _scores(tl.dot(q_op, k_t) * qk_scale, mask_base, offs_m[:, None], cols[None, :], row_ok[:, None],
                     col_ok[None, :], stride_mm, stride_mn, IS_CAUSAL, MASK_KIND, BOUNDARY)
         p = tl.math.exp2(s - lse[:, None])
-        v_t = _load(v_base + offs_d[:, None] * stride_vd + cols[None, :] * stride_vn, col_ok[None, :], BOUNDARY)
+        v_t = _load(v_base + offs_dv[:, None] * stride_vd + cols[None, :] * stride_vn, col_ok[None, :], BOUNDARY)
         ds = p * (tl.dot(do, v_t) - delta[:, None])
         acc += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
     return acc
@@ -296,7 +300,7 @@ def _dq_tiles(
 
 @triton.autotune(
     configs=_dq_configs(),
-    key=["lk_bucket", "D", "G", "BLOCK_M", "IS_CAUSAL", "MASK_KIND"],
+    key=["lk_bucket", "D", "DV", "G", "BLOCK_M", "IS_CAUSAL", "MASK_KIND"],
     prune_configs_by={"early_config_prune": _prune_dq},
 )
 @triton.jit
@@ -309,7 +313,7 @@ def _bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_qb, stride_qh, stride_qm, stride_qd,
     num_heads, gqa_ratio, len_q, len_k, num_blocks, qk_scale, scale, lk_bucket,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
     GROUPED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
 ):
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # Inductor may pass fp64
@@ -324,7 +328,7 @@ def _bwd_dq_kernel(
     row_ok = offs_m < len_q
     block = (pid_bh * num_blocks + pid_m) * D  # this query block's grouping and weights
     perm_base = PERM + block
-    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + tl.arange(0, DV)[None, :] * stride_gd,
                  mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE2 + pid_bh * len_q + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * len_q + offs_m, mask=row_ok, other=0.0)
@@ -351,7 +355,7 @@ def _bwd_dq_kernel(
             acc, q_op, do, lse, delta, k_base, v_base, mask_base, perm_base,
             0 if c == 0 else interior, interior if c == 0 else end, offs_m, row_ok, len_k, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            BLOCK_N, D, G_DOT, IS_CAUSAL, MASK_KIND, c == 1,
+            BLOCK_N, D, DV, G_DOT, IS_CAUSAL, MASK_KIND, c == 1,
         )
     acc = acc * scale
 
@@ -390,12 +394,13 @@ def distr_backward(
     grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``distr_forward`` on canonical tensors, the grouping ``perm`` and
-    the representatives' ``weights`` held fixed: q/out/grad_out (B, Hq, Lq, D), k/v
-    (B, Hkv, Lk, D), the forward's ``lse`` (B, Hq, Lq) natural-log fp32, mask (B, Hq, Lq, Lk)
-    view, perm and weights as for ``distr_forward`` (None for G = 1). ``grad_lse`` (B, Hq, Lq),
-    if given, is the incoming gradient on lse. Any strides."""
+    the representatives' ``weights`` held fixed: q (B, Hq, Lq, D), out/grad_out (B, Hq, Lq, DV),
+    k (B, Hkv, Lk, D), v (B, Hkv, Lk, DV) (DV != D only for G = 1), the forward's ``lse``
+    (B, Hq, Lq) natural-log fp32, mask (B, Hq, Lq, Lk) view, perm and weights as for
+    ``distr_forward`` (None for G = 1). ``grad_lse`` (B, Hq, Lq), if given, is the incoming
+    gradient on lse. Any strides."""
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[-1]
     nb = triton.cdiv(Lq, block_m)
     G = group_size
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -427,7 +432,7 @@ def distr_backward(
         q, out, grad_out, lse, dlse, perm, perm_inv, q if weights is None else weights, delta, lse2, q_rep, q_tilde,
         *q.stride(), *out.stride(), *grad_out.stride(),
         Hq, Lq, nb,
-        BLOCK_M=block_m, D=D, G=G, HAS_DLSE=grad_lse is not None,
+        BLOCK_M=block_m, D=D, DV=DV, G=G, HAS_DLSE=grad_lse is not None,
     )
     common = (k, v, q_rep, q_tilde, grad_out, lse2, delta, perm, mask)
     strides = (*k.stride(), *v.stride(), *q_tilde.stride(), *grad_out.stride(), *mask_strides)
@@ -435,11 +440,11 @@ def distr_backward(
     torch.library.wrap_triton(_bwd_dkdv_kernel)[dkdv_grid](
         *common, dk, dv, *strides, *dk.stride(), *dv.stride(),
         Hkv, Hq // Hkv, Lq, Lk, nb, qk_scale, scale, triton.next_power_of_2(Lq),
-        BLOCK_GROUP=block_m, D=D, G=G, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+        BLOCK_GROUP=block_m, D=D, DV=DV, G=G, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
     )
     torch.library.wrap_triton(_bwd_dq_kernel)[(nb, B * Hq)](
         *common, perm_inv, q if weights is None else weights, dq, *strides, *dq.stride(),
         Hq, Hq // Hkv, Lq, Lk, nb, qk_scale, scale, triton.next_power_of_2(Lk),
-        BLOCK_M=block_m, D=D, G=G, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+        BLOCK_M=block_m, D=D, DV=DV, G=G, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
     )
     return dq, dk, dv

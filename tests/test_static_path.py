@@ -1,0 +1,127 @@
+"""The static path (a fixed grouping: q' = q A, k' = k B once, then one exact kernel whose Q/K head
+dim is d/G and V head dim d) against the float64 reference, forward and backward.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 on small shapes through ``ops.kernel_forward``
+and ``ops.kernel_backward`` (the functions the op calls on CUDA); the ``gpu`` tests run the public
+op itself in bf16 and fp16.
+"""
+
+import math
+
+import pytest
+import torch
+
+from distr_compile import DistrConfig, distr_attention, ops, reference
+from distr_compile.inputs import canonicalize
+from distr_compile.kernels.attention import distr_forward
+from distr_compile.kernels.attention_backward import distr_backward
+
+from test_kernels import DEVICE, make_inputs, make_mask, rel_err
+
+CASES = {
+    "plain": {},
+    "gqa-causal": dict(Hq=6, Hkv=2, causal=True),
+    "bool": dict(mask_kind="bool"),
+    "additive": dict(mask_kind="additive", Hq=4, Hkv=2),
+    "causal-longer-queries": dict(Lq=40, Lk=24, causal=True),
+    "causal-longer-keys": dict(Lq=24, Lk=40, causal=True),
+    "odd-strided": dict(Lq=17, Lk=5, layout="bshd"),
+}
+
+
+def check_static(B=2, Hq=2, Hkv=2, Lq=37, Lk=45, D=64, dtype=torch.float16, group_size=2, mask_kind="none",
+                 causal=False, layout="contiguous", representative="mean", tol=None):
+    """Forward and gradients of the static path against autograd through the float64 reference."""
+    tol = tol or (1e-4 if dtype == torch.float32 else 1e-2)
+    config = DistrConfig(group_size=group_size, grouping="fixed", representative=representative, block_m=16)
+    assert ops.is_static(config)
+    q, k, v = make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, layout)
+    mask = make_mask(mask_kind, B, Hq, Lq, Lk)
+    c = canonicalize(q, k, v, mask, 0.0, causal, None, Hq != Hkv, group_size)
+    out, lse = ops.kernel_forward(c, config, causal, None)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    dq, dk, dv = ops.kernel_backward(c, config, causal, None, out, lse, grad_out, grad_lse)
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference.distr_attention(*leaves, c.attn_mask, causal, None, config)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, ref_out) < tol
+    finite = ref_lse.isfinite()
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=tol, atol=tol)
+    expected = torch.autograd.grad([ref_out, ref_lse[finite]], leaves, [grad_out.double(), grad_lse.double()[finite]])
+    for name, got, want in zip("qkv", (dq, dk, dv), expected):
+        assert got.shape == want.shape and got.isfinite().all(), name
+        assert rel_err(got, want) < tol, f"d{name}: relative error {rel_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_static_path_matches_reference(case):
+    check_static(**CASES[case])
+
+
+@pytest.mark.parametrize("group_size, D", [(2, 32), (4, 64)])
+@pytest.mark.parametrize("representative", ["mean", "sample", "lstsq"])
+def test_static_path_group_sizes_and_representatives(group_size, D, representative):
+    check_static(D=D, group_size=group_size, representative=representative, dtype=torch.float32, causal=True)
+
+
+def test_static_reduction_is_the_fixed_grouping():
+    """q' k'^T == q_tilde k^T: the reduced product is the grouped product, in float64."""
+    config = DistrConfig(group_size=4, grouping="fixed", representative="lstsq")
+    q, k = torch.randn(2, 3, 20, 32, dtype=torch.float64), torch.randn(2, 3, 25, 32, dtype=torch.float64)
+    q_reduced, k_reduced = ops.static_qk(q, k, config)
+    perm = reference.group_columns(q, config)
+    weights = reference.representative_weights(k, perm, config)
+    q_tilde = reference.representative_query(q, perm, weights, config)
+    torch.testing.assert_close(q_reduced @ k_reduced.mT, q_tilde @ k.mT)
+
+
+def test_lstsq_visible_and_lsh_are_not_static():
+    assert not ops.is_static(DistrConfig(grouping="fixed", representative="lstsq-visible"))
+    assert not ops.is_static(DistrConfig(grouping="lsh"))
+    assert not ops.is_static(DistrConfig(group_size=1, grouping="fixed"))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_with_smaller_query_key_head_dim(causal):
+    """The exact kernels with d_qk != d_v (what the static path launches) against float64."""
+    dtype = torch.float32
+    q, k = (torch.randn(2, 3, L, 16, device=DEVICE, dtype=dtype) for L in (33, 41))
+    v = torch.randn(2, 3, 41, 64, device=DEVICE, dtype=dtype)
+    scale = 1 / math.sqrt(64)
+    out, lse = distr_forward(q, k, v, None, None, None, causal, scale, 1, 16)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference.attention(*leaves, None, causal, scale)
+    assert out.shape == (2, 3, 33, 64)
+    assert rel_err(out, ref_out) < 1e-4
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)
+    grad_out = torch.randn_like(out)
+    got = distr_backward(q, k, v, None, None, out, lse, grad_out, None, causal, scale, 1, 16)
+    want = torch.autograd.grad(ref_out, leaves, grad_out.double())
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == w.shape and rel_err(g, w) < 1e-4, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D, group_size", [(64, 2), (64, 4), (128, 2), (128, 4), (256, 2)])
+@pytest.mark.parametrize("case", ["plain", "gqa-causal", "bool", "odd-strided"])
+def test_static_op_gpu(dtype, D, group_size, case):
+    """The public op on CUDA: forward and gradients against float64 autograd of the reference."""
+    shape = dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300) | {k: v for k, v in CASES[case].items() if k in ("Hq", "Hkv", "Lq", "Lk")}
+    causal, mask_kind = CASES[case].get("causal", False), CASES[case].get("mask_kind", "none")
+    config = DistrConfig(group_size=group_size, grouping="fixed")
+    q, k, v = make_inputs(*shape.values(), D, dtype, CASES[case].get("layout", "contiguous"))
+    mask = make_mask(mask_kind, shape["B"], shape["Hq"], shape["Lq"], shape["Lk"])
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    gqa = shape["Hq"] != shape["Hkv"]
+    out = distr_attention(*leaves, mask, is_causal=causal, enable_gqa=gqa, config=config)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    c = canonicalize(*ref_leaves, mask, 0.0, causal, None, gqa, group_size)
+    ref_out = c.restore(reference.distr_attention(c.q, c.k, c.v, c.attn_mask, causal, None, config)[0])
+    want = torch.autograd.grad(ref_out, ref_leaves, grad_out.double())
+    assert rel_err(out, ref_out) < 1e-2
+    for name, g, w in zip("qkv", got, want):
+        assert rel_err(g, w) < 1e-2, f"d{name}: relative error {rel_err(g, w):.2e}"
