@@ -60,6 +60,10 @@ class DistrConfig:
             pretrained models are 0.3-1.0 (DESIGN.md section 2): most layers stay exact.
         metric: "rel_fro" (relative Frobenius error of the attention output, default), "cosine"
             (1 - cosine similarity) or "max_abs" (max absolute error).
+        min_speedup: a site is approximated only if, on the calibration inputs, exact SDPA's time
+            over DistrAttention's is at least this (1.05: 5% faster, above the timing noise of a
+            few percent); otherwise it stays exact, and the report says so with both times. 0
+            turns the speed check off (the decision is then on accuracy alone).
         candidate_group_sizes: the G values the guard may pick per site, tried cheapest
             (largest) first; empty means just ``group_size``. ``group_size=[4, 2]`` in options
             sets this (and ``group_size`` to the largest, used when ``approximate="always"``).
@@ -93,6 +97,7 @@ class DistrConfig:
     approximate: str = "auto"
     tolerance: float = 0.05
     metric: str = "rel_fro"
+    min_speedup: float = 1.05
     candidate_group_sizes: tuple[int, ...] = ()
     output_tolerance: float | None = None
     guard_reference: str = "exact"
@@ -113,7 +118,7 @@ class DistrConfig:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         _check_choice("approximate", self.approximate, APPROXIMATE)
         _check_choice("metric", self.metric, METRICS)
-        for name in ("tolerance", "output_tolerance"):
+        for name in ("tolerance", "output_tolerance", "min_speedup"):
             value = getattr(self, name)
             if value is None and name == "output_tolerance":
                 continue

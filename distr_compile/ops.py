@@ -245,6 +245,7 @@ def attention_backward(
                                  None if grad_lse is None else c.flatten(grad_lse))
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
+
 _LIB = torch.library.Library("distr", "FRAGMENT")
 
 

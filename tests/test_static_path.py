@@ -125,3 +125,14 @@ def test_static_op_gpu(dtype, D, group_size, case):
     assert rel_err(out, ref_out) < 1e-2
     for name, g, w in zip("qkv", got, want):
         assert rel_err(g, w) < 1e-2, f"d{name}: relative error {rel_err(g, w):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grouping", ["fixed", "lsh"])
+def test_backward_op_opcheck_gpu(grouping):
+    """The internal backward op's registration (schema, fake tensors, tracing) on its kernel path."""
+    q, k, v = make_inputs(2, 4, 2, 130, 130, 64, torch.bfloat16)
+    knobs = (2, 64, 16, "mean", grouping, 0)
+    out, lse = torch.ops.distr.attention(q, k, v, None, True, None, True, *knobs)
+    args = (q, k, v, None, out, lse, torch.randn_like(out), None, True, None, True, *knobs)
+    torch.library.opcheck(torch.ops.distr.attention_backward.default, args)

@@ -83,16 +83,26 @@ _AUTOTUNE = contextvars.ContextVar("distr_compile_autotune", default=True)
 
 
 @contextlib.contextmanager
+def _autotune(enabled: bool):
+    token = _AUTOTUNE.set(enabled)
+    try:
+        yield
+    finally:
+        _AUTOTUNE.reset(token)
+
+
 def fixed_config():
     """Eager forward launches in this block take FIXED_CONFIG instead of autotuning. For the guard's
     calibration runs: their speed does not matter, but autotuning them would add every config's
     compile and timing (two kernels, each per shape key) to the first ``torch.compile`` call.
     Kernels traced into a compiled graph are always autotuned."""
-    token = _AUTOTUNE.set(False)
-    try:
-        yield
-    finally:
-        _AUTOTUNE.reset(token)
+    return _autotune(False)
+
+
+def autotuned():
+    """Eager forward launches in this block autotune (the default; undoes ``fixed_config``): for the
+    guard's speed measurements, which must see the kernels a compiled model runs."""
+    return _autotune(True)
 
 
 @triton.jit
