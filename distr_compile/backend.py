@@ -29,7 +29,7 @@ from .guard import (
     EXACT, STORE, DistrPlan, Owner, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs, log,
     metric_error, owner, probe_module, run_probe,
 )
-from .passes import AttentionSite, find_attention, rewrite_attention
+from .passes import AttentionSite, find_attention, rewrite_attention, use_is_causal
 
 
 def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[str, Any] | None = None,
@@ -148,6 +148,7 @@ def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[
         for name, d in decisions.items()
         if d.approximated or (d.source == "forced" and config.approximate == "always")
     }
+    use_is_causal(s for s in sites if s.name not in configs)
     rewrite_attention(gm.graph, sites, configs)
     gm.recompile()
     return compile_fx(gm, example_inputs, config_patches=patches)

@@ -39,6 +39,7 @@ from .config import DistrConfig
 from .guard import DistrPlan
 from .passes import AttentionSite, find_attention, rewrite_attention
 from .passes.match import SDPA
+from .passes.rewrite import PROVENANCE
 
 aten = torch.ops.aten
 
@@ -133,9 +134,10 @@ def rewrite_exported(
     approximated = {name: config.replace(group_size=d.group_size) for name, d in decisions.items() if d.approximated}
     if not approximated:
         return program
-    for site in sites:
-        if site.name in approximated:
-            _rewrite_site(module.graph, site, approximated[site.name])
+    chosen = [site for site in sites if site.name in approximated]
+    for site in chosen:
+        _keep_layout(module.graph, site)
+    rewrite_attention(module.graph, chosen, approximated)
     module.recompile()
     return _reexport(module, _dynamic_shapes(program, module), args, kwargs)
 
@@ -188,19 +190,6 @@ def _to_dynamo_spelling(graph: fx.Graph) -> None:
             node.op, node.target = "call_method", "expand"
 
 
-def _rewrite_site(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> None:
-    """Rewrite one site to the op, keeping its output layout, and give the new nodes the site's
-    module path and stack trace (so the re-exported program keeps them, and a rewrite of the
-    result names sites the same)."""
-    before = set(graph.nodes)
-    meta = {k: site.output.meta[k] for k in ("nn_module_stack", "stack_trace") if k in site.output.meta}
-    _keep_layout(graph, site)
-    rewrite_attention(graph, [site], {site.name: config})
-    for node in graph.nodes:
-        if node not in before:
-            node.meta.update({k: v for k, v in meta.items() if k not in node.meta})
-
-
 def _keep_layout(graph: fx.Graph, site: AttentionSite) -> None:
     """Make the site's output keep the memory layout the exported graph was traced with.
 
@@ -216,16 +205,18 @@ def _keep_layout(graph: fx.Graph, site: AttentionSite) -> None:
     users = list(site.output.users)
     with graph.inserting_after(site.output):
         if order == sorted(order):
-            dense = graph.call_method("contiguous", (site.output,))
+            created = [graph.call_method("contiguous", (site.output,))]
         else:
             inverse = sorted(range(len(order)), key=order.__getitem__)
             permuted = graph.call_method("permute", (site.output, order))
             with graph.inserting_after(permuted):
                 packed = graph.call_method("contiguous", (permuted,))
             with graph.inserting_after(packed):
-                dense = graph.call_method("permute", (packed, inverse))
+                created = [permuted, packed, graph.call_method("permute", (packed, inverse))]
+    for node in created:  # the site's module path and stack trace, as the rewrite gives its nodes
+        node.meta.update({k: site.output.meta[k] for k in PROVENANCE if k in site.output.meta})
     for user in users:
-        user.replace_input_with(site.output, dense)
+        user.replace_input_with(site.output, created[-1])
 
 
 def _reexport(module: fx.GraphModule, dynamic_shapes: dict[str, Any], args: tuple, kwargs: dict) -> ExportedProgram:

@@ -227,3 +227,36 @@ def test_mask_over_the_size_limit_stays_a_mask_and_is_logged(monkeypatch, caplog
         (site,) = sites_of(attend_with_constant_mask, q, k, v)
     assert not site.is_causal and site.attn_mask is not None
     assert "not checked for the causal pattern" in caplog.text
+
+
+def explicit_attention(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
+
+
+def sdpa_attention(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+CHAINS = {
+    "sdpa-then-explicit": (sdpa_attention, explicit_attention),
+    "explicit-then-sdpa": (explicit_attention, sdpa_attention),
+    "three-deep": (explicit_attention, sdpa_attention, explicit_attention),
+}
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=str)
+def test_chained_sites_rewrite_exactly(chain, eager_backend):
+    """Attention of attention with no op in between: the output of one site is the query of the
+    next, so the second site's query is a node the first rewrite replaces."""
+
+    def fn(q, k, v):
+        for attend in CHAINS[chain]:
+            q = attend(q, k, v)
+        return q
+
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    assert len(sites_of(fn, q, k, v)) == len(CHAINS[chain])
+    compiled = torch.compile(fn, backend="distr", options={"approximate": "always", "group_size": 1})
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-6)
+    assert len(op_nodes(eager_backend)) == len(CHAINS[chain])
+
