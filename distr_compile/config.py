@@ -24,6 +24,11 @@ GUARD_REFERENCES = ("exact", "original")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+class ConfigError(ValueError):
+    """Options or a plan that do not fit the model: the user's to fix. The backend raises it as is,
+    whereas a failure of its own work falls back to compiling the graph unchanged."""
+
+
 @dataclass(frozen=True)
 class DistrConfig:
     """Knobs of DistrAttention.
@@ -158,7 +163,7 @@ class DistrConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(f"unknown DistrConfig option(s) {unknown}; valid options are {valid}")
+            raise ConfigError(f"unknown DistrConfig option(s) {unknown}; valid options are {valid}")
         return cls(**options)
 
 

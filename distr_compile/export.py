@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 import types
 from typing import Any, Mapping
 
@@ -129,8 +128,7 @@ def rewrite_exported(
     _to_dynamo_spelling(module.graph)
     flat_inputs = torch.fx._pytree.tree_flatten_spec((args, kwargs), program.call_spec.in_spec)
     sites, _ = find_attention(module.graph)
-    with _plan_config(config, plan) as config:
-        decisions = _decisions(module, flat_inputs, sites, config)
+    decisions = _decisions(module, flat_inputs, sites, config, _as_plan(config.plan if plan is None else plan))
     approximated = {name: config.replace(group_size=d.group_size) for name, d in decisions.items() if d.approximated}
     if not approximated:
         return program
@@ -150,26 +148,12 @@ def _as_config(config: DistrConfig | Mapping[str, Any] | None) -> DistrConfig:
     raise TypeError(f"config must be a DistrConfig or a dict of its options, got {type(config).__name__}")
 
 
-class _plan_config:
-    """``config`` with ``plan`` as its plan path (a :class:`DistrPlan` object is written to a
-    temporary JSON file for the duration, since the backend's decisions read plans from a path)."""
-
-    def __init__(self, config: DistrConfig, plan: DistrPlan | str | os.PathLike | None) -> None:
-        self.config, self.plan, self.tmp = config, plan, None
-
-    def __enter__(self) -> DistrConfig:
-        if self.plan is None:
-            return self.config
-        if isinstance(self.plan, DistrPlan):
-            self.tmp = tempfile.TemporaryDirectory(prefix="distr-plan-")
-            return self.config.replace(plan=self.plan.save(os.path.join(self.tmp.name, "plan.json")))
-        if isinstance(self.plan, (str, os.PathLike)):
-            return self.config.replace(plan=os.fspath(self.plan))
-        raise TypeError(f"plan must be a DistrPlan or the path of a saved one, got {type(self.plan).__name__}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tmp is not None:
-            self.tmp.cleanup()
+def _as_plan(plan: DistrPlan | str | os.PathLike | None) -> DistrPlan | None:
+    if plan is None or isinstance(plan, DistrPlan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return DistrPlan.load(os.fspath(plan))
+    raise TypeError(f"plan must be a DistrPlan or the path of a saved one, got {type(plan).__name__}")
 
 
 def _to_dynamo_spelling(graph: fx.Graph) -> None:

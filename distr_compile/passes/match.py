@@ -96,12 +96,15 @@ class AttentionSite:
 
 @dataclass
 class SkippedSite:
-    """An attention left unchanged, with the reason."""
+    """An attention left unchanged, with the reason. ``fault`` is set when the reason is a failure
+    of the backend itself: the stage that failed on the site's graph, which was then compiled as
+    it came (exact)."""
 
     name: str
     pattern: str
     reason: str
     module_id: int | None = field(default=None, compare=False, repr=False)
+    fault: str | None = None
 
 
 class _NoMatch(Exception):
