@@ -9,27 +9,35 @@ inputs), rewrite the approximated sites to ``torch.ops.distr.attention`` and han
 ``torch._inductor.compile_fx.compile_fx``. Sites that stay exact keep their attention; the one
 change there is exact (an SDPA call whose mask is the constant causal pattern takes ``is_causal``,
 passes/causal.py). A graph without attention compiles exactly as with ``backend="inductor"``.
+
+The backend never makes a compile fail where Inductor would not: when a stage of its own work on
+a graph raises (matching, the causal-mask rewrite, calibration and its kernel launches, the
+rewrite, Inductor on the rewritten graph), the graph is compiled as it came, a warning names the
+stage and the error, and ``report`` shows the graph's sites kept exact with it. Errors that are
+the user's to fix (unknown options, a plan that does not fit the model) are raised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from .config import DistrConfig
+from .config import ConfigError, DistrConfig
 from .guard import (
     EXACT, STORE, DistrPlan, Owner, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs, log,
-    metric_error, owner, probe_module, run_probe,
+    metric_error, owners, probe_module, run_probe,
 )
-from .passes import AttentionSite, find_attention, rewrite_attention
+from .passes import AttentionSite, SkippedSite, find_attention, rewrite_attention, use_is_causal
 
 
 def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[str, Any] | None = None,
@@ -41,23 +49,94 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
     uses CUDA graphs).
     """
     config = DistrConfig.from_options(options)
-    sites, skipped = find_attention(gm.graph)
+    plan = DistrPlan.load(config.plan) if config.plan else None
+    patches = _inductor_patches(mode or config.mode)
+    original = copy.deepcopy(gm.graph)
+    try:
+        return _distr_compile(gm, example_inputs, config, plan, patches, original)
+    except BackendFault as fault:
+        _record(fault, gm, example_inputs, config)
+        _restore(gm, original)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+class BackendFault(Exception):
+    """A stage of the backend's own work failed on a graph whose sites (once matched) are ``sites``."""
+
+    def __init__(self, stage: str, error: Exception, sites: list[AttentionSite]) -> None:
+        message = next(iter(str(error).splitlines()), "")  # fx.Interpreter appends the graph and a traceback
+        super().__init__(f"{stage} failed ({type(error).__name__}: {message})")
+        self.stage, self.error, self.sites = stage, error, sites
+
+
+# Not faults: the user's errors, and the signals Inductor gives Dynamo (restart the analysis, fall
+# back to eager for this graph), which Dynamo handles itself.
+_NOT_FAULTS = (ConfigError, BackendFault, torch._dynamo.exc.TorchDynamoException,
+               *torch._dynamo.exc.exceptions_allowed_to_be_fallback)
+
+
+@contextlib.contextmanager
+def _stage(name: str, sites: Iterable[AttentionSite] = ()) -> Iterator[None]:
+    """A stage of the backend's own work: what it raises becomes a :class:`BackendFault`, except
+    what is not a fault (``_NOT_FAULTS``)."""
+    try:
+        yield
+    except _NOT_FAULTS:
+        raise
+    except Exception as error:
+        raise BackendFault(name, error, list(sites)) from error
+
+
+def _record(fault: BackendFault, gm: fx.GraphModule, example_inputs: list, config: DistrConfig) -> None:
+    """Warn about ``fault`` and store the graph's sites (or the graph, if matching failed) as left
+    alone because of it, for ``report``."""
+    reason = f"the backend's {fault}; the graph was compiled as it came"
+    warnings.warn(f"distr: {reason}. This is a bug in distr-compile: please report it.", stacklevel=2)
+    log.info("distr: %s", reason, exc_info=fault.error)
+    left = [SkippedSite(s.name, s.pattern, reason, s.module_id, fault.stage) for s in fault.sites]
+    if not left:  # matching failed: the graph stands for its sites
+        left = [SkippedSite(f"graph {gm.meta.get('dynamo_compile_id', '?')}", "-", reason, fault=fault.stage)]
+    for item in left:
+        STORE.put(owners(item.module_id, example_inputs), item, config)
+
+
+def _restore(gm: fx.GraphModule, original: fx.Graph) -> None:
+    """Put the untouched copy ``original`` back as ``gm``'s graph. Dynamo gives placeholders their
+    source as a node attribute, not in meta, and AOTAutograd reads it; a graph copy drops it, so it
+    moves over (the passes never add or remove placeholders)."""
+    for old, new in zip(gm.graph.find_nodes(op="placeholder"), original.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    gm.graph = original
+
+
+def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig, plan: DistrPlan | None,
+                   patches: dict, original: fx.Graph) -> Callable:
+    """The backend's work on one graph (``original`` is an untouched copy of it); a failing stage
+    raises :class:`BackendFault`."""
+    with _stage("matching"):
+        sites, skipped = find_attention(gm.graph)
+    STORE.compiled_with(owners(None, example_inputs), config)
     for s in skipped:
         log.info("left alone: %s (%s): %s", s.name, s.pattern, s.reason)
-        STORE.put(owner(s.module_id, example_inputs), s, config)
-    decisions = _decisions(gm, example_inputs, sites, config)
-    mode = mode or config.mode
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    if torch._inductor.config.post_grad_custom_post_pass is None:  # never displace a user's pass
-        patches["post_grad_custom_post_pass"] = SOURCE_KEY
-    original = copy.deepcopy(gm.graph) if config.monitor_every else None
+        STORE.put(owners(s.module_id, example_inputs), s, config)
+    with _stage("calibration", sites):
+        decisions = _decisions(gm, example_inputs, sites, config, plan)
     compiled = _compile(gm, sites, decisions, example_inputs, config, patches)
-    if original is None or not any(d.approximated for d in decisions.values()):
+    if not config.monitor_every or not any(d.approximated for d in decisions.values()):
         return compiled
     if patches.get("triton.cudagraphs") or torch._inductor.config.triton.cudagraphs:
         warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=2)
         return compiled
     return _Monitor(fx.GraphModule(gm, original), decisions, config, patches, compiled)
+
+
+def _inductor_patches(mode: str | None) -> dict:
+    """Inductor config patches for torch.compile's ``mode``, plus the source key (see SourceKey)."""
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    if torch._inductor.config.post_grad_custom_post_pass is None:  # never displace a user's pass
+        patches["post_grad_custom_post_pass"] = SOURCE_KEY
+    return patches
 
 
 class SourceKey(CustomGraphPass):
@@ -77,19 +156,20 @@ class SourceKey(CustomGraphPass):
 SOURCE_KEY = SourceKey()
 
 
-def _decisions(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSite],
-               config: DistrConfig) -> dict[str, SiteDecision]:
-    plan = DistrPlan.load(config.plan) if config.plan else None
-    decisions: dict[str, SiteDecision] = {}
+def _decisions(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSite], config: DistrConfig,
+               plan: DistrPlan | None) -> dict[str, SiteDecision]:
+    decisions = plan.decisions_for(sites) if plan is not None else {}
     todo = []
     for site in sites:
-        decision = _known_decision(site, owner(site.module_id, example_inputs), config, plan)
+        if site.name in decisions:
+            continue
+        decision = _known_decision(site, owners(site.module_id, example_inputs), config)
         if decision is None:
             todo.append(site)
         else:
             decisions[site.name] = decision
     if todo and config.guard_reference == "original":
-        raise ValueError(
+        raise ConfigError(
             "guard_reference='original' needs the original model, which the backend does not have: run "
             "distr_compile.calibrate(adapted, batches, original=model, guard_reference='original', ...), save the "
             f"plan and compile with options={{'plan': path}} (sites without a decision: {[s.name for s in todo]})"
@@ -99,18 +179,13 @@ def _decisions(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSi
     for site in todo:
         decisions.setdefault(site.name, _decision(site, EXACT, "no real example inputs to calibrate on", "default"))
     for site in sites:
-        STORE.put(owner(site.module_id, example_inputs), decisions[site.name], config)
+        STORE.put(owners(site.module_id, example_inputs), decisions[site.name], config)
     return decisions
 
 
-def _known_decision(site: AttentionSite, who: Owner | None, config: DistrConfig,
-                    plan: DistrPlan | None) -> SiteDecision | None:
-    """A decision that needs no calibration, or None."""
-    if plan is not None:
-        if site.name in plan.sites:
-            return _valid(site, copy.copy(plan.sites[site.name]), config)
-        log.warning("site %s is not in plan %s: calibrating it", site.name, config.plan)
-    stored = STORE.get(who, site.name, config)
+def _known_decision(site: AttentionSite, whos: list[Owner], config: DistrConfig) -> SiteDecision | None:
+    """A decision that needs no calibration (stored, forced or by device), or None."""
+    stored = STORE.get(whos, site.name, config)
     if stored is not None:
         return _valid(site, stored, config)
     if config.approximate == "always":
@@ -142,15 +217,21 @@ def _on_cuda(site: AttentionSite) -> bool:
 
 def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[str, SiteDecision],
              example_inputs: list, config: DistrConfig, patches: dict) -> Callable:
-    """Rewrite the sites to be approximated (every site when forced) and compile with Inductor."""
+    """Rewrite the sites to be approximated (every site when forced) and the constant causal masks
+    of the exact SDPA sites, and compile with Inductor, each a stage (see :func:`_stage`)."""
     configs = {
         name: config.replace(group_size=d.group_size)
         for name, d in decisions.items()
         if d.approximated or (d.source == "forced" and config.approximate == "always")
     }
-    rewrite_attention(gm.graph, sites, configs)
-    gm.recompile()
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    with _stage("causal-mask rewrite", sites):
+        folded = use_is_causal(s for s in sites if s.name not in configs)
+    with _stage("rewrite", sites):
+        rewrite_attention(gm.graph, sites, configs)
+        gm.recompile()
+    # Inductor failing on a graph we did not change is Inductor's error, as with backend="inductor".
+    with _stage("Inductor on the rewritten graph", sites) if configs or folded else contextlib.nullcontext():
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 class _Monitor:
@@ -164,29 +245,38 @@ class _Monitor:
         self.compiled = compiled
         self.probe = probe_module(original)
         self.calls = 0
+        self.active = True
 
     def __call__(self, *args: Any) -> Any:
         args = list(args)
         self.calls += 1
-        if self.calls % self.config.monitor_every == 0:
-            self._check(args)
+        if self.active and self.calls % self.config.monitor_every == 0:
+            try:
+                self._check(args)
+            except Exception as error:  # a bug of ours must not fail the user's call
+                warnings.warn(f"distr: the runtime monitor failed ({type(error).__name__}: {error}); it is off for "
+                              "this graph, which runs on as compiled. This is a bug in distr-compile: please report it.",
+                              stacklevel=2)
+                self.active = False
         return self.compiled(args) if getattr(self.compiled, "_boxed_call", False) else self.compiled(*args)
 
     def _check(self, args: list) -> None:
         approx = {n: self.config.replace(group_size=d.group_size) for n, d in self.decisions.items() if d.approximated}
         probe = SiteProbe(self.probe, {n: [c] for n, c in approx.items()}, sample_heads=True)
         run_probe(probe, list(args))
-        drifted = []
+        drifted = {}
         for name, per_g in probe.errors.items():
-            d = self.decisions[name]
-            err = metric_error(per_g[d.group_size], self.config.metric)
+            err = metric_error(per_g[self.decisions[name].group_size], self.config.metric)
             if err > self.config.tolerance:
-                d.reason = (f"demoted at call {self.calls}: {self.config.metric} {err:.3g} "
-                            f"> tolerance {self.config.tolerance:g}")
-                d.group_size, d.source = EXACT, "monitor"
-                drifted.append(name)
-                log.warning("distr monitor: %s %s", name, d.reason)
-        if drifted:
-            gm = fx.GraphModule(self.original, copy.deepcopy(self.original.graph))
-            sites, _ = find_attention(gm.graph)
-            self.compiled = _compile(gm, sites, self.decisions, list(args), self.config, self.patches)
+                drifted[name] = (f"demoted at call {self.calls}: {self.config.metric} {err:.3g} "
+                                 f"> tolerance {self.config.tolerance:g}")
+        if not drifted:
+            return
+        gm = fx.GraphModule(self.original, copy.deepcopy(self.original.graph))
+        sites, _ = find_attention(gm.graph)
+        exact = {n: dataclasses.replace(self.decisions[n], group_size=EXACT) for n in drifted}
+        self.compiled = _compile(gm, sites, {**self.decisions, **exact}, list(args), self.config, self.patches)
+        for name, reason in drifted.items():  # the stored decisions change once the exact graph is in place
+            d = self.decisions[name]
+            d.group_size, d.source, d.reason = EXACT, "monitor", reason
+            log.warning("distr monitor: %s %s", name, reason)

@@ -1,9 +1,10 @@
 """DistrConfig: every knob of DistrAttention, validated, with defaults that measured best.
 
-Defaults come from the per-layer accuracy study on real activations (DESIGN.md section 2 and
-BENCHMARKS.md): LSH grouping, "mean" representatives and blocks of 64 query rows at G=2 give the
-lowest error among the settings the kernel runs fast; "sample" (the paper's choice) errs 20-30%
-more. The kernel's query tile is the grouping block, so ``block_m`` is also a speed knob.
+Defaults come from the per-layer accuracy study on real activations (README.md, "DistrConfig:
+every knob", and BENCHMARKS.md): LSH grouping, "mean" representatives and blocks of 64 query rows
+at G=2 give the lowest error among the settings the kernel runs fast; "sample" (the paper's
+choice) errs 20-30% more. The kernel's query tile is the grouping block, so ``block_m`` is also a
+speed knob.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ APPROXIMATE = ("auto", "guarded", "always")
 METRICS = ("rel_fro", "cosine", "max_abs")
 GUARD_REFERENCES = ("exact", "original")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class ConfigError(ValueError):
+    """Options or a plan that do not fit the model: the user's to fix. The backend raises it as is,
+    whereas a failure of its own work falls back to compiling the graph unchanged."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class DistrConfig:
             approximated with ``group_size``, no guard (testing and benchmarks).
         tolerance: a site is approximated only if its measured error (``metric``) on the
             calibration inputs is at most this. The default is strict because zero-shot errors on
-            pretrained models are 0.3-1.0 (DESIGN.md section 2): most layers stay exact.
+            pretrained models are 0.3-1.0 (README.md, "Read this first"): most layers stay exact.
         metric: "rel_fro" (relative Frobenius error of the attention output, default), "cosine"
             (1 - cosine similarity) or "max_abs" (max absolute error).
         min_speedup: a site is approximated only if, on the calibration inputs, exact SDPA's time
@@ -162,7 +168,7 @@ class DistrConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(f"unknown DistrConfig option(s) {unknown}; valid options are {valid}")
+            raise ConfigError(f"unknown DistrConfig option(s) {unknown}; valid options are {valid}")
         return cls(**options)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 import types
 from typing import Any, Mapping
 
@@ -39,6 +38,7 @@ from .config import DistrConfig
 from .guard import DistrPlan
 from .passes import AttentionSite, find_attention, rewrite_attention
 from .passes.match import SDPA
+from .passes.rewrite import PROVENANCE
 
 aten = torch.ops.aten
 
@@ -128,14 +128,14 @@ def rewrite_exported(
     _to_dynamo_spelling(module.graph)
     flat_inputs = torch.fx._pytree.tree_flatten_spec((args, kwargs), program.call_spec.in_spec)
     sites, _ = find_attention(module.graph)
-    with _plan_config(config, plan) as config:
-        decisions = _decisions(module, flat_inputs, sites, config)
+    decisions = _decisions(module, flat_inputs, sites, config, _as_plan(config.plan if plan is None else plan))
     approximated = {name: config.replace(group_size=d.group_size) for name, d in decisions.items() if d.approximated}
     if not approximated:
         return program
-    for site in sites:
-        if site.name in approximated:
-            _rewrite_site(module.graph, site, approximated[site.name])
+    chosen = [site for site in sites if site.name in approximated]
+    for site in chosen:
+        _keep_layout(module.graph, site)
+    rewrite_attention(module.graph, chosen, approximated)
     module.recompile()
     return _reexport(module, _dynamic_shapes(program, module), args, kwargs)
 
@@ -148,26 +148,12 @@ def _as_config(config: DistrConfig | Mapping[str, Any] | None) -> DistrConfig:
     raise TypeError(f"config must be a DistrConfig or a dict of its options, got {type(config).__name__}")
 
 
-class _plan_config:
-    """``config`` with ``plan`` as its plan path (a :class:`DistrPlan` object is written to a
-    temporary JSON file for the duration, since the backend's decisions read plans from a path)."""
-
-    def __init__(self, config: DistrConfig, plan: DistrPlan | str | os.PathLike | None) -> None:
-        self.config, self.plan, self.tmp = config, plan, None
-
-    def __enter__(self) -> DistrConfig:
-        if self.plan is None:
-            return self.config
-        if isinstance(self.plan, DistrPlan):
-            self.tmp = tempfile.TemporaryDirectory(prefix="distr-plan-")
-            return self.config.replace(plan=self.plan.save(os.path.join(self.tmp.name, "plan.json")))
-        if isinstance(self.plan, (str, os.PathLike)):
-            return self.config.replace(plan=os.fspath(self.plan))
-        raise TypeError(f"plan must be a DistrPlan or the path of a saved one, got {type(self.plan).__name__}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tmp is not None:
-            self.tmp.cleanup()
+def _as_plan(plan: DistrPlan | str | os.PathLike | None) -> DistrPlan | None:
+    if plan is None or isinstance(plan, DistrPlan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return DistrPlan.load(os.fspath(plan))
+    raise TypeError(f"plan must be a DistrPlan or the path of a saved one, got {type(plan).__name__}")
 
 
 def _to_dynamo_spelling(graph: fx.Graph) -> None:
@@ -188,19 +174,6 @@ def _to_dynamo_spelling(graph: fx.Graph) -> None:
             node.op, node.target = "call_method", "expand"
 
 
-def _rewrite_site(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> None:
-    """Rewrite one site to the op, keeping its output layout, and give the new nodes the site's
-    module path and stack trace (so the re-exported program keeps them, and a rewrite of the
-    result names sites the same)."""
-    before = set(graph.nodes)
-    meta = {k: site.output.meta[k] for k in ("nn_module_stack", "stack_trace") if k in site.output.meta}
-    _keep_layout(graph, site)
-    rewrite_attention(graph, [site], {site.name: config})
-    for node in graph.nodes:
-        if node not in before:
-            node.meta.update({k: v for k, v in meta.items() if k not in node.meta})
-
-
 def _keep_layout(graph: fx.Graph, site: AttentionSite) -> None:
     """Make the site's output keep the memory layout the exported graph was traced with.
 
@@ -216,16 +189,18 @@ def _keep_layout(graph: fx.Graph, site: AttentionSite) -> None:
     users = list(site.output.users)
     with graph.inserting_after(site.output):
         if order == sorted(order):
-            dense = graph.call_method("contiguous", (site.output,))
+            created = [graph.call_method("contiguous", (site.output,))]
         else:
             inverse = sorted(range(len(order)), key=order.__getitem__)
             permuted = graph.call_method("permute", (site.output, order))
             with graph.inserting_after(permuted):
                 packed = graph.call_method("contiguous", (permuted,))
             with graph.inserting_after(packed):
-                dense = graph.call_method("permute", (packed, inverse))
+                created = [permuted, packed, graph.call_method("permute", (packed, inverse))]
+    for node in created:  # the site's module path and stack trace, as the rewrite gives its nodes
+        node.meta.update({k: site.output.meta[k] for k in PROVENANCE if k in site.output.meta})
     for user in users:
-        user.replace_input_with(site.output, dense)
+        user.replace_input_with(site.output, created[-1])
 
 
 def _reexport(module: fx.GraphModule, dynamic_shapes: dict[str, Any], args: tuple, kwargs: dict) -> ExportedProgram:

@@ -7,8 +7,8 @@ approximated with the cheapest candidate G whose error is within ``tolerance``; 
 exact attention. Decisions are keyed by the site's module path (``layers.3.self_attn``), stored
 per model so recompiles reuse them, and form a :class:`DistrPlan` that saves to JSON.
 
-Zero-shot, DistrAttention errs 0.3-1.0 (relative Frobenius) on pretrained models (DESIGN.md
-section 2), so with the default tolerance most layers stay exact; the report says so.
+Zero-shot, DistrAttention errs 0.3-1.0 (relative Frobenius) on pretrained models (README.md, "Read
+this first"), so with the default tolerance most layers stay exact; the report says so.
 """
 
 from __future__ import annotations
@@ -17,16 +17,19 @@ import copy
 import json
 import logging
 import math
+import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
+from torch._dynamo.eval_frame import innermost_backend
+from torch._dynamo.symbolic_convert import InstructionTranslator
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .config import DistrConfig
+from .config import GROUP_SIZES, ConfigError, DistrConfig
 from .kernels.attention import fixed_config
 from .passes import SITE_META, AttentionSite, SkippedSite, find_attention, rewrite_attention
 
@@ -82,7 +85,8 @@ class DistrPlan:
             "version": PLAN_VERSION,
             "config": self.config,
             "sites": [asdict(d) | {"errors": {str(g): m for g, m in d.errors.items()}} for d in self.sites.values()],
-            "skipped": [{"name": s.name, "pattern": s.pattern, "reason": s.reason} for s in self.skipped.values()],
+            "skipped": [{"name": s.name, "pattern": s.pattern, "reason": s.reason, "fault": s.fault}
+                        for s in self.skipped.values()],
             "output_error": self.output_error,
         }
         with open(path, "w") as f:
@@ -95,13 +99,35 @@ class DistrPlan:
         with open(path) as f:
             data = json.load(f)
         if data.get("version") != PLAN_VERSION:
-            raise ValueError(f"{path}: plan version {data.get('version')!r}, expected {PLAN_VERSION}")
+            raise ConfigError(f"{path}: plan version {data.get('version')!r}, expected {PLAN_VERSION}")
         sites = {}
         for d in data["sites"]:
             d["errors"] = {int(g): m for g, m in d["errors"].items()}
             sites[d["name"]] = SiteDecision(**d)
         skipped = {s["name"]: SkippedSite(**s) for s in data["skipped"]}
         return cls(data["config"], sites, skipped, data.get("output_error"))
+
+    def decisions_for(self, sites: list[AttentionSite]) -> dict[str, SiteDecision]:
+        """Copies of this plan's decisions for ``sites`` (one graph's), checked against them.
+
+        A plan applies to the sites it names or fails loudly, never partly in silence: a site the
+        plan does not name gets a warning (it is decided as without a plan); a graph none of whose
+        sites the plan names, or a decision that does not fit its site (:data:`SITE_CHECKS`), is a
+        :class:`ConfigError` listing every problem. Plan sites missing from this graph are not
+        errors: they may be in another graph of the model (after a graph break).
+        """
+        known = [site for site in sites if site.name in self.sites]
+        if sites and self.sites and not known:
+            raise ConfigError(f"the plan does not fit this model: it names {sorted(self.sites)}, the graph has "
+                              f"{[site.name for site in sites]} (was it made for another model?)")
+        problems = [f"{site.name}: {problem}" for site in known for check in SITE_CHECKS
+                    if (problem := check(site, self.sites[site.name])) is not None]
+        if problems:
+            raise ConfigError("the plan does not fit this model:\n  " + "\n  ".join(problems))
+        for site in sites:
+            if site.name not in self.sites:
+                warnings.warn(f"distr: site {site.name} is not in the plan: it is decided without it", stacklevel=2)
+        return {site.name: copy.copy(self.sites[site.name]) for site in known}
 
     @property
     def tolerance(self) -> float:
@@ -110,6 +136,20 @@ class DistrPlan:
     @property
     def metric(self) -> str:
         return self.config["metric"]
+
+
+def _group_size_fits(site: AttentionSite, decision: SiteDecision) -> str | None:
+    g = decision.group_size
+    if g not in GROUP_SIZES:
+        return f"G={g!r} is not one of {list(GROUP_SIZES)}"
+    if not divides_head_dim(site, g):
+        q = site.q.meta.get("example_value")
+        return f"G={g} does not divide the head dim ({'unknown' if q is None else q.shape[-1]})"
+    return None
+
+
+# Checks of a plan's decision against the site it is applied to: each returns the problem, or None.
+SITE_CHECKS: tuple[Callable[[AttentionSite, SiteDecision], str | None], ...] = (_group_size_fits,)
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -376,57 +416,112 @@ def _progress(items: Iterable, desc: str) -> Iterable:
 
 @dataclass(frozen=True)
 class Owner:
-    """Who a site belongs to: the ``id`` of its module (as in Dynamo's ``nn_module_stack``) or,
-    for code of the compiled root module itself, of the first parameter among the graph inputs;
-    plus weak references to the graph's parameters. Ids are reused after an object dies, so an
-    entry counts only while those parameters are alive (a graph without parameters cannot be
-    checked and is trusted)."""
+    """Who stored decisions belong to, by ``id``; they count only while every object ``refs``
+    (weak references) point to is alive, since ids are reused after an object dies. See
+    :func:`owners`."""
 
     id: int
-    params: tuple[weakref.ref, ...]
+    refs: tuple[weakref.ref, ...]
 
     @property
     def alive(self) -> bool:
-        return all(ref() is not None for ref in self.params)
+        return all(ref() is not None for ref in self.refs)
 
 
-def owner(module_id: int | None, example_inputs: list) -> Owner | None:
-    """The :class:`Owner` of a site of a graph with these inputs, or None (not remembered)."""
+def owners(module_id: int | None, example_inputs: list) -> list[Owner]:
+    """The owners of a site of a graph with these inputs, each of which keeps its decisions:
+
+    * the model: the site's module (the ``id`` in Dynamo's ``nn_module_stack``) or, for code of
+      the compiled root module itself, the first parameter among the graph inputs, valid while
+      the graph's parameters live. Recompiles and :func:`calibrate` share decisions through it.
+    * the ``torch.compile`` call the graph comes from (:func:`compile_call`), which every graph of
+      a compiled model or function shares, whatever owns the attention: a root module without
+      parameters, code after a graph break, a plain function.
+    """
     params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-    oid = module_id if module_id is not None else (id(params[0]) if params else None)
-    return None if oid is None else Owner(oid, tuple(weakref.ref(p) for p in params))
+    model_id = module_id if module_id is not None else (id(params[0]) if params else None)
+    found = [] if model_id is None else [Owner(model_id, tuple(weakref.ref(p) for p in params))]
+    call = compile_call()
+    if call is not None:
+        found.append(Owner(id(call), (weakref.ref(call),)))
+    return found
+
+
+def compile_call() -> Any | None:
+    """The ``torch.compile`` call whose graph the backend is compiling (Dynamo's wrapper of the
+    backend and its options, one per call, kept alive by the compiled object), or None outside
+    Dynamo (``torch.export``, a direct call)."""
+    try:
+        tx = InstructionTranslator.current_tx()
+    except AttributeError:  # never set in this thread: not inside Dynamo
+        return None
+    backend = getattr(getattr(tx, "output", None), "compiler_fn", None)
+    return None if backend is None else _as_compile_call(innermost_backend(backend))
+
+
+def compile_call_of(compiled: Any) -> Any | None:
+    """The ``torch.compile`` call behind ``compiled`` (see :func:`compile_call`), or None if it is
+    not the result of one. A compiled module keeps Dynamo's context as ``dynamo_ctx``, a compiled
+    function only in the closure of its ``get_compiler_config``."""
+    context = getattr(compiled, "dynamo_ctx", None)
+    if context is None:
+        cells = getattr(getattr(compiled, "get_compiler_config", None), "__closure__", None) or ()
+        context = next((c.cell_contents for c in cells if hasattr(c.cell_contents, "callback")), None)
+    callback = getattr(context, "callback", None)
+    return None if callback is None else _as_compile_call(innermost_backend(callback))
+
+
+def _as_compile_call(backend: Any) -> Any | None:
+    # A backend passed to torch._dynamo.optimize directly is shared by every model: not an owner.
+    return backend if isinstance(backend, torch._TorchCompileWrapper) else None
+
+
+_Entry = tuple[Owner, SiteDecision | SkippedSite]
 
 
 class DecisionStore:
-    """Decisions (and left-alone sites) per (owner, site name, config), see :class:`Owner`:
+    """Decisions and left-alone sites per (owner, site name, config), see :func:`owners`:
     recompiles of the same model with the same options reuse them, and :func:`plan_of` finds them
-    from the model."""
+    from the model or the compiled object. Also the config each owner's graphs were last compiled
+    with, so a model without attention has an (empty) plan too."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, str, DistrConfig], tuple[Owner, SiteDecision | SkippedSite]] = {}
+        self._entries: dict[tuple[int, str, DistrConfig], _Entry] = {}
+        self._configs: dict[int, tuple[Owner, DistrConfig]] = {}
 
-    def get(self, who: Owner | None, name: str, config: DistrConfig) -> SiteDecision | None:
-        if who is None:
-            return None
-        entry = self._entries.get((who.id, name, config))
-        return entry[1] if entry and entry[0].alive and isinstance(entry[1], SiteDecision) else None
+    def get(self, whos: Iterable[Owner], name: str, config: DistrConfig) -> SiteDecision | None:
+        """The first live decision for site ``name`` under ``config`` of one of ``whos``."""
+        for who in whos:
+            entry = self._entries.get((who.id, name, config))
+            if entry and entry[0].alive and isinstance(entry[1], SiteDecision):
+                return entry[1]
+        return None
 
-    def put(self, who: Owner | None, item: SiteDecision | SkippedSite, config: DistrConfig) -> None:
-        """Remember a decision or a left-alone site (the latest put comes last in plans)."""
-        if who is None:
-            return
-        self._entries = {k: e for k, e in self._entries.items() if e[0].alive and k != (who.id, item.name, config)}
-        self._entries[(who.id, item.name, config)] = (who, item)
+    def put(self, whos: Iterable[Owner], item: SiteDecision | SkippedSite, config: DistrConfig) -> None:
+        """Remember a decision or a left-alone site for each of ``whos`` (replacing what they had
+        for that site and config)."""
+        whos = list(whos)
+        self.compiled_with(whos, config)
+        keys = {(who.id, item.name, config) for who in whos}
+        self._entries = {k: e for k, e in self._entries.items() if e[0].alive and k not in keys}
+        self._entries.update({(who.id, item.name, config): (who, item) for who in whos})
+
+    def compiled_with(self, whos: Iterable[Owner], config: DistrConfig) -> None:
+        """Note that a graph of ``whos`` was compiled with ``config`` (the latest one makes plans)."""
+        whos = list(whos)
+        ids = {who.id for who in whos}
+        self._configs = {k: c for k, c in self._configs.items() if c[0].alive and k not in ids}
+        self._configs.update({who.id: (who, config) for who in whos})
 
     def plan_for(self, owner_ids: set[int]) -> DistrPlan | None:
-        """The latest config's entries whose owner is one of ``owner_ids``, as a plan."""
-        live = [(cfg, item) for (oid, _, cfg), (who, item) in self._entries.items() if oid in owner_ids and who.alive]
-        if not live:
+        """The entries of ``owner_ids`` under the config they last compiled with, as a plan."""
+        configs = [cfg for oid, (who, cfg) in self._configs.items() if oid in owner_ids and who.alive]
+        if not configs:
             return None
-        config = live[-1][0]
+        config = configs[-1]
         plan = DistrPlan(plan_config(config))
-        for cfg, item in live:
-            if cfg == config:
+        for (oid, _, cfg), (who, item) in self._entries.items():
+            if oid in owner_ids and cfg == config and who.alive:
                 (plan.sites if isinstance(item, SiteDecision) else plan.skipped)[item.name] = item
         return plan
 
@@ -443,16 +538,23 @@ def plan_config(config: DistrConfig) -> dict[str, Any]:
     return data
 
 
-def owner_ids(model: torch.nn.Module) -> set[int]:
-    """Every id :func:`owner` can give for a site of ``model``."""
-    model = getattr(model, "_orig_mod", model)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a module compiled with backend='distr', got {type(model).__name__}")
-    return {id(m) for m in model.modules()} | {id(p) for p in model.parameters()}
+def owner_ids(compiled: Any) -> set[int]:
+    """Every owner id (:func:`owners`) a site of ``compiled`` can have: a module (compiled or not)
+    or a function compiled with ``backend="distr"``."""
+    call = compile_call_of(compiled)
+    ids = set() if call is None else {id(call)}
+    model = getattr(compiled, "_orig_mod", compiled)
+    if isinstance(model, torch.nn.Module):
+        return ids | {id(m) for m in model.modules()} | {id(p) for p in model.parameters()}
+    if not ids:
+        raise TypeError(f"expected a module, or a module or function compiled with backend='distr', "
+                        f"got {type(compiled).__name__}")
+    return ids
 
 
-def plan_of(compiled: torch.nn.Module) -> DistrPlan:
-    """The plan of a module compiled with ``backend="distr"`` (after at least one call)."""
+def plan_of(compiled: Any) -> DistrPlan:
+    """The plan of a module or function compiled with ``backend="distr"`` (after at least one
+    call): every site of every graph compiled so far, decided or left alone."""
     plan = STORE.plan_for(owner_ids(compiled))
     if plan is None:
         raise ValueError("no distr decisions for this model: compile it with backend='distr' and call it first")
@@ -520,9 +622,9 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     for gm, sites, skipped, example_inputs, seen in graphs:
         for s in skipped:
             plan.skipped[s.name] = s
-            STORE.put(owner(s.module_id, example_inputs), s, config)
+            STORE.put(owners(s.module_id, example_inputs), s, config)
         for site in sites:
-            STORE.put(owner(site.module_id, example_inputs), plan.sites[site.name], config)
+            STORE.put(owners(site.module_id, example_inputs), plan.sites[site.name], config)
     return plan
 
 
@@ -588,11 +690,11 @@ def _decide_site(site: AttentionSite, errors: Mapping[str, dict], config: DistrC
 # --------------------------------------------------------------------------------- report
 
 
-def report(compiled: torch.nn.Module | DistrPlan, plot: str | None = None, file: Any = None) -> str:
+def report(compiled: Any, plot: str | None = None, file: Any = None) -> str:
     """Print (to ``file``, default stdout) and return a table of every attention site of a model
-    compiled with ``backend="distr"`` (or of a plan): name, pattern, shapes, decision, measured
-    error against the tolerance, and the reason. ``plot`` writes a PNG bar chart of each site's
-    error against the tolerance."""
+    or function compiled with ``backend="distr"`` (or of a plan), including the sites left alone:
+    name, pattern, shapes, decision, measured error against the tolerance, and the reason.
+    ``plot`` writes a PNG bar chart of each site's error against the tolerance."""
     from tabulate import tabulate
 
     plan = compiled if isinstance(compiled, DistrPlan) else plan_of(compiled)
@@ -630,11 +732,18 @@ def _summary(plan: DistrPlan) -> str:
         lines.append(
             f"{len(measured)} site(s) were measured over the tolerance {plan.tolerance:g} ({plan.metric}) "
             "and stay exact: "
-            "zero-shot, the approximation is too coarse for them (DESIGN.md section 2); fine-tuning with it "
-            "in the loop, a looser tolerance or a smaller block_m changes that."
+            "zero-shot, the approximation is too coarse for them (README.md, \"Read this first\"); fine-tuning "
+            "with it in the loop (README.md, \"Fine-tuning with DistrAttention in the loop\"), a looser tolerance "
+            "or a smaller block_m changes that."
         )
-    if plan.skipped:
-        lines.append(f"{len(plan.skipped)} site(s) could not be rewritten exactly and were left alone (see reason).")
+    faults = [s for s in plan.skipped.values() if s.fault]
+    if len(plan.skipped) > len(faults):
+        lines.append(f"{len(plan.skipped) - len(faults)} site(s) could not be rewritten exactly and were left alone "
+                     "(see reason).")
+    if faults:
+        lines.append(f"{len(faults)} site(s) keep exact attention because the backend failed on their graph "
+                     f"({', '.join(sorted({s.fault for s in faults}))}), which was compiled as it came. "
+                     "That is a bug in distr-compile: the warning has the error.")
     return "\n".join(lines)
 
 

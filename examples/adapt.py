@@ -1,6 +1,6 @@
 """Adaptation recipe: fine-tune SmolLM2-135M with DistrAttention (G=2) in every layer, then measure.
 
-Zero-shot, DistrAttention is far from exact on pretrained models (DESIGN.md section 2); the paper
+Zero-shot, DistrAttention is far from exact on pretrained models (README.md, "Read this first"); the paper
 got its accuracy by fine-tuning with it in the loop. This script does that by compiling each
 decoder layer with ``layer.compile(backend="distr", dynamic=True, options=adaptation_options(...))``:
 every attention runs ``torch.ops.distr.attention`` forward and backward. Compiling the layers

@@ -218,3 +218,92 @@ def test_inductor_cache_sees_a_changed_op_implementation(monkeypatch):
         expected = distr_compile.distr_attention(q, k, v, is_causal=True, config=DistrConfig(block_m=16))
     assert not torch.allclose(before, expected, atol=1e-4)  # the change matters
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- fault isolation
+
+
+def boom(*args, **kwargs):
+    raise RuntimeError("injected fault")
+
+
+def fail_on_second_site(monkeypatch):
+    """The rewrite raises at the second site, after the first one was rewritten."""
+    from distr_compile.passes import rewrite
+
+    emitted = []
+    emit = rewrite._emit_op
+    monkeypatch.setattr(rewrite, "_emit_op", lambda *a: boom() if emitted else emitted.append(1) or emit(*a))
+
+
+def fail_kernel_launch(monkeypatch):
+    from distr_compile import ops
+
+    monkeypatch.setattr(ops, "uses_kernel", lambda q, v, config: True)
+    monkeypatch.setattr(ops, "distr_forward", boom)
+
+
+def fail_on_the_op(monkeypatch, eager_backend):
+    """Inductor fails on a graph with the op (as if its lowering broke), not on the original."""
+    run_graph = backend.compile_fx
+    monkeypatch.setattr(backend, "compile_fx", lambda gm, *a, **k: boom() if op_nodes([gm]) else run_graph(gm, *a, **k))
+
+
+GUARDED = {"approximate": "guarded", "tolerance": 10.0, "block_m": 16}
+FAULTS = {  # stage: (how to inject the fault, options)
+    "matching": (lambda mp, _: mp.setattr(backend, "find_attention", boom), FORCED_G2),
+    "causal-mask rewrite": (lambda mp, _: mp.setattr(backend, "use_is_causal", boom), {}),
+    "calibration": (lambda mp, _: mp.setattr(distr_compile.guard, "run_probe", boom), GUARDED),
+    "calibration kernel launch": (lambda mp, _: fail_kernel_launch(mp), GUARDED),
+    "rewrite": (lambda mp, _: fail_on_second_site(mp), FORCED_G2),
+    "Inductor on the rewritten graph": (fail_on_the_op, FORCED_G2),
+}
+
+
+def two_causal_attentions(x):
+    """Chained SDPA calls with a constant causal mask: two sites, the causal-mask rewrite applies."""
+    t = x.shape[-2]
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+    for _ in range(2):
+        x = torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=mask)
+    return x
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=str)
+def test_a_fault_in_any_stage_compiles_the_graph_unchanged(fault, eager_backend, monkeypatch):
+    inject, options = FAULTS[fault]
+    inject(monkeypatch, eager_backend)
+    stage = fault.removesuffix(" kernel launch")
+    x = torch.randn(2, 4, 24, 32)
+    compiled = torch.compile(two_causal_attentions, backend="distr", options=options)
+    with pytest.warns(UserWarning, match=f"{stage} failed \\(RuntimeError: injected fault\\)"):
+        out = compiled(x)
+    assert torch.equal(out, two_causal_attentions(x))
+    assert op_nodes(eager_backend) == []
+    plan = distr_compile.plan_of(compiled)
+    assert plan.sites == {} and {s.fault for s in plan.skipped.values()} == {stage}
+    assert f"the backend failed on their graph ({stage})" in distr_compile.report(compiled)
+
+
+def test_a_fault_never_fails_the_compile_with_inductor(monkeypatch):
+    """Real Inductor: calibration fails, the model still compiles and computes what eager does."""
+    monkeypatch.setattr(distr_compile.guard, "run_probe", boom)
+    torch.manual_seed(0)
+    model = NanoGPTCausalSelfAttention().eval()
+    x = torch.randn(2, 8, 64)
+    compiled = torch.compile(model, backend="distr", options=GUARDED)
+    with torch.no_grad(), pytest.warns(UserWarning, match="calibration failed"):
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_a_fault_in_the_runtime_monitor_turns_it_off(eager_backend, monkeypatch):
+    monkeypatch.setattr(backend, "run_probe", boom)
+    torch.manual_seed(0)
+    model = NanoGPTCausalSelfAttention().eval()
+    compiled = torch.compile(model, backend="distr", options={**FORCED_G2, "monitor_every": 1})
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="runtime monitor failed"):
+            first = compiled(x)  # call 1: the check fails; the call still returns
+        second = compiled(x)  # the monitor is off: no second warning, same graph
+    assert torch.equal(first, second) and len(eager_backend) == 1

@@ -99,3 +99,11 @@ def test_bad_arguments(script, args, message):
     proc = run(script, *args)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
+
+
+def test_docs_referred_to_are_in_the_repository():
+    """Messages and docstrings of the package, examples and benchmarks send users only to docs
+    that ship with the repository (a note kept elsewhere is no help to a user)."""
+    sources = [p for folder in ("distr_compile", "examples", "benchmarks") for p in (ROOT / folder).rglob("*.py")]
+    named = {name for p in sources for name in re.findall(r"\b[A-Z][A-Za-z_-]*\.md\b", p.read_text())}
+    assert named and all((ROOT / name).is_file() for name in named), sorted(named)

@@ -83,6 +83,23 @@ def test_zoo_export_rewrites_the_sites_and_matches_the_oracle(case):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+class Chained(nn.Module):
+    """Attention of attention, no op in between: SDPA's output is the query of explicit attention."""
+
+    def forward(self, q, k, v):
+        a = F.scaled_dot_product_attention(q, k, v)
+        return torch.softmax(a @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
+
+
+def test_chained_sites_export():
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    program = export(Chained(), (q, k, v), config=FORCED)
+    assert len(op_nodes(program)) == 2
+    first = distr_attention(q, k, v, config=FORCED)
+    expected = distr_attention(first, k, v, scale=0.25, config=FORCED)
+    torch.testing.assert_close(program.module()(q, k, v), expected, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------ rewrite_exported
 
 

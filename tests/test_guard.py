@@ -308,3 +308,116 @@ def test_minilm_default_tolerance_keeps_sentence_embeddings(eager_backend):
     approximated = [d for d in plan.sites.values() if d.approximated]
     assert 0 < len(approximated) < 6
     assert all(d.error("rel_fro") <= 0.5 for d in approximated)
+
+
+# ------------------------------------------------------------------- whatever owns the attention
+
+
+class AttendAfterBreak(nn.Module):
+    """The attention is in the root module's own forward, after a graph break: its graph has no
+    parameter and no module of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(HEADS * D, HEADS * D)
+
+    def forward(self, x):
+        x = self.proj(x)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(x, x, x)
+
+
+def attend(x):
+    return F.scaled_dot_product_attention(x, x, x)
+
+
+def attend_in_a_nested_function(x):
+    def inner(y):
+        torch._dynamo.graph_break()  # the nested function's frame is compiled on its own
+        return attend(y)
+
+    return inner(x * 2) + 1
+
+
+OWNERS = {
+    "root forward": Identity,
+    "root forward after a graph break": AttendAfterBreak,
+    "plain function": lambda: attend,
+    "nested function": lambda: attend_in_a_nested_function,
+}
+
+
+@pytest.mark.parametrize("who", OWNERS, ids=str)
+def test_decisions_are_kept_whatever_owns_the_attention(who, eager_backend):
+    compiled = torch.compile(OWNERS[who](), backend="distr", options={"approximate": "guarded", "block_m": 16})
+    with torch.no_grad():
+        compiled(inputs())
+    plan = distr_compile.plan_of(compiled)
+    assert list(plan.sites) == ["<root>"] and plan.sites["<root>"].source == "calibrated"
+    assert "<root>" in distr_compile.report(compiled)
+
+
+def test_recompiles_of_a_function_reuse_its_decisions(eager_backend, monkeypatch):
+    calls = []
+    real = backend.decide_sites
+    monkeypatch.setattr(backend, "decide_sites", lambda *a, **k: calls.append(1) or real(*a, **k))
+    compiled = torch.compile(attend, backend="distr", dynamic=False, options={"approximate": "guarded", "block_m": 16})
+    with torch.no_grad():
+        compiled(inputs(length=24))
+        compiled(inputs(length=40))
+    assert len(eager_backend) == 2 and len(calls) == 1
+
+
+def weights_returned(x):
+    p = F.softmax(x @ x.transpose(-2, -1), dim=-1)
+    return p @ x, p
+
+
+def test_report_lists_sites_left_alone_when_nothing_was_rewritten(eager_backend):
+    compiled = torch.compile(weights_returned, backend="distr", options={"approximate": "always"})
+    compiled(inputs())
+    assert not op_nodes(eager_backend)
+    text = distr_compile.report(compiled)
+    assert "left alone" in text and "used outside the attention" in text
+    assert "0 of 1 attention sites use DistrAttention" in text
+
+
+def test_report_of_a_model_without_attention(eager_backend):
+    compiled = torch.compile(nn.Linear(4, 4), backend="distr")
+    compiled(torch.randn(2, 4))
+    assert distr_compile.plan_of(compiled).sites == {}
+    assert "0 of 0 attention sites" in distr_compile.report(compiled)
+
+
+# ----------------------------------------------------------------- plans applied to another model
+
+
+def saved_plan(tmp_path, **group_sizes: int) -> str:
+    decisions = {name: guard.SiteDecision(name, "sdpa", "", g, "by hand", "calibrated") for name, g in group_sizes.items()}
+    return DistrPlan(guard.plan_config(DistrConfig()), decisions).save(str(tmp_path / "plan.json"))
+
+
+def test_plan_of_another_model_is_an_error(eager_backend, tmp_path):
+    path = saved_plan(tmp_path, **{"layers.0": 2, "layers.1": 1})
+    with pytest.raises(Exception, match=r"plan does not fit this model.*'layers.0'.*<root>"):
+        run(Identity(), inputs(), approximate="guarded", plan=path)
+
+
+@pytest.mark.parametrize("g, problem", [(8, "G=8 does not divide the head dim \\(12\\)"), (3, "G=3 is not one of")])
+def test_plan_decision_that_does_not_fit_its_site_is_an_error(eager_backend, tmp_path, g, problem):
+    path = saved_plan(tmp_path, **{"<root>": g})
+    with pytest.raises(Exception, match=f"plan does not fit this model:\\n  <root>: {problem}"):
+        run(Identity(), torch.randn(2, 24, 12), approximate="guarded", plan=path)
+
+
+def test_sites_missing_from_the_plan_are_warned_about_one_by_one(eager_backend, tmp_path):
+    model = synthetic()
+    compiled, _ = run(model, inputs(), **GUARDED)
+    plan = distr_compile.plan_of(compiled)
+    del plan.sites["layers.1"], plan.sites["layers.3"]
+    path = plan.save(str(tmp_path / "plan.json"))
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning) as caught:
+        run(synthetic(), inputs(), **{**GUARDED, "plan": path})
+    missing = sorted(str(w.message) for w in caught if "not in the plan" in str(w.message))
+    assert len(missing) == 2 and "layers.1" in missing[0] and "layers.3" in missing[1]

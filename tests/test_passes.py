@@ -227,3 +227,71 @@ def test_mask_over_the_size_limit_stays_a_mask_and_is_logged(monkeypatch, caplog
         (site,) = sites_of(attend_with_constant_mask, q, k, v)
     assert not site.is_causal and site.attn_mask is not None
     assert "not checked for the causal pattern" in caplog.text
+
+
+def explicit_attention(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
+
+
+def sdpa_attention(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+CHAINS = {
+    "sdpa-then-explicit": (sdpa_attention, explicit_attention),
+    "explicit-then-sdpa": (explicit_attention, sdpa_attention),
+    "three-deep": (explicit_attention, sdpa_attention, explicit_attention),
+}
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=str)
+def test_chained_sites_rewrite_exactly(chain, eager_backend):
+    """Attention of attention with no op in between: the output of one site is the query of the
+    next, so the second site's query is a node the first rewrite replaces."""
+
+    def fn(q, k, v):
+        for attend in CHAINS[chain]:
+            q = attend(q, k, v)
+        return q
+
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    assert len(sites_of(fn, q, k, v)) == len(CHAINS[chain])
+    compiled = torch.compile(fn, backend="distr", options={"approximate": "always", "group_size": 1})
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-6)
+    assert len(op_nodes(eager_backend)) == len(CHAINS[chain])
+
+
+CAUSAL = torch.ones(8, 8, dtype=torch.bool).tril()
+TENSOR_FILLS = {
+    "where-tensor-inf": lambda s: torch.where(CAUSAL, s, torch.tensor(float("-inf"))),
+    "masked_fill-full-inf": lambda s: s.masked_fill(~CAUSAL, torch.full((), float("-inf"))),
+    "masked_fill-finfo-min-tensor": lambda s: s.masked_fill(~CAUSAL, torch.tensor(torch.finfo(s.dtype).min)),
+    "where-finfo-min-tensor-first": lambda s: torch.where(~CAUSAL, torch.tensor(torch.finfo(s.dtype).min), s),
+}
+
+
+@pytest.mark.parametrize("fill", TENSOR_FILLS, ids=str)
+def test_constant_tensor_fill_values_are_masks(fill, eager_backend):
+    """A fill value given as a 0-dim constant tensor is the same mask as the Python number."""
+
+    def fn(q, k, v):
+        return torch.softmax(TENSOR_FILLS[fill](q @ k.transpose(-2, -1) * 0.25), dim=-1) @ v
+
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    gm, _ = attention_graph(fn, q, k, v)
+    sites, skipped = find_attention(gm.graph)
+    assert len(sites) == 1 and skipped == []
+    compiled = torch.compile(fn, backend="distr", options={"approximate": "always", "group_size": 1})
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_fill_value_from_an_input_is_left_alone():
+    """A 0-dim fill tensor that is an input is not a constant: the site is left alone, with why."""
+
+    def fn(q, k, v, fill):
+        return torch.softmax(torch.where(CAUSAL, q @ k.transpose(-2, -1), fill), dim=-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    gm, _ = attention_graph(fn, q, k, v, torch.tensor(float("-inf")))
+    sites, skipped = find_attention(gm.graph)
+    assert sites == [] and len(skipped) == 1 and "not a constant" in skipped[0].reason

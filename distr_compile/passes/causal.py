@@ -1,4 +1,5 @@
-"""Recognise attention masks that are exactly causal, so a site can take ``is_causal=True``.
+"""Graph constants: attention masks that are exactly causal (so a site can take ``is_causal=True``)
+and constant mask fill values given as tensors (``torch.tensor(-inf)``).
 
 Under torch.compile, Hugging Face decoders build their causal mask as a (B, 1, L, L) bool tensor
 (eager runs pass ``is_causal`` instead). Handed to ``distr::attention`` as is, the kernel would
@@ -6,7 +7,7 @@ read B x L x L booleans and visit every key tile, twice the causal work. A mask 
 it is a constant of the graph: no placeholder (input, parameter, buffer, symbolic size) and no
 ``get_attr`` among its ancestors, and no random or uninitialised op. Its value is then computed
 once, here, and must equal SDPA's ``is_causal`` pattern (top-left aligned lower triangle) at every
-broadcast index. Anything else is left as it is.
+broadcast index. Anything else is left as it is. A fill value qualifies on the same terms.
 """
 
 from __future__ import annotations
@@ -25,25 +26,42 @@ _UNSAFE = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "
 def is_constant_causal_mask(mask: fx.Node) -> bool:
     """Whether ``mask`` (an SDPA ``attn_mask`` node) is a bool graph constant equal to the causal
     pattern, so that ``attn_mask=mask`` can become ``is_causal=True`` without changing the result."""
-    value = mask.meta.get("example_value", mask.meta.get("val"))
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.dim() < 2:
-        return False
-    if not all(isinstance(s, int) for s in value.shape):
+    value = _example(mask)
+    if value is None or value.dtype != torch.bool or value.dim() < 2:
         return False
     if value.numel() > MAX_ELEMENTS:
         log.info("mask %s of shape %s is not checked for the causal pattern (over %d elements): it stays a mask",
                  mask.name, tuple(value.shape), MAX_ELEMENTS)
         return False
-    nodes = _constant_ancestors(mask)
-    if nodes is None:
-        return False
-    try:
-        computed = _evaluate(nodes, mask)
-    except Exception:  # an op that cannot run outside its graph: leave the mask alone
+    computed = constant_value(mask)
+    if computed is None:
         return False
     lq, lk = computed.shape[-2:]
     causal = torch.ones(lq, lk, dtype=torch.bool, device=computed.device).tril()
     return computed.dtype == torch.bool and torch.equal(computed, causal.expand_as(computed))
+
+
+def constant_value(node: fx.Node) -> torch.Tensor | None:
+    """The value of ``node``, computed here on real tensors, if it is a tensor graph constant of
+    static shape and at most ``MAX_ELEMENTS`` elements; else None."""
+    value = _example(node)
+    if value is None or value.numel() > MAX_ELEMENTS:
+        return None
+    nodes = _constant_ancestors(node)
+    if nodes is None:
+        return None
+    try:
+        return _evaluate(nodes, node)
+    except Exception:  # an op that cannot run outside its graph: not a constant we can use
+        return None
+
+
+def _example(node: fx.Node) -> torch.Tensor | None:
+    """The node's example tensor if its shape is static."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(value, torch.Tensor) or not all(isinstance(s, int) for s in value.shape):
+        return None
+    return value
 
 
 def _constant_ancestors(node: fx.Node) -> list[fx.Node] | None:

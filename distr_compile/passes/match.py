@@ -6,9 +6,10 @@ Two anchors:
   is in a Dynamo graph) with all its arguments, positional or keyword;
 * a softmax over the last dim. From it the matcher walks *up* through casts, scales (multiply or
   divide by a constant, a symbolic or a 0-dim tensor), additive masks, ``masked_fill`` and
-  ``torch.where`` to a ``Q K^T`` product (``@``/matmul, bmm, einsum), and *down* through casts and
-  inactive dropout to the ``P V`` product. Every intermediate must feed only the next step, so the
-  attention weights are not used anywhere else.
+  ``torch.where`` (filling a number or a constant 0-dim tensor) to a ``Q K^T`` product
+  (``@``/matmul, bmm, einsum), and *down* through casts and inactive dropout to the ``P V``
+  product. Every intermediate must feed only the next step, so the attention weights are not
+  used anywhere else.
 
 K/V copies made for grouped-query attention (``repeat_interleave`` on the head dim, or HF's
 ``x[:, :, None].expand(...).reshape(...)``) are unwrapped: the site reads the shared heads and sets
@@ -35,7 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .causal import is_constant_causal_mask
+from .causal import constant_value, is_constant_causal_mask
 
 SDPA = torch._C._nn.scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -95,12 +96,15 @@ class AttentionSite:
 
 @dataclass
 class SkippedSite:
-    """An attention left unchanged, with the reason."""
+    """An attention left unchanged, with the reason. ``fault`` is set when the reason is a failure
+    of the backend itself: the stage that failed on the site's graph, which was then compiled as
+    it came (exact)."""
 
     name: str
     pattern: str
     reason: str
     module_id: int | None = field(default=None, compare=False, repr=False)
+    fault: str | None = None
 
 
 class _NoMatch(Exception):
@@ -294,15 +298,29 @@ def _fold_ops(ops, site: AttentionSite) -> None:
             _, cond, value, fill_where_true = op
             if not isinstance(cond, fx.Node) or not _is_bool(cond):
                 raise _Skip("mask condition is not a bool tensor")
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise _Skip(f"mask fill value {_show(value)} is not a constant")
+            value = _fill_constant(value)
+            if value is None:
+                raise _Skip(f"mask fill value {_show(op[2])} is not a constant")
             if value == -math.inf:
                 site.neg_inf_fills.append((cond, fill_where_true))
             elif value <= NEG_INF_LIKE:
-                site.finite_fills.append((cond, float(value), fill_where_true))
+                site.finite_fills.append((cond, value, fill_where_true))
             else:
                 raise _Skip(f"mask fill value {value} is not -inf or <= {NEG_INF_LIKE:g}: softmax would differ")
     site.scale = scale
+
+
+def _fill_constant(value) -> float | None:
+    """A mask fill value as a float: a Python number, or a 0-dim floating tensor that is a graph
+    constant (``torch.tensor(-inf)``, ``torch.full((), finfo.min)``); None for anything else. A
+    0-dim tensor takes part in type promotion exactly as a Python number does."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, fx.Node) and _is_floating(value) and _rank(value) == 0:
+        tensor = constant_value(value)
+        if tensor is not None:
+            return tensor.item()
+    return None
 
 
 def _walk_weights(softmax: fx.Node, site: AttentionSite) -> tuple[fx.Node, fx.Node]:

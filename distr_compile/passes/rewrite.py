@@ -3,17 +3,20 @@
 Each rewritten site becomes ``getitem(distr.attention(q, k, v, mask, is_causal, scale, enable_gqa,
 *knobs), 0)``, with a few small nodes in front when the scores were spelled out by hand: the mask
 terms combined into one mask, non-constant scales applied to q, a k^T transposed back. The op
-node carries ``meta["distr_site"]`` (the site name) so calibration can find it. Nodes of the old
-spelling that become dead are erased. An SDPA site that stays exact is left as it is, except
-that a constant causal mask (see ``causal.py``) becomes ``is_causal=True`` there too: an exact
-rewrite that lets Inductor pick a fused causal kernel instead of reading an L x L mask.
+node carries ``meta["distr_site"]`` (the site name) so calibration can find it; every new node
+carries the site's module path and stack trace. Nodes of the old spelling that become dead are
+erased. Sites may be chained (one's output is the next one's q, k, v or mask): a later site reads
+the new output of the one before. An SDPA site that stays exact is left as it is, except that a
+constant causal mask (see ``causal.py``) becomes ``is_causal=True`` there (:func:`use_is_causal`):
+an exact rewrite that lets Inductor pick a fused causal kernel instead of reading an L x L mask.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -23,27 +26,61 @@ from ..config import DistrConfig
 from .match import SDPA_ARGS, AttentionSite, sdpa_arguments
 
 SITE_META = "distr_site"
+PROVENANCE = ("nn_module_stack", "stack_trace")  # meta the nodes of a rewrite take from the site's output
 
 
 def rewrite_attention(graph: fx.Graph, sites: list[AttentionSite], configs: Mapping[str, DistrConfig]) -> list[fx.Node]:
     """Rewrite each site whose name is in ``configs`` to the op with that config (G = 1 gives
-    exact attention through the op). Sites not in ``configs`` keep their attention (SDPA ones
-    take ``is_causal`` for a constant causal mask). Returns the new op nodes."""
+    exact attention through the op); other sites are not touched. Returns the new op nodes."""
     rewritten = []
+    replaced: dict[fx.Node, fx.Node] = {}  # old site output -> its new output, for sites chained on it
     for site in sites:
         config = configs.get(site.name)
         if config is None:
-            if site.causal_mask is not None:
-                _sdpa_is_causal(site.output)
             continue
-        with graph.inserting_before(site.output):
-            rewritten.append(_emit(graph, site, config))
+        site = _follow(site, replaced)
+        op, replaced[site.output] = _emit(graph, site, config)
         _erase_dead(graph, site)
+        rewritten.append(op)
     graph.lint()
     return rewritten
 
 
-def _emit(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> fx.Node:
+def use_is_causal(sites: Iterable[AttentionSite]) -> int:
+    """Call each SDPA site whose mask is the constant causal pattern with ``is_causal=True`` and no
+    mask, leaving it SDPA (exact). Returns how many sites changed."""
+    folded = [site for site in sites if site.causal_mask is not None]
+    for site in folded:
+        _sdpa_is_causal(site.output)
+    return len(folded)
+
+
+def _follow(site: AttentionSite, replaced: Mapping[fx.Node, fx.Node]) -> AttentionSite:
+    """``site`` reading the replacement of every node an earlier rewrite replaced (the match saw
+    the graph before any rewrite, so a site chained on another still names the old output)."""
+    if not replaced:
+        return site
+    new = lambda x: replaced.get(x, x) if isinstance(x, fx.Node) else x  # noqa: E731
+    return dataclasses.replace(site, **{f.name: fx.node.map_aggregate(getattr(site, f.name), new)
+                                        for f in dataclasses.fields(site)})
+
+
+def _emit(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> tuple[fx.Node, fx.Node]:
+    """Insert the op for ``site`` before its output and move the output's users to it; returns
+    (op node, new output node)."""
+    first_new = site.output.prev
+    with graph.inserting_before(site.output):
+        op, out = _emit_op(graph, site, config)
+    meta = {k: v for k, v in site.output.meta.items() if k in PROVENANCE}
+    node = first_new.next
+    while node is not site.output:
+        node.meta.update(meta)
+        node = node.next
+    site.output.replace_all_uses_with(out)
+    return op, out
+
+
+def _emit_op(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> tuple[fx.Node, fx.Node]:
     q = site.q
     for kind, factor in site.scale_factors:
         q = graph.call_function(operator.mul if kind == "mul" else operator.truediv, (q, factor))
@@ -60,9 +97,7 @@ def _emit(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> fx.Node:
     have = q.meta.get("example_value") if isinstance(q, fx.Node) else None
     if isinstance(want, torch.Tensor) and isinstance(have, torch.Tensor) and want.dtype != have.dtype:
         out = graph.call_method("to", (out, want.dtype))
-    out.meta.update({k: v for k, v in site.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    site.output.replace_all_uses_with(out)
-    return op
+    return op, out
 
 
 def _sdpa_is_causal(node: fx.Node) -> None:
