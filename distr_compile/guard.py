@@ -29,6 +29,7 @@ from torch._dynamo.symbolic_convert import InstructionTranslator
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import speed
 from .config import GROUP_SIZES, ConfigError, DistrConfig
 from .kernels.attention import fixed_config
 from .passes import SITE_META, AttentionSite, SkippedSite, find_attention, rewrite_attention
@@ -45,7 +46,8 @@ _SCHEMA_KNOBS = ("group_size", "block_m", "num_hyperplanes", "representative", "
 class SiteDecision:
     """What the guard decided for one site and why. ``group_size`` 1 means exact attention;
     ``errors`` maps each measured G to its metrics (``rel_fro``, ``cosine``, ``max_abs``), the
-    worst over every calibration call."""
+    worst over every calibration call; ``times`` maps G to the site's measured ms on the first
+    calibration call (1: exact SDPA), when the guard measured speed (``min_speedup`` > 0)."""
 
     name: str
     pattern: str
@@ -54,6 +56,7 @@ class SiteDecision:
     reason: str
     source: str
     errors: dict[int, dict[str, float]] = field(default_factory=dict)
+    times: dict[int, float] = field(default_factory=dict)
 
     @property
     def approximated(self) -> bool:
@@ -84,7 +87,8 @@ class DistrPlan:
         data = {
             "version": PLAN_VERSION,
             "config": self.config,
-            "sites": [asdict(d) | {"errors": {str(g): m for g, m in d.errors.items()}} for d in self.sites.values()],
+            "sites": [asdict(d) | {"errors": {str(g): m for g, m in d.errors.items()},
+                                   "times": {str(g): t for g, t in d.times.items()}} for d in self.sites.values()],
             "skipped": [{"name": s.name, "pattern": s.pattern, "reason": s.reason, "fault": s.fault}
                         for s in self.skipped.values()],
             "output_error": self.output_error,
@@ -103,6 +107,7 @@ class DistrPlan:
         sites = {}
         for d in data["sites"]:
             d["errors"] = {int(g): m for g, m in d["errors"].items()}
+            d["times"] = {int(g): t for g, t in d.get("times", {}).items()}  # plans from before speed checks
             sites[d["name"]] = SiteDecision(**d)
         skipped = {s["name"]: SkippedSite(**s) for s in data["skipped"]}
         return cls(data["config"], sites, skipped, data.get("output_error"))
@@ -191,16 +196,21 @@ class SiteProbe(fx.Interpreter):
     on the same inputs and its worst-case metrics are kept in ``self.errors[name][G]``. What
     flows on is the exact output, or the approximated one for sites in ``propagate``. With
     ``sample_heads`` only KV head 0 and the query heads reading it are measured (the runtime
-    monitor's cheap sample).
+    monitor's cheap sample). With ``timings`` (a cache shared across probes, keyed by the site's
+    input shapes, strides, flags and candidates: layers alike are timed once) each site's exact
+    SDPA and candidates are also timed (:func:`speed.site_times`) into ``self.times[name]``.
     """
 
     def __init__(self, gm: fx.GraphModule, candidates: Mapping[str, Iterable[DistrConfig]],
-                 propagate: Mapping[str, DistrConfig] | None = None, sample_heads: bool = False):
+                 propagate: Mapping[str, DistrConfig] | None = None, sample_heads: bool = False,
+                 timings: dict[tuple, dict[int, float]] | None = None):
         super().__init__(gm, garbage_collect_values=True)
         self.candidates = {name: list(cfgs) for name, cfgs in candidates.items()}
         self.propagate = dict(propagate or {})
         self.sample_heads = sample_heads
+        self.timings = timings
         self.errors: dict[str, dict[int, dict[str, float]]] = {}
+        self.times: dict[str, dict[int, float]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         name = n.meta.get(SITE_META)
@@ -215,9 +225,18 @@ class SiteProbe(fx.Interpreter):
             got = _OP(*sample, *op_knobs(cfg))[0]
             per_g = self.errors.setdefault(name, {})
             per_g[cfg.group_size] = _worst(per_g.get(cfg.group_size), measure(got, ref))
+        if self.timings is not None and self.candidates.get(name):
+            self.times[name] = self._time(base, self.candidates[name])
         if name in self.propagate:
             return _OP(*base, *op_knobs(self.propagate[name]))
         return exact
+
+    def _time(self, args: tuple, candidates: list[DistrConfig]) -> dict[int, float]:
+        describe = lambda x: (tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        key = (*map(describe, args), *map(op_knobs, candidates))
+        if key not in self.timings:
+            self.timings[key] = speed.site_times(args, op_knobs, candidates)
+        return self.timings[key]
 
 
 def _first_kv_group(args: tuple) -> tuple:
@@ -274,13 +293,27 @@ def within_tolerance(errors: Mapping[int, Mapping[str, float]], config: DistrCon
             if g in errors and metric_error(errors[g], config.metric) <= config.tolerance]
 
 
-def decide(errors: Mapping[int, Mapping[str, float]], config: DistrConfig) -> tuple[int, str]:
-    """The cheapest candidate G within tolerance, else exact; with the reason."""
+def acceptable(errors: Mapping[int, Mapping[str, float]], times: Mapping[int, float],
+               config: DistrConfig) -> list[int]:
+    """The candidate G within tolerance and, where timed, at least ``min_speedup`` times faster
+    than exact SDPA at the site, cheapest (largest) first."""
+    return [g for g in within_tolerance(errors, config) if speed.too_slow(times, g, config.min_speedup) is None]
+
+
+def decide(errors: Mapping[int, Mapping[str, float]], config: DistrConfig,
+           times: Mapping[int, float] | None = None) -> tuple[int, str]:
+    """The cheapest candidate G within tolerance (and fast enough, where ``times`` were measured),
+    else exact; with the reason."""
     tol, metric = config.tolerance, config.metric
+    times = times or {}
     passing = within_tolerance(errors, config)
+    fast = acceptable(errors, times, config)
+    if fast:
+        g = fast[0]
+        timed = f"; {times[g]:.3g} ms vs {times[EXACT]:.3g} ms exact" if g in times and EXACT in times else ""
+        return g, f"G={g}: {metric} {metric_error(errors[g], metric):.3g} <= tolerance {tol:g}{timed}"
     if passing:
-        g = passing[0]
-        return g, f"G={g}: {metric} {metric_error(errors[g], metric):.3g} <= tolerance {tol:g}"
+        return EXACT, f"slower than exact: {speed.too_slow(times, passing[0], config.min_speedup)}: keeps exact attention"
     if not errors:
         return EXACT, "no calibration data reached this site"
     shown = ", ".join(f"G={g} {metric_error(errors[g], metric):.3g}" for g in config.candidates if g in errors)
@@ -293,20 +326,26 @@ class Calibrator:
     calibrators may share). A call returns the graph's exact outputs."""
 
     def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], config: DistrConfig,
-                 errors: dict[str, dict[int, dict[str, float]]] | None = None):
+                 errors: dict[str, dict[int, dict[str, float]]] | None = None,
+                 times: dict[str, dict[int, float]] | None = None):
         self.probe_gm = probe_module(gm, [s.name for s in sites])
         self.candidates = {
             s.name: [config.replace(group_size=g) for g in config.candidates if divides_head_dim(s, g)] for s in sites
         }
         self.errors = {} if errors is None else errors
+        self.times = {} if times is None else times
+        self.timings = {} if config.min_speedup > 0 else None
 
     def __call__(self, inputs: list) -> Any:
-        probe = SiteProbe(self.probe_gm, self.candidates)
+        """Measure every site on ``inputs``; time the sites not yet timed (the first call's)."""
+        untimed = {name for name in self.candidates if name not in self.times}
+        probe = SiteProbe(self.probe_gm, self.candidates, timings=self.timings if untimed else None)
         out = run_probe(probe, inputs)
         for name, per_g in probe.errors.items():
             merged = self.errors.setdefault(name, {})
             for g, m in per_g.items():
                 merged[g] = _worst(merged.get(g), m)
+        self.times.update({name: t for name, t in probe.times.items() if name in untimed})
         return out
 
 
@@ -322,7 +361,7 @@ def end_to_end(gm: fx.GraphModule, inputs_list: list[list], decisions: dict[str,
         return max(_output_error(run_probe(SiteProbe(probe_gm, {}, approx), inputs), ref)
                    for inputs, ref in zip(inputs_list, exact_outputs))
 
-    within = {n: [g for g in within_tolerance(d.errors, config) if g <= d.group_size] or [d.group_size]
+    within = {n: [g for g in acceptable(d.errors, d.times, config) if g <= d.group_size] or [d.group_size]
               for n, d in decisions.items() if d.approximated}
     before = {n: decisions[n].group_size for n in within}
     worst = demote_until_within(decisions, within, error_of, config)
@@ -586,12 +625,13 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     model = getattr(model, "_orig_mod", model)
     batches = list(batches)
     errors: dict[str, dict[int, dict[str, float]]] = {}
+    times: dict[str, dict[int, float]] = {}
     graphs: list[tuple[fx.GraphModule, list[AttentionSite], list[SkippedSite], list, list[list]]] = []
     replay: dict[str, dict[str, DistrConfig]] = {}  # set: the traced model runs with these sites approximated
 
     def measuring_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
         sites, skipped = find_attention(gm.graph)
-        calibrator = Calibrator(gm, sites, config, errors)
+        calibrator = Calibrator(gm, sites, config, errors, times)
         seen: list[list] = []
         graphs.append((gm, sites, skipped, example_inputs, seen))
 
@@ -609,7 +649,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     plan = DistrPlan(plan_config(config))
     for gm, sites, skipped, example_inputs, seen in graphs:
         for site in sites:
-            plan.sites.setdefault(site.name, _decide_site(site, errors, config))
+            plan.sites.setdefault(site.name, _decide_site(site, errors, times, config))
         if seen:
             end_to_end(gm, seen, {s.name: plan.sites[s.name] for s in sites}, config)
     if original is not None:
@@ -648,7 +688,9 @@ def against_original(run_with: Callable[[dict[str, DistrConfig]], list], referen
     ``run_with(approx)`` runs the adapted model on the batches with the sites in ``approx``
     approximated; ``references`` are the original model's outputs on them. Returns the final
     error, which exceeds the tolerance only when the adapted weights alone (every site exact) do."""
-    choices = {n: sorted(d.errors, reverse=True) for n, d in decisions.items() if d.errors}
+    fast = lambda d: [g for g in sorted(d.errors, reverse=True)  # noqa: E731
+                      if speed.too_slow(d.times, g, config.min_speedup) is None]
+    choices = {n: fast(d) for n, d in decisions.items() if fast(d)}
     for n in choices:
         decisions[n].source = "original"
 
@@ -675,17 +717,18 @@ def decide_sites(gm: fx.GraphModule, inputs_list: list[list], sites: list[Attent
     calibrator = Calibrator(gm, sites, config)
     for inputs in inputs_list:
         calibrator(inputs)
-    decisions = {site.name: _decide_site(site, calibrator.errors, config) for site in sites}
+    decisions = {site.name: _decide_site(site, calibrator.errors, calibrator.times, config) for site in sites}
     if config.output_tolerance is not None:
         end_to_end(gm, inputs_list, decisions, config)
     return decisions
 
 
-def _decide_site(site: AttentionSite, errors: Mapping[str, dict], config: DistrConfig) -> SiteDecision:
-    measured = errors.get(site.name, {})
-    g, reason = decide(measured, config)
+def _decide_site(site: AttentionSite, errors: Mapping[str, dict], times: Mapping[str, dict],
+                 config: DistrConfig) -> SiteDecision:
+    measured, timed = errors.get(site.name, {}), times.get(site.name, {})
+    g, reason = decide(measured, config, timed)
     log.info("%s: %s", site.name, reason)
-    return SiteDecision(site.name, site.pattern, site.shapes, g, reason, "calibrated", measured)
+    return SiteDecision(site.name, site.pattern, site.shapes, g, reason, "calibrated", measured, timed)
 
 # --------------------------------------------------------------------------------- report
 
@@ -703,15 +746,24 @@ def report(compiled: Any, plot: str | None = None, file: Any = None) -> str:
     for d in plan.sites.values():
         err = d.error(metric)
         rows.append([d.name, d.pattern, d.shapes, f"G={d.group_size}" if d.approximated else "exact",
-                     "-" if err is None else f"{err:.3g}", f"{tol:g}", d.reason])
+                     "-" if err is None else f"{err:.3g}", f"{tol:g}", _times(d), d.reason])
     for s in plan.skipped.values():
-        rows.append([s.name, s.pattern, "", "left alone", "-", "-", s.reason])
-    headers = ["site", "pattern", "shapes", "decision", metric, "tolerance", "reason"]
+        rows.append([s.name, s.pattern, "", "left alone", "-", "-", "-", s.reason])
+    headers = ["site", "pattern", "shapes", "decision", metric, "tolerance", "ms exact / approx", "reason"]
     text = tabulate(rows, headers=headers) + "\n" + _summary(plan)
     print(text, file=file)
     if plot is not None:
         _plot(plan, plot)
     return text
+
+
+def _times(d: SiteDecision) -> str:
+    """'exact ms / approximated ms' of the chosen G (of the cheapest timed one for an exact site)."""
+    timed = sorted((g for g in d.times if g != EXACT), reverse=True)
+    g = d.group_size if d.approximated else next(iter(timed), None)
+    if EXACT not in d.times or g not in d.times:
+        return "-"
+    return f"{d.times[EXACT]:.3g} / {d.times[g]:.3g} (G={g})"
 
 
 def _summary(plan: DistrPlan) -> str:

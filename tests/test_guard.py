@@ -20,7 +20,9 @@ from distr_compile import DistrConfig, DistrPlan, distr_attention
 from test_passes import op_nodes
 
 D, HEADS = 16, 2
-GUARDED = {"approximate": "guarded", "group_size": [4, 2], "block_m": 16, "tolerance": 0.05}
+# Accuracy decisions only (min_speedup 0): on the CPU the approximation runs the PyTorch reference,
+# slower than SDPA, so the speed check would keep every site exact (tested on its own below).
+GUARDED = {"approximate": "guarded", "group_size": [4, 2], "block_m": 16, "tolerance": 0.05, "min_speedup": 0}
 
 
 class Layer(nn.Module):
@@ -87,6 +89,34 @@ def test_decisions_come_out_as_designed(eager_backend):
     assert plan.sites["layers.2"].errors[4]["rel_fro"] > 0.05 >= plan.sites["layers.2"].errors[2]["rel_fro"]
     assert "keeps exact" in plan.sites["layers.1"].reason
     assert [n.args[7] for n in op_nodes(eager_backend)] == [4, 2]
+
+
+def test_guarded_keeps_sites_exact_where_the_approximation_is_slower(eager_backend):
+    """On the CPU the approximation (the PyTorch reference) measures slower than SDPA: every site
+    stays exact for that reason, however loose the tolerance, and the report shows both times."""
+    compiled, _ = run(synthetic(), inputs(), **{**GUARDED, "tolerance": 100.0, "min_speedup": 1.05})
+    plan = distr_compile.plan_of(compiled)
+    for d in plan.sites.values():
+        assert not d.approximated and d.reason.startswith("slower than exact"), d.reason
+        assert d.times[1] < 1.05 * min(d.times[4], d.times[2])
+    assert "ms exact / approx" in distr_compile.report(compiled)
+    assert not op_nodes(eager_backend)
+
+
+def test_speed_check_takes_the_fast_candidates(eager_backend, monkeypatch, tmp_path):
+    """With measured times (here given), a site takes the cheapest G that is within tolerance AND
+    at least min_speedup faster than exact; layers alike are timed once; plans keep the times."""
+    calls = []
+    monkeypatch.setattr(guard.speed, "site_times", lambda args, knobs, cands: calls.append(1) or {1: 1.0, 4: 0.5, 2: 2.0})
+    compiled, _ = run(synthetic(), inputs(), **{**GUARDED, "min_speedup": 1.05})
+    plan = distr_compile.plan_of(compiled)
+    assert {n: d.group_size for n, d in plan.sites.items()} == {
+        "layers.0": 4, "layers.1": 1, "layers.2": 1, "layers.3": 1,
+    }
+    assert plan.sites["layers.2"].reason.startswith("slower than exact: G=2 measured 2 ms against 1 ms")
+    assert "0.5 ms vs 1 ms exact" in plan.sites["layers.0"].reason
+    assert len(calls) == 1  # four layers of one shape: one timing
+    assert DistrPlan.load(plan.save(str(tmp_path / "plan.json"))).sites["layers.0"].times == {1: 1.0, 4: 0.5, 2: 2.0}
 
 
 def test_calibration_launches_kernels_without_autotuning(eager_backend, monkeypatch):
@@ -302,7 +332,7 @@ def test_minilm_default_tolerance_keeps_sentence_embeddings(eager_backend):
     # A looser tolerance lets some layers through (the measured errors here are 0.38-0.69),
     # never one measured above it.
     torch._dynamo.reset()
-    loose = torch.compile(model, backend="distr", options={"approximate": "guarded", "tolerance": 0.5})
+    loose = torch.compile(model, backend="distr", options={"approximate": "guarded", "tolerance": 0.5, "min_speedup": 0})
     embed(loose)
     plan = distr_compile.plan_of(loose)
     approximated = [d for d in plan.sites.values() if d.approximated]
