@@ -61,11 +61,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from distr_compile import calibrate, models
 from distr_compile.config import GROUPINGS, REPRESENTATIVES
-from distr_compile.training import adaptation_options, load_checkpoint, save_checkpoint
+from distr_compile.training import adaptation_options, distillation_loss, load_checkpoint, save_checkpoint
 
 PRESETS = {  # per device: what a run takes when the flag is not given
     "cpu": dict(steps=20, seq_len=128, batch_size=1, lr=5e-5, warmup=2, eval_windows=4, guard_batches=1,
@@ -279,14 +278,6 @@ def train(model, original, optimizer, train_ids, losses: list[float], step: int,
                 raise SystemExit(128 + signal.SIGTERM)
     finally:  # also when SIGTERM or an error ends the loop
         signal.signal(signal.SIGTERM, previous)
-
-
-def distillation_loss(logits: torch.Tensor, original_logits: torch.Tensor) -> torch.Tensor:
-    """KL(original || adapted) per token, in float32: how far the adapted model's next-token
-    distributions are from the original model's."""
-    log_p = F.log_softmax(original_logits.float().flatten(0, -2), dim=-1)
-    log_q = F.log_softmax(logits.float().flatten(0, -2), dim=-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
 def guard_counts(model, original, guard_windows, args: argparse.Namespace, amp, out: Path) -> dict:
