@@ -106,15 +106,8 @@ def parse_args() -> argparse.Namespace:
                         help="also train on the standard library's docstrings (~300k tokens); "
                              "evaluation stays on held-out pydoc text")
     args = parser.parse_args()
-    for key, value in PRESETS[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA GPU is visible")
-    for name, low in (("steps", 1), ("seq_len", 16), ("batch_size", 1), ("warmup", 0), ("eval_windows", 0),
-                      ("guard_batches", 1), ("save_every", 0)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    models.preset_arguments(parser, args, PRESETS, dict(steps=1, seq_len=16, batch_size=1, warmup=0, eval_windows=0,
+                                                         guard_batches=1, save_every=0))
     if args.eval_windows and args.guard_batches > args.eval_windows:
         parser.error(f"--guard-batches ({args.guard_batches}) must be <= --eval-windows ({args.eval_windows})")
     if not (args.lr > 0 and args.tolerance >= 0 and args.ppl_tolerance >= 0):

@@ -76,14 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--save", help="save the fine-tuned model here (load it with attn_implementation='distr' "
                                        "and configure it with the same DistrConfig)")
     args = parser.parse_args()
-    for key, value in PRESETS[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA GPU is visible")
-    for name, low in (("steps", 1), ("seq_len", 16), ("batch_size", 1), ("warmup", 0), ("eval_windows", 0)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    models.preset_arguments(parser, args, PRESETS, dict(steps=1, seq_len=16, batch_size=1, warmup=0, eval_windows=0))
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     try:
