@@ -16,6 +16,9 @@
 #                                             # each stopped after SECONDS; logs adapt-N.log
 #   bash benchmarks/gpu_session.sh diagnose   # open questions: AOTI load crash (native backtrace),
 #                                             # Inductor's SDPA lowering on HF ViT, ViT-518 profiles
+#   bash benchmarks/gpu_session.sh hf ARGS     # benchmarks/hf_eager.py ARGS: attn_implementation="distr"
+#                                             # in eager mode vs compiled, SmolLM2-135M's shape (no weights)
+#   bash benchmarks/gpu_session.sh hf-finetune ARGS  # examples/hf_finetune.py on the GPU (needs `weights`)
 #   bash benchmarks/gpu_session.sh sweep      # every forward autotune config's time per shape class
 #   bash benchmarks/gpu_session.sh train      # first training steps, static vs dynamic shapes
 #   bash benchmarks/gpu_session.sh profile    # per-kernel times of the grouped forward+backward,
@@ -69,6 +72,10 @@ case $STEP in
     done
     wait
     grep -a -o "^adapt-.*\|held-out perplexity.*\|Guard accepts.*\|[A-Za-z]*Error.*" "$OUT"/adapt-*.log ;;
+  hf)
+    log python3 benchmarks/hf_eager.py "${@:2}" ;;
+  hf-finetune)
+    log python3 examples/hf_finetune.py --device cuda --model-path "$WEIGHTS" "${@:2}" ;;
   diagnose)
     log python3 notes/aoti_probe.py
     log python3 notes/sdpa_lowering_probe.py

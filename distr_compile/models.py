@@ -161,6 +161,19 @@ def perplexity(model, ids: torch.Tensor) -> float:
     return math.exp(loss.item())
 
 
+def preset_arguments(parser, args, presets: dict[str, dict], minimums: dict[str, int]) -> None:
+    """For the examples' command lines: give each flag not set its value in ``presets[args.device]``,
+    then reject (``parser.error``) a CUDA device without a GPU and any ``minimums`` not met."""
+    for key, value in presets[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is visible")
+    for name, low in minimums.items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+
+
 def timed(fn, repeats: int):
     """Result and median wall time (ms) over ``repeats`` calls after one warm-up call."""
     out = fn()

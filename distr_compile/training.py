@@ -3,7 +3,8 @@
 Zero-shot, DistrAttention is far from exact on pretrained models (README.md, "Read this first"); the paper
 got its accuracy by fine-tuning with it in the loop. ``adaptation_options`` are the
 ``torch.compile(..., backend="distr", options=...)`` for that: every supported site approximated,
-no guard, forward and backward through ``torch.ops.distr.attention``. Checkpoints hold the plain
+no guard, forward and backward through ``torch.ops.distr.attention``; ``distillation_loss`` is the
+objective of both adaptation examples. Checkpoints hold the plain
 module's state (never the compiled wrapper's ``_orig_mod.`` keys), so they load into an
 uncompiled model as well as a compiled one.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .config import DistrConfig
 
@@ -27,6 +29,15 @@ def adaptation_options(**overrides: Any) -> dict[str, Any]:
         raise ValueError(f"the adaptation mode approximates every site; got approximate={options['approximate']!r}")
     DistrConfig.from_options(options)
     return options
+
+
+def distillation_loss(logits: torch.Tensor, original_logits: torch.Tensor) -> torch.Tensor:
+    """KL(original || adapted) per token, in float32: how far the adapted model's next-token
+    distributions are from the original model's (a richer target than the text's next tokens, and
+    one that keeps the adapted model close to the original rather than to the training text)."""
+    log_p = F.log_softmax(original_logits.float().flatten(0, -2), dim=-1)
+    log_q = F.log_softmax(logits.float().flatten(0, -2), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

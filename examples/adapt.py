@@ -61,11 +61,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from distr_compile import calibrate, models
 from distr_compile.config import GROUPINGS, REPRESENTATIVES
-from distr_compile.training import adaptation_options, load_checkpoint, save_checkpoint
+from distr_compile.training import adaptation_options, distillation_loss, load_checkpoint, save_checkpoint
 
 PRESETS = {  # per device: what a run takes when the flag is not given
     "cpu": dict(steps=20, seq_len=128, batch_size=1, lr=5e-5, warmup=2, eval_windows=4, guard_batches=1,
@@ -107,15 +106,8 @@ def parse_args() -> argparse.Namespace:
                         help="also train on the standard library's docstrings (~300k tokens); "
                              "evaluation stays on held-out pydoc text")
     args = parser.parse_args()
-    for key, value in PRESETS[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA GPU is visible")
-    for name, low in (("steps", 1), ("seq_len", 16), ("batch_size", 1), ("warmup", 0), ("eval_windows", 0),
-                      ("guard_batches", 1), ("save_every", 0)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    models.preset_arguments(parser, args, PRESETS, dict(steps=1, seq_len=16, batch_size=1, warmup=0, eval_windows=0,
+                                                         guard_batches=1, save_every=0))
     if args.eval_windows and args.guard_batches > args.eval_windows:
         parser.error(f"--guard-batches ({args.guard_batches}) must be <= --eval-windows ({args.eval_windows})")
     if not (args.lr > 0 and args.tolerance >= 0 and args.ppl_tolerance >= 0):
@@ -279,14 +271,6 @@ def train(model, original, optimizer, train_ids, losses: list[float], step: int,
                 raise SystemExit(128 + signal.SIGTERM)
     finally:  # also when SIGTERM or an error ends the loop
         signal.signal(signal.SIGTERM, previous)
-
-
-def distillation_loss(logits: torch.Tensor, original_logits: torch.Tensor) -> torch.Tensor:
-    """KL(original || adapted) per token, in float32: how far the adapted model's next-token
-    distributions are from the original model's."""
-    log_p = F.log_softmax(original_logits.float().flatten(0, -2), dim=-1)
-    log_q = F.log_softmax(logits.float().flatten(0, -2), dim=-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
 def guard_counts(model, original, guard_windows, args: argparse.Namespace, amp, out: Path) -> dict:

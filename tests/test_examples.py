@@ -84,6 +84,16 @@ def test_adapt_sigterm_saves_the_current_step(tmp_path):
     assert 1 <= state["step"] < 100000 and len(state["extra"]["losses"]) == state["step"]
 
 
+@pytest.mark.slow
+def test_hf_finetune_runs():
+    """Eager fine-tuning with attn_implementation="distr" and transformers' Trainer: the three
+    held-out perplexities, on SmolLM2 for two tiny steps."""
+    proc = run("examples/hf_finetune.py", "--device", "cpu", "--steps", "2", "--seq-len", "32", "--batch-size", "1",
+               "--eval-windows", "1")
+    check_table(proc, "held-out", "original model, exact attention", "DistrAttention, before fine-tuning",
+                "DistrAttention, after 2 steps")
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("examples/llm_perplexity.py", ["--context", "9000"], "--context must be in [16, 8192]"),
     ("examples/llm_perplexity.py", ["--windows", "0"], "--windows must be >= 1"),
@@ -93,6 +103,8 @@ def test_adapt_sigterm_saves_the_current_step(tmp_path):
     ("examples/quickstart.py", ["--sentences", "0"], "--sentences must be in [1, 64]"),
     ("examples/export_and_load.py", ["--tolerance", "-1"], "--tolerance must be >= 0"),
     ("examples/tree_decode.py", ["--new-tokens", "0"], "--new-tokens must be >= 1"),
+    ("examples/hf_finetune.py", ["--steps", "0"], "--steps must be >= 1"),
+    ("examples/hf_finetune.py", ["--group-size", "3"], "group_size must be one of"),
     ("benchmarks/model.py", ["--device", "cpu", "--tokens", "8"], "--tokens must be >= 16"),
 ])
 def test_bad_arguments(script, args, message):

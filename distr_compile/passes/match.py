@@ -507,7 +507,9 @@ class _SiteNamer:
 
 
 def _clean_path(path: str) -> str:
-    path = re.sub(r"^L\['[^']+'\]", "", path)
+    # The root is the compiled module: ``L['self']``, or ``L['args'][0]`` when its forward is a
+    # ``(*args, **kwargs)`` wrapper (transformers' output-handling decorators).
+    path = re.sub(r"^L\['args'\]\[0\]|^L\['[^']+'\]", "", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)

@@ -1,0 +1,61 @@
+"""The "distr" attention function of transformers' ``AttentionInterface`` (imports transformers).
+
+Imported by :mod:`distr_compile.hf` once transformers' modeling code is loaded. The function follows
+transformers' "sdpa" one (``integrations/sdpa_attention.py``) call for call: the same causal
+inference (``is_causal`` unless a mask is given or one query row is left), the same crop of an
+empty static cache's keys at prefill, the output transposed to (B, L, H, d). Where a layer is not
+approximated it IS the "sdpa" function, so those layers match "sdpa" bit for bit. Where it is,
+grouped-query attention reads the shared K/V heads in place (``enable_gqa``, never ``repeat_kv``)
+and ``distr_attention`` runs the Triton kernels forward and backward on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from .hf import layer_config
+from .ops import distr_attention
+
+NAME = "distr"
+
+
+def register() -> None:
+    """Make ``attn_implementation="distr"`` available, with SDPA's masks (bool, or None where
+    ``is_causal`` says it all): without a mask function transformers would pass no mask at all."""
+    AttentionInterface.register(NAME, distr_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def distr_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention of one layer: q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d) -> ((B, Lq, Hq, d), None).
+    DistrAttention with the layer's configured DistrConfig (``distr_compile.configure``), else
+    exactly transformers' "sdpa"."""
+    config = layer_config(module, dropout)
+    if config is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    for name in ("softcap", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='distr' does not support {name}; configure this layer with "
+                             "group_size=1 (exact attention)")
+    q_length = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = q_length > 1 and attention_mask is None and is_causal
+    if is_causal and key.shape[2] > q_length:  # prefill into an empty static cache: its first keys
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    out = distr_attention(query, key, value, attention_mask, 0.0, is_causal, scaling,
+                          enable_gqa=query.shape[1] != key.shape[1], config=config)
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,206 @@
+"""transformers models in eager mode with ``attn_implementation="distr"`` (CPU).
+
+Tiny random Llama (causal, GQA, padding), BERT (padding) and ViT built from config: unconfigured
+they compute exactly what "sdpa" computes; configured with G=2 everywhere they compute what
+``backend="distr"`` with ``approximate="always"`` computes on the same weights; a saved plan applies
+per layer; gradients flow and match the compiled path's; active dropout stays exact.
+
+The compiled side runs the backend's rewritten graph with FX (the ``eager_backend`` fixture), so
+both sides run the same PyTorch reference of the op in float32 on the same q, k, v: they agree
+bit for bit here (the asserted 1e-5 leaves room for float32 rounding, e.g. a causal mask against
+``is_causal``), while G=2 moves the outputs by 4e-4 (BERT) to 2e-2 (ViT) from exact attention.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+
+import distr_compile
+from distr_compile import DistrConfig, DistrPlan, configure, plan_of
+from distr_compile.hf import DROPOUT, LAYER_ATTRIBUTE, UNCONFIGURED, say_once
+
+B, L, VOCAB = 2, 20, 128
+G2 = DistrConfig(group_size=2)
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def llama(**overrides) -> tf.LlamaForCausalLM:
+    """3 layers, 4 query / 2 KV heads of dim 16, causal."""
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa", **overrides)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def bert(**overrides) -> tf.BertModel:
+    config = tf.BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, attn_implementation="sdpa", **overrides)
+    torch.manual_seed(0)
+    return tf.BertModel(config, add_pooling_layer=False).eval()
+
+
+def vit() -> tf.ViTModel:
+    config = tf.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=32, patch_size=8, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return tf.ViTModel(config, add_pooling_layer=False).eval()
+
+
+def text_inputs() -> dict:
+    """Token ids with the second sequence left-padded by 5."""
+    ids = torch.randint(0, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, :5] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def image_inputs() -> dict:
+    return {"pixel_values": torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+
+
+MODELS = {"llama": (llama, text_inputs), "bert": (bert, text_inputs), "vit": (vit, image_inputs)}
+
+
+def output(model, inputs: dict) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(autouse=True)
+def warn_afresh():
+    """Each test sees the once-per-process messages afresh."""
+    say_once.cache_clear()
+    yield
+    say_once.cache_clear()
+
+
+def test_import_registers_with_transformers_when_its_modeling_code_loads():
+    """Importing the package does not load transformers' modeling code (2-3 s); loading it later
+    registers "distr" and leaves transformers' module its own loader; the other order works too."""
+    check = ("from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks; "
+             "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as attention; "
+             "assert 'distr' in attention and 'distr' in masks")
+    after = ("import sys, distr_compile; assert 'transformers.modeling_utils' not in sys.modules; "
+             f"{check}; import transformers.modeling_utils as m; assert type(m.__loader__).__name__ == 'SourceFileLoader'")
+    before = f"import transformers.modeling_utils, distr_compile; {check}"
+    for code in (after, before):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_unconfigured_computes_exactly_sdpa_and_says_so_once(name):
+    build, make_inputs = MODELS[name]
+    model, inputs = build(), make_inputs()
+    with torch.no_grad():
+        want = output(model, inputs)
+        model.set_attn_implementation("distr")
+        with pytest.warns(UserWarning, match="computes exact attention") as record:
+            got = output(model, inputs)
+            output(model, inputs)
+    assert torch.equal(got, want)
+    assert sum(UNCONFIGURED in str(w.message) for w in record) == 1
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_g2_everywhere_equals_the_backend_approximating_always(name, eager_backend):
+    build, make_inputs = MODELS[name]
+    model, inputs = build(), make_inputs()
+    with torch.no_grad():
+        exact = output(model, inputs)
+        compiled = torch.compile(model, backend="distr", options={"approximate": "always", "group_size": 2})
+        want = output(compiled, inputs)
+        got = output(configure(model, G2), inputs)
+    assert model.config._attn_implementation == "distr"
+    torch.testing.assert_close(got, want, **TOL)
+    assert not torch.allclose(got, exact, **TOL)  # the approximation did run
+
+
+def test_loading_with_attn_implementation_distr(tmp_path):
+    llama().save_pretrained(tmp_path)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="distr")
+    built = tf.LlamaForCausalLM._from_config(loaded.config, attn_implementation="distr")
+    assert loaded.config._attn_implementation == built.config._attn_implementation == "distr"
+
+
+def test_a_saved_plan_applies_per_layer(tmp_path, eager_backend):
+    """A plan from the backend, edited to G=2 / exact / G=4, saved and loaded: each layer computes
+    its own G, and the eager model agrees with the model compiled with that plan."""
+    model, inputs = llama(), text_inputs()
+    with torch.no_grad():
+        output(torch.compile(model, backend="distr", options={"approximate": "always"}), inputs)
+        plan = plan_of(model)
+        assert list(plan.sites) == [f"model.layers.{i}.self_attn" for i in range(3)]
+        for site, g in zip(plan.sites.values(), (2, 1, 4)):
+            site.group_size = g
+        path = plan.save(str(tmp_path / "plan.json"))
+        torch._dynamo.reset()
+        want = output(torch.compile(model, backend="distr", options={"plan": path}), inputs)
+        got = output(configure(model, DistrPlan.load(path)), inputs)
+    torch.testing.assert_close(got, want, **TOL)
+    groups = [getattr(layer.self_attn, LAYER_ATTRIBUTE).config.group_size for layer in model.model.layers]
+    assert groups == [2, 1, 4]
+
+
+def test_a_plan_for_another_module_is_an_error():
+    model = llama()
+    plan = DistrPlan(G2.__dict__ | {"candidate_group_sizes": []})
+    plan.sites["layers.0.self_attn"] = distr_compile.guard.SiteDecision("layers.0.self_attn", "sdpa", "", 2, "", "")
+    with pytest.raises(ValueError, match="configure that") as e:
+        configure(model, plan)
+    assert "'model'" in str(e.value) and not hasattr(model.model, LAYER_ATTRIBUTE)
+    plan.sites = {"model.layers.0.self_attn": plan.sites["layers.0.self_attn"]}
+    configure(model, plan)  # names one layer of three: the first unnamed one to run is an error
+    with torch.no_grad(), pytest.raises(ValueError, match="'model.layers.1.self_attn' has no decision in the plan"):
+        output(model, text_inputs())
+
+
+def test_gradients_flow_and_match_the_compiled_path(eager_backend):
+    inputs = text_inputs() | {"labels": text_inputs()["input_ids"]}
+    grads = []
+    for compiled in (True, False):
+        model = llama().train()
+        run = torch.compile(model, backend="distr", options={"approximate": "always"}) if compiled else configure(model, G2)
+        run(**inputs).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
+    for name, g in grads[1].items():
+        torch.testing.assert_close(g, grads[0][name], **TOL, msg=name)
+
+
+def test_active_dropout_stays_exact():
+    """Training BERT with attention dropout 0.1: the same dropout masks (same seed) and the same
+    outputs as "sdpa", and one warning; in eval mode the same model approximates."""
+    model, inputs = bert(attention_probs_dropout_prob=0.1).train(), text_inputs()
+    torch.manual_seed(2)
+    want = output(model, inputs)
+    configure(model, G2)
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="dropout is active") as record:
+        got = output(model, inputs)
+    assert torch.equal(got, want) and sum(DROPOUT in str(w.message) for w in record) == 1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not torch.allclose(output(model.eval(), inputs), output(bert().eval(), inputs), **TOL)
+
+
+def test_decoding_with_a_cache_and_removing_the_setting():
+    """Greedy generation (prefill, then one query row per step over the cache, GQA) with G=2 runs
+    the approximation; G=1 through the op and ``configure(model, None)`` give sdpa's tokens."""
+    model, inputs = llama(), text_inputs()
+    generate = lambda: model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)  # noqa: E731
+    want = generate()
+    configure(model, G2)
+    assert generate().shape == want.shape
+    configure(model, DistrConfig(group_size=1))
+    assert torch.equal(generate(), want)
+    configure(model, None)
+    assert not any(hasattr(m, LAYER_ATTRIBUTE) for m in model.modules())
+    with pytest.warns(UserWarning, match="computes exact attention"):
+        assert torch.equal(generate(), want)
