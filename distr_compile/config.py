@@ -1,7 +1,7 @@
 """DistrConfig: every knob of DistrAttention, validated, with defaults that measured best.
 
-Defaults come from the per-layer accuracy study on real activations (DESIGN.md section 2 and
-BENCHMARKS.md): LSH grouping, "mean" representatives and blocks of 64 query rows at G=2 give the
+Defaults come from the per-layer accuracy study on real activations (BENCHMARKS.md,
+"Accuracy zero-shot"): LSH grouping, "mean" representatives and blocks of 64 query rows at G=2 give the
 lowest error among the settings the kernel runs fast; "sample" (the paper's choice) errs 20-30%
 more. The kernel's query tile is the grouping block, so ``block_m`` is also a speed knob.
 """
@@ -46,7 +46,7 @@ class DistrConfig:
             Training cannot adapt to LSH's grouping, which moves with the data and has no
             gradient; it can to this one. Adapted at block 64, SmolLM2 reaches 9.02-9.06 (original
             8.60, 6000-7000 steps), below LSH's best at block 16 (9.14-9.15, which more steps did
-            not improve) at block 64's speed (BENCHMARKS.md, sessions 9-10).
+            not improve) at block 64's speed (BENCHMARKS.md; H100, 2026-11-22).
         seed: seeds the hyperplanes (or the random permutation); same seed, same result.
 
     Compiler and guard knobs (``torch.compile(..., backend="distr", options={...})``):
@@ -57,7 +57,7 @@ class DistrConfig:
             approximated with ``group_size``, no guard (testing and benchmarks).
         tolerance: a site is approximated only if its measured error (``metric``) on the
             calibration inputs is at most this. The default is strict because zero-shot errors on
-            pretrained models are 0.3-1.0 (DESIGN.md section 2): most layers stay exact.
+            pretrained models are 0.3-1.0 (BENCHMARKS.md): most layers stay exact.
         metric: "rel_fro" (relative Frobenius error of the attention output, default), "cosine"
             (1 - cosine similarity) or "max_abs" (max absolute error).
         candidate_group_sizes: the G values the guard may pick per site, tried cheapest
