@@ -12,7 +12,7 @@ S on K_fused at d/G, ``dns``: S on q_tilde at full d). Prints a table and append
 BENCHMARKS.md with device and versions.
 
     python benchmarks/backward.py                          # full sweep
-    python benchmarks/backward.py --dims 128 --lengths 4096  # the issue's acceptance shape
+    python benchmarks/backward.py --dims 128 --lengths 4096  # d=128, L=4096: the shape BENCHMARKS.md reports
 """
 
 from __future__ import annotations

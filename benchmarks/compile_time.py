@@ -5,7 +5,7 @@ call (Dynamo trace + our pass and guard + Inductor) minus a warm call. Triton's 
 (compiled kernels) is reported both ways, for every backend alike: "cold" runs get an empty
 TRITON_CACHE_DIR each (a first compile on a new machine), "warm" runs share one that an unmeasured
 run of the same setting filled (every later compile of the same model). Prints a table and appends
-it to BENCHMARKS.md with --out; the target (issue 3) is distr within 1.25x of inductor.
+it to BENCHMARKS.md with --out; the target is distr within 1.25x of inductor.
 
     python benchmarks/compile_time.py --device cuda --dtype bfloat16 --layers 8 --repeats 3 --out BENCHMARKS.md
 """

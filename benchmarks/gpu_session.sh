@@ -3,8 +3,8 @@
 # carries .whl; steps that need the package run `setup` first if this machine has not.
 #   bash benchmarks/gpu_session.sh setup      # wheels from .whl + editable install (entry point)
 #   bash benchmarks/gpu_session.sh tests [PATHS]  # every `gpu` test (in PATHS), 8 workers, autotune off
-#   bash benchmarks/gpu_session.sh kernels    # forward + backward kernel benchmarks
-#   bash benchmarks/gpu_session.sh backward ARGS  # backward benchmark at issue 8's shape (d=128, L=4096)
+#   bash benchmarks/gpu_session.sh kernels [ARGS]  # benchmarks/kernel.py ARGS: the public op vs SDPA, fwd and f+b
+#   bash benchmarks/gpu_session.sh backward ARGS  # backward kernels at d=128, L=4096 (benchmarks/backward.py ARGS)
 #   bash benchmarks/gpu_session.sh weights    # keep the SmolLM2 GGUF chunk(s) carried in .weights/
 #                                             # (one per call: the carry limit is 64 MiB); join them
 #   bash benchmarks/gpu_session.sh models ARGS  # benchmarks/model.py ARGS (SmolLM2 rows need `weights`)
@@ -14,15 +14,11 @@
 #   bash benchmarks/gpu_session.sh adapts SECONDS "ARGS1" "ARGS2" ...  # several recipes at once, each
 #                                             # its own process (one alone leaves the GPU mostly idle),
 #                                             # each stopped after SECONDS; logs adapt-N.log
-#   bash benchmarks/gpu_session.sh diagnose   # open questions: AOTI load crash (native backtrace),
-#                                             # Inductor's SDPA lowering on HF ViT, ViT-518 profiles
 #   bash benchmarks/gpu_session.sh hf ARGS     # benchmarks/hf_eager.py ARGS: attn_implementation="distr"
 #                                             # in eager mode vs compiled, SmolLM2-135M's shape (no weights)
 #   bash benchmarks/gpu_session.sh hf-finetune ARGS  # examples/hf_finetune.py on the GPU (needs `weights`)
-#   bash benchmarks/gpu_session.sh sweep      # every forward autotune config's time per shape class
-#   bash benchmarks/gpu_session.sh train      # first training steps, static vs dynamic shapes
-#   bash benchmarks/gpu_session.sh profile    # per-kernel times of the grouped forward+backward,
-#                                             # then the backward benchmark at issue 8's shape
+#   bash benchmarks/gpu_session.sh lowering   # which attention kernel Inductor emits for HF ViT
+#   bash benchmarks/gpu_session.sh sweep [ARGS]  # every forward autotune config's time per shape class
 # The device machine has no network: .whl holds the pure-Python wheels it lacks.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -43,8 +39,7 @@ case $STEP in
     paths=("${@:2}"); [ ${#paths[@]} -eq 0 ] && paths=(tests/)  # the suite outgrew 420 s: split it if needed
     LD_PRELOAD=$(c++ -print-file-name=libstdc++.so.6) DISTR_COMPILE_AUTOTUNE=0 log python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider "${paths[@]}" -rf --durations=5 ;;
   kernels)
-    log python3 benchmarks/kernel.py --dtypes bf16 --dims 64 128 --lengths 1024 4096 16384 --out "$OUT/BENCHMARKS.md"
-    log python3 benchmarks/backward.py --dims 128 --lengths 4096 16384 --out "$OUT/BENCHMARKS.md" ;;
+    log python3 benchmarks/kernel.py --json "$OUT/kernel.json" "${@:2}" ;;
   backward)
     log python3 benchmarks/backward.py --dims 128 --lengths 4096 --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   weights)
@@ -76,18 +71,9 @@ case $STEP in
     log python3 benchmarks/hf_eager.py "${@:2}" ;;
   hf-finetune)
     log python3 examples/hf_finetune.py --device cuda --model-path "$WEIGHTS" "${@:2}" ;;
-  diagnose)
-    log python3 notes/aoti_probe.py
-    log python3 notes/sdpa_lowering_probe.py
-    log python3 notes/vit_profile.py ;;
+  lowering)
+    log python3 benchmarks/sdpa_lowering.py "${@:2}" ;;
   sweep)
-    log python3 notes/autotune_sweep.py ;;
-  train)  # session 4's open question: the first adaptation step compiled for minutes
-    log timeout 170 python3 notes/train_step_probe.py --layers 2 --static --budget 130
-    log timeout 210 python3 notes/train_step_probe.py --layers 2 --budget 170
-    log timeout 100 python3 notes/train_step_probe.py --layers 2 --backend inductor --budget 80 ;;
-  profile)
-    log python3 notes/backward_profile.py
-    log python3 benchmarks/backward.py --dims 128 --lengths 4096 --out "$OUT/BENCHMARKS.md" ;;
+    log python3 benchmarks/autotune_sweep.py "${@:2}" ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

@@ -1,4 +1,4 @@
-"""Issue 4's check on SmolLM2-135M: the guard's perplexity, per-layer decisions, held-out errors.
+"""The guard on SmolLM2-135M: the guard's perplexity, per-layer decisions, held-out errors.
 
 Calibrates on one window of pydoc text (the first call of the compiled model: the guard measures
 every layer on those real activations), evaluates perplexity on a different window, and rechecks

@@ -1,4 +1,4 @@
-"""Model-zoo accuracy table (issue 7): each real offline model compiled with ``backend="distr"``.
+"""Model-zoo accuracy table: each real offline model compiled with ``backend="distr"``.
 
 Per model: how many attention layers the guard approximates under the default settings, and the
 model's end-to-end metric exact (eager) vs distr default vs distr with every layer approximated
@@ -93,7 +93,7 @@ def main() -> None:
         except RuntimeError as e:  # weights missing: say so, go on with the others
             print(f"{name}: {e}", file=sys.stderr)
         print(rows[-1] if rows else "", flush=True)
-    append_section(args.out, "Model zoo: layers approximated and end-to-end accuracy (issue 7)",
+    append_section(args.out, "Model zoo: layers approximated and end-to-end accuracy",
                    f"{str(args.dtype).removeprefix('torch.')}, default DistrConfig (tolerance 0.05 rel. "
                    "Frobenius, G=2, block_m 64); calibrated on the first call, measured on held-out inputs. "
                    "`python benchmarks/zoo.py`", rows, device=args.device)

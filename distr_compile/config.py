@@ -1,10 +1,9 @@
 """DistrConfig: every knob of DistrAttention, validated, with defaults that measured best.
 
-Defaults come from the per-layer accuracy study on real activations (README.md, "DistrConfig:
-every knob", and BENCHMARKS.md): LSH grouping, "mean" representatives and blocks of 64 query rows
-at G=2 give the lowest error among the settings the kernel runs fast; "sample" (the paper's
-choice) errs 20-30% more. The kernel's query tile is the grouping block, so ``block_m`` is also a
-speed knob.
+Defaults come from the per-layer accuracy study on real activations (BENCHMARKS.md,
+"Accuracy zero-shot"): LSH grouping, "mean" representatives and blocks of 64 query rows at G=2 give the
+lowest error among the settings the kernel runs fast; "sample" (the paper's choice) errs 20-30%
+more. The kernel's query tile is the grouping block, so ``block_m`` is also a speed knob.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ class DistrConfig:
             Training cannot adapt to LSH's grouping, which moves with the data and has no
             gradient; it can to this one. Adapted at block 64, SmolLM2 reaches 9.02-9.06 (original
             8.60, 6000-7000 steps), below LSH's best at block 16 (9.14-9.15, which more steps did
-            not improve) at block 64's speed (BENCHMARKS.md, sessions 9-10).
+            not improve) at block 64's speed (BENCHMARKS.md; H100, 2026-11-22).
         seed: seeds the hyperplanes (or the random permutation); same seed, same result.
 
     Compiler and guard knobs (``torch.compile(..., backend="distr", options={...})``):
@@ -63,7 +62,7 @@ class DistrConfig:
             approximated with ``group_size``, no guard (testing and benchmarks).
         tolerance: a site is approximated only if its measured error (``metric``) on the
             calibration inputs is at most this. The default is strict because zero-shot errors on
-            pretrained models are 0.3-1.0 (README.md, "Read this first"): most layers stay exact.
+            pretrained models are 0.3-1.0 (BENCHMARKS.md): most layers stay exact.
         metric: "rel_fro" (relative Frobenius error of the attention output, default), "cosine"
             (1 - cosine similarity) or "max_abs" (max absolute error).
         min_speedup: a site is approximated only if, on the calibration inputs, exact SDPA's time

@@ -7,8 +7,8 @@ approximated with the cheapest candidate G whose error is within ``tolerance``; 
 exact attention. Decisions are keyed by the site's module path (``layers.3.self_attn``), stored
 per model so recompiles reuse them, and form a :class:`DistrPlan` that saves to JSON.
 
-Zero-shot, DistrAttention errs 0.3-1.0 (relative Frobenius) on pretrained models (README.md, "Read
-this first"), so with the default tolerance most layers stay exact; the report says so.
+Zero-shot, DistrAttention errs 0.3-1.0 (relative Frobenius) on pretrained models (BENCHMARKS.md,
+"Accuracy zero-shot"), so with the default tolerance most layers stay exact; the report says so.
 """
 
 from __future__ import annotations
@@ -784,9 +784,8 @@ def _summary(plan: DistrPlan) -> str:
         lines.append(
             f"{len(measured)} site(s) were measured over the tolerance {plan.tolerance:g} ({plan.metric}) "
             "and stay exact: "
-            "zero-shot, the approximation is too coarse for them (README.md, \"Read this first\"); fine-tuning "
-            "with it in the loop (README.md, \"Fine-tuning with DistrAttention in the loop\"), a looser tolerance "
-            "or a smaller block_m changes that."
+            "zero-shot, the approximation is too coarse for them (see the README's results); fine-tuning with it "
+            "in the loop, a looser tolerance or a smaller block_m changes that."
         )
     faults = [s for s in plan.skipped.values() if s.fault]
     if len(plan.skipped) > len(faults):

@@ -106,8 +106,8 @@ def representative_weights(k: torch.Tensor, perm: torch.Tensor, config: DistrCon
     the block's last row. A group whose fused keys hardly vary (centered norm under 1e-6 of the
     columns' squared norms; e.g. a single key) falls back to 1/G. SmolLM2-135M, every layer at
     G=2, block 32: perplexity 172 (mean) -> 56 (lstsq) -> 50 (lstsq-visible); exact 9.05
-    (notes/representative_study.py). The visible fit costs a prefix sum of per-key-block Grams:
-    causal f+b 4.76 ms against 3.54 at d=128, L=4096 on an H100 (BENCHMARKS.md, session 8), and
+    (CPU, 2026-11-22). The visible fit costs a prefix sum of per-key-block Grams:
+    causal f+b 4.76 ms against 3.54 at d=128, L=4096 on an H100 (BENCHMARKS.md, 2026-11-22), and
     adaptation ends at the same perplexity with either fit."""
     B, H, nb, D = perm.shape
     G = config.group_size

@@ -1,6 +1,6 @@
 """Training with DistrAttention in the loop: the adaptation options and checkpoints.
 
-Zero-shot, DistrAttention is far from exact on pretrained models (README.md, "Read this first"); the paper
+Zero-shot, DistrAttention is far from exact on pretrained models (BENCHMARKS.md); the paper
 got its accuracy by fine-tuning with it in the loop. ``adaptation_options`` are the
 ``torch.compile(..., backend="distr", options=...)`` for that: every supported site approximated,
 no guard, forward and backward through ``torch.ops.distr.attention``; ``distillation_loss`` is the

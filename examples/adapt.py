@@ -1,13 +1,13 @@
 """Adaptation recipe: fine-tune SmolLM2-135M with DistrAttention (G=2) in every layer, then measure.
 
-Zero-shot, DistrAttention is far from exact on pretrained models (README.md, "Read this first"); the paper
+Zero-shot, DistrAttention is far from exact on pretrained models (BENCHMARKS.md); the paper
 got its accuracy by fine-tuning with it in the loop. This script does that by compiling each
 decoder layer with ``layer.compile(backend="distr", dynamic=True, options=adaptation_options(...))``:
 every attention runs ``torch.ops.distr.attention`` forward and backward. Compiling the layers
 rather than the whole model ("regional compilation") traces one layer and reuses it for all 30:
 on an H100 the whole model's first dynamic-shape training step did not finish within a 10-minute
 run, a 2-layer model's took 92-145 s, and plain ``backend="inductor"`` was no faster (107 s;
-notes/gpu-log.md, session 5). Compiling per layer, the first step takes about 30 s.
+H100, 2026-11-22). Compiling per layer, the first step takes about 30 s.
 
 The default objective is distillation: the per-token KL divergence from the original model's
 next-token distribution (``--objective lm``: the usual next-token loss on the text). The
@@ -33,7 +33,7 @@ The defaults are the best measured setting for a model that will run approximate
 the fixed grouping (``grouping="fixed"``: G consecutive Q columns in every block, a fixed linear
 map of q) with mean representatives and blocks of 64 query rows, lr 1e-3, 6000 steps. Training can
 adapt to a fixed grouping; it cannot to LSH's, which moves with the data and has no gradient
-(zero-shot, fixed is the worst grouping: 684). Measured on an H100 (BENCHMARKS.md, sessions 9-10),
+(zero-shot, fixed is the worst grouping: 684). Measured on an H100 (BENCHMARKS.md, 2026-11-22),
 against the original's 8.60: 9.02 / 9.06 (two seeds, +4.9% / +5.3%) at 6000 steps, 9.04 / 9.02 at
 7000 (no further gain), 9.11 / 9.16 at 3000. That is at blocks of 64, whose attention
 forward+backward is 1.25x as fast as SDPA flash at d=128 (LSH needs blocks of 16 to get near:
@@ -70,7 +70,7 @@ PRESETS = {  # per device: what a run takes when the flag is not given
     "cpu": dict(steps=20, seq_len=128, batch_size=1, lr=5e-5, warmup=2, eval_windows=4, guard_batches=1,
                 save_every=0),
     "cuda": dict(steps=6000, seq_len=1024, batch_size=8, lr=1e-3, warmup=100, eval_windows=0, guard_batches=4,
-                 save_every=500),  # BENCHMARKS.md: lr 1e-3 beat 3e-4 to 3e-3 (session 7); 7000 steps no better (10)
+                 save_every=500),  # BENCHMARKS.md: lr 1e-3 beat 3e-4 to 3e-3; 7000 steps no better (H100)
 }
 HELD_OUT = 0.1  # the last 10% of the token stream is never trained on
 

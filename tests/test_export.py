@@ -321,9 +321,9 @@ AOTI_CONTROL = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def aoti_loads_on_this_gpu(tmp_path_factory):
-    """Skip unless AOTInductor can load a package WITHOUT our op here. On the GPU machines of
-    sessions 3-4 (torch 2.11.0+cu130, Ubuntu 24.04) ``aoti_load_package`` segfaulted for any
-    package, in std::regex code inlined into the package's wrapper.so (notes/aoti_probe.py);
+    """Skip unless AOTInductor can load a package WITHOUT our op here. On the H100/H200 machines
+    measured in 2026-11 (torch 2.11.0+cu130, Ubuntu 24.04) ``aoti_load_package`` segfaulted for any
+    package, in std::regex code inlined into the package's wrapper.so (a native backtrace);
     with the compiler's libstdc++ preloaded it loads, and this test passed (README, AOTInductor).
     Probed in a child process, so a crash cannot take the test worker down."""
     path = tmp_path_factory.mktemp("aoti") / "relu.pt2"

@@ -14,7 +14,7 @@ def rand(*shape, dtype=torch.float64):
 
 
 def literal_distr_attention(q, k, v, config, perm, scale=None, causal=False):
-    """DistrAttention written out step by step (README.md, "How it works"), loops over blocks and groups:
+    """DistrAttention written out step by step (docs/how-it-works.md), loops over blocks and groups:
     Q_rep (block x d/G) times the group sums of K (Lk x d/G), scale from the original d."""
     B, H, Lq, D = q.shape
     G, bm = config.group_size, config.block_m

@@ -1,4 +1,4 @@
-"""Training with DistrAttention in the loop (issue 8, CPU): the adaptation mode puts forward and
+"""Training with DistrAttention in the loop (CPU): the adaptation mode puts forward and
 backward through the op under AOTAutograd with dynamic shapes, gradients match eager
 DistrAttention, a tiny training loop's loss decreases, checkpoints round-trip, and the guard whose
 reference is the original model's output decides as designed."""

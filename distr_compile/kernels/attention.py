@@ -284,7 +284,7 @@ def _keys_contiguous_kernel(K, OUT, stride_kb, stride_kh, stride_kn, stride_kd, 
 def keys_contiguous(k: torch.Tensor) -> torch.Tensor:
     """k (B, H, Lk, D) as a view whose keys are contiguous (stride(2) == 1), as the grouped path's
     row gathers of K^T want. A tiled Triton transpose: ``k.transpose(2, 3).contiguous()`` ran at
-    about 0.5 TB/s on an H100 (0.25 ms per call at B=4, H=16, L=4096, d=128; notes/backward_profile.py)."""
+    about 0.5 TB/s on an H100 (0.25 ms per call at B=4, H=16, L=4096, d=128)."""
     if k.stride(2) == 1:
         return k
     B, H, L, D = k.shape
