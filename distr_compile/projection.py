@@ -1,0 +1,142 @@
+"""Static per-head maps of the Q K^T inner dimension: fit them on calibration activations, apply them.
+
+When DistrAttention's map does not depend on the query block, it is exact attention on
+``q' = q A`` and ``k' = k B`` with A (d, d/G) per query head and B (d, d/G) per KV head:
+``q' k'^T = q (A B^T) k^T``, a rank-d/G stand-in for the identity in ``q k^T``. The softmax scale
+stays 1/sqrt(d) of the original head dim, V and the output keep their full head dim.
+
+Every fit minimises a score error of the form ``sum_i (q_i^T (I - A B^T) k~_ij)^2`` over query
+i and key j, with weights; the methods differ in the weights (see :func:`fit_projection`):
+
+* ``"weighted"`` (default): pairs weighted by the exact attention probabilities P_ij, keys centred
+  on each query's attention mean. That is the first-order error of the attention output: a score
+  error e_ij moves output i by ``sum_j P_ij (e_ij - sum_l P_il e_il) v_j``, so it bounds the output
+  error by the probability-weighted variance of each row's score error (a per-row constant is
+  free: softmax ignores it).
+* ``"scores"``: the same with uniform weights over the keys each query sees (the best rank-d/G
+  approximation of the centred scores in expectation over visible pairs).
+* ``"pca"``: q and k each replaced by their own rank-d/G principal reconstruction (a baseline).
+
+The weighted problem has no closed form; it is made separable by replacing each query's key
+covariance by the average: with ``Cq = sum_i q_i q_i^T`` and ``Ck = sum_i Cov_{P_i}(k)`` the error
+is ``||Cq^1/2 (I - M) Ck^1/2||_F^2``, minimised over rank-d/G M by the truncated SVD of
+``Cq^1/2 Ck^1/2`` (Eckart-Young after whitening).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("weighted", "scores", "pca")
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, *, uniform: bool = False, is_causal: bool = False,
+                      attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Exact attention probabilities (B, Hq, Lq, Lk) of q (B, Hq, Lq, d), k (B, Hkv, Lk, d), or with
+    ``uniform`` the uniform distribution over the keys each query sees. ``attn_mask``: bool (True =
+    attend) or additive, broadcastable; ``is_causal`` aligned top-left, as in SDPA."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = q.new_zeros(q.shape[:-1] + k.shape[-2:-1]) if uniform else q @ k.transpose(-1, -2) * scale
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, -torch.inf) if attn_mask.dtype == torch.bool else logits + attn_mask
+    if is_causal:
+        logits = logits.masked_fill(torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(1), -torch.inf)
+    return logits.softmax(-1).nan_to_num(0.0)  # a fully masked row weighs nothing
+
+
+def moments(q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query head (Hq, d, d): ``Cq = sum_i q_i q_i^T`` and the key moment. With ``probs``
+    (B, Hq, Lq, Lk) the key moment is ``sum_i Cov_{P_i}(k)``, each query's key covariance under its
+    attention weights (``sum_j P_ij k_j k_j^T - kbar_i kbar_i^T``, kbar_i = sum_j P_ij k_j); without,
+    it is the plain second moment ``sum_j k_j k_j^T`` of the head's keys."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    cq = torch.einsum("bhid,bhie->hde", q, q)
+    if probs is None:
+        return cq, torch.einsum("bhjd,bhje->hde", k, k)
+    mean = probs @ k
+    ck = torch.einsum("bhj,bhjd,bhje->hde", probs.sum(2), k, k) - torch.einsum("bhid,bhie->hde", mean, mean)
+    return cq, ck
+
+
+def sqrtm(c: torch.Tensor) -> torch.Tensor:
+    """Square root of symmetric PSD matrices (..., d, d), negative rounding noise clipped."""
+    values, vectors = torch.linalg.eigh(c)
+    return (vectors * values.clamp(min=0).sqrt()[..., None, :]) @ vectors.transpose(-1, -2)
+
+
+def top_eigenvectors(c: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank`` leading eigenvectors of symmetric matrices (..., d, d): (..., d, rank)."""
+    return torch.linalg.eigh(c)[1].flip(-1)[..., :rank]
+
+
+def whitened_svd(cq: torch.Tensor, ck: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B), each (..., d, rank), minimising ``||Cq^1/2 (I - A B^T) Ck^1/2||_F``.
+
+    With ``Cq^1/2 Ck^1/2 = U S V^T``, the optimum is ``Cq^1/2 M Ck^1/2 = U_r S_r V_r^T``, met by
+    ``A = Ck^1/2 V_r S_r^-1/2`` and ``B = Cq^1/2 U_r S_r^-1/2``: no inverse of Cq or Ck (they may be
+    singular), and q A and k B come out with the same scale (``sum_i ||q_i A||^2 = tr S_r``)."""
+    root_q, root_k = sqrtm(cq), sqrtm(ck)
+    u, s, vh = torch.linalg.svd(root_q @ root_k)
+    inv = s[..., None, :rank].clamp(min=s[..., :1, None] * 1e-12).rsqrt()
+    return root_k @ vh[..., :rank, :].transpose(-1, -2) * inv, root_q @ u[..., :rank] * inv
+
+
+def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method: str = "weighted",
+                   shared_query_map: bool = False, is_causal: bool = False, attn_mask: torch.Tensor | None = None,
+                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static maps (A, B) for q (B, Hq, L, d) and k (B, Hkv, Lk, d) as they reach attention (after
+    RoPE), GQA with Hq a multiple of Hkv: A (Hq, d, d/G) per query head, B (Hkv, d, d/G) per KV
+    head, float32, deterministic. The fit runs in float64.
+
+    ``method`` (module docstring): "weighted" weighs query/key pairs by the exact attention
+    probabilities (``is_causal``, ``attn_mask`` and ``scale`` as in SDPA, scale 1/sqrt(d) by
+    default), "scores" uniformly over the pairs attention sees, "pca" projects q and k on their own
+    principal subspaces. Each KV head's B comes from its query heads' pooled moments; then each query
+    head gets the A that is optimal for that B and its own key moment (``A = Ck B (B^T Ck B)^-1``),
+    or with ``shared_query_map`` the group's pooled A (one map per KV head, repeated).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    if d % group_size or hq % hkv:
+        raise ValueError(f"head dim {d} must be divisible by G={group_size}, and {hq} query heads by {hkv} KV heads")
+    rank, ratio = d // group_size, hq // hkv
+    q, k = q.double(), k.double()
+    probs = None if method == "pca" else attention_weights(
+        q, k, uniform=method == "scores", is_causal=is_causal, attn_mask=attn_mask, scale=scale)
+    cq, ck = moments(q, k, probs)
+
+    def pooled(c: torch.Tensor) -> torch.Tensor:
+        return c.unflatten(0, (hkv, ratio)).sum(1)
+
+    if method == "pca":
+        b = top_eigenvectors(pooled(ck), rank)  # every query head of a group sees the same keys
+        uq = top_eigenvectors(pooled(cq) if shared_query_map else cq, rank)
+        a = uq @ uq.transpose(-1, -2) @ b.repeat_interleave(uq.shape[0] // hkv, dim=0)
+    else:
+        a, b = whitened_svd(pooled(cq), pooled(ck), rank)
+        if not shared_query_map:
+            bh = b.repeat_interleave(ratio, dim=0)
+            gram = bh.transpose(-1, -2) @ ck @ bh
+            ridge = 1e-9 * gram.diagonal(0, -2, -1).sum(-1)[..., None, None] * torch.eye(rank, dtype=gram.dtype, device=q.device)
+            a = torch.linalg.solve(gram + ridge, (ck @ bh).transpose(-1, -2)).transpose(-1, -2)
+    return a.repeat_interleave(hq // a.shape[0], dim=0).float(), b.float()
+
+
+def project(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q A, k B)``: q (B, Hq, L, d) through each query head's A (Hq, d, r), k (B, Hkv, L, d)
+    through each KV head's B (Hkv, d, r); in q's and k's dtypes."""
+    return (torch.einsum("bhld,hdr->bhlr", q, a.to(q.dtype)), torch.einsum("bhld,hdr->bhlr", k, b.to(k.dtype)))
+
+
+def projected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+                        attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                        scale: float | None = None) -> torch.Tensor:
+    """Exact SDPA on ``(q A, k B, v)`` with the softmax scale of the ORIGINAL head dim (default
+    1/sqrt(d) of q, not of d/G). Shapes as in :func:`project`, v (B, Hkv, Lk, dv); masks as SDPA's."""
+    qp, kp = project(q, k, a, b)
+    return F.scaled_dot_product_attention(qp, kp, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
