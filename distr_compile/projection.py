@@ -28,22 +28,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-METHODS = ("weighted", "scores", "pca")
+METHODS = ("kl", "weighted", "scores", "pca")
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, *, uniform: bool = False, is_causal: bool = False,
-                      attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Exact attention probabilities (B, Hq, Lq, Lk) of q (B, Hq, Lq, d), k (B, Hkv, Lk, d), or with
-    ``uniform`` the uniform distribution over the keys each query sees. ``attn_mask``: bool (True =
-    attend) or additive, broadcastable; ``is_causal`` aligned top-left, as in SDPA."""
+def attention_logits(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool = False,
+                     attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Masked attention logits (B, Hq, Lq, Lk) of q (B, Hq, Lq, d), k (B, Hkv, Lk, d): ``attn_mask``
+    bool (True = attend) or additive, broadcastable; ``is_causal`` aligned top-left, as in SDPA."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = q.new_zeros(q.shape[:-1] + k.shape[-2:-1]) if uniform else q @ k.transpose(-1, -2) * scale
+    logits = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if attn_mask is not None:
         logits = logits.masked_fill(~attn_mask, -torch.inf) if attn_mask.dtype == torch.bool else logits + attn_mask
     if is_causal:
         logits = logits.masked_fill(torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(1), -torch.inf)
-    return logits.softmax(-1).nan_to_num(0.0)  # a fully masked row weighs nothing
+    return logits
 
 
 def moments(q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,30 +81,55 @@ def whitened_svd(cq: torch.Tensor, ck: torch.Tensor, rank: int) -> tuple[torch.T
     return root_k @ vh[..., :rank, :].transpose(-1, -2) * inv, root_q @ u[..., :rank] * inv
 
 
-def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method: str = "weighted",
+def refine_kl(q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, steps: int,
+              **masking) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) after ``steps`` L-BFGS iterations on the cross-entropy of the mapped attention rows
+    against the exact ``probs``: the mean over query rows of KL(P_i || P'_i) up to a constant.
+    ``a`` holds one map per query head or per KV head (shared); ``masking``: attention_logits'."""
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    optimizer = torch.optim.LBFGS([a, b], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+    rows = probs.sum()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        qp, kp = project(q, k, a.repeat_interleave(q.shape[1] // a.shape[0], dim=0), b)
+        mapped = attention_logits(qp, kp, **masking).log_softmax(-1)
+        loss = -(probs * mapped.masked_fill(probs == 0, 0)).sum() / rows
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return a.detach(), b.detach()
+
+
+def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method: str = "kl", steps: int = 50,
                    shared_query_map: bool = False, is_causal: bool = False, attn_mask: torch.Tensor | None = None,
                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Static maps (A, B) for q (B, Hq, L, d) and k (B, Hkv, Lk, d) as they reach attention (after
     RoPE), GQA with Hq a multiple of Hkv: A (Hq, d, d/G) per query head, B (Hkv, d, d/G) per KV
-    head, float32, deterministic. The fit runs in float64.
+    head, float32, deterministic. The masks and ``scale`` (default 1/sqrt(d)) are SDPA's.
 
-    ``method`` (module docstring): "weighted" weighs query/key pairs by the exact attention
-    probabilities (``is_causal``, ``attn_mask`` and ``scale`` as in SDPA, scale 1/sqrt(d) by
-    default), "scores" uniformly over the pairs attention sees, "pca" projects q and k on their own
-    principal subspaces. Each KV head's B comes from its query heads' pooled moments; then each query
-    head gets the A that is optimal for that B and its own key moment (``A = Ck B (B^T Ck B)^-1``),
-    or with ``shared_query_map`` the group's pooled A (one map per KV head, repeated).
+    ``method`` (module docstring): "kl" (default) refines "weighted" by ``steps`` L-BFGS iterations
+    on the attention rows' KL divergence; "weighted" weighs query/key pairs by the exact attention
+    probabilities, "scores" uniformly over the pairs attention sees (keys with logit -inf are
+    unseen), "pca" projects q and k on their own principal subspaces. The closed forms run in
+    float64, the refinement in float32 (float64 for float64 inputs). Each KV head's B comes from its
+    query heads' pooled moments; then each query head gets the A that is optimal for that B and its
+    own key moment (``A = Ck B (B^T Ck B)^-1``), or with ``shared_query_map`` the group's pooled A
+    (one map per KV head, repeated).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
     if d % group_size or hq % hkv:
         raise ValueError(f"head dim {d} must be divisible by G={group_size}, and {hq} query heads by {hkv} KV heads")
-    rank, ratio = d // group_size, hq // hkv
-    q, k = q.double(), k.double()
-    probs = None if method == "pca" else attention_weights(
-        q, k, uniform=method == "scores", is_causal=is_causal, attn_mask=attn_mask, scale=scale)
-    cq, ck = moments(q, k, probs)
+    rank, ratio, dtype = d // group_size, hq // hkv, torch.promote_types(q.dtype, torch.float32)
+    masking = dict(is_causal=is_causal, attn_mask=attn_mask, scale=d ** -0.5 if scale is None else scale)
+    logits = attention_logits(q.double(), k.double(), **masking)
+    if method == "scores":
+        logits = torch.zeros_like(logits).masked_fill(logits.isneginf(), -torch.inf)
+    probs = None if method == "pca" else logits.softmax(-1).nan_to_num(0.0)  # a fully masked row weighs nothing
+    cq, ck = moments(q.double(), k.double(), probs)
 
     def pooled(c: torch.Tensor) -> torch.Tensor:
         return c.unflatten(0, (hkv, ratio)).sum(1)
@@ -122,6 +145,8 @@ def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method:
             gram = bh.transpose(-1, -2) @ ck @ bh
             ridge = 1e-9 * gram.diagonal(0, -2, -1).sum(-1)[..., None, None] * torch.eye(rank, dtype=gram.dtype, device=q.device)
             a = torch.linalg.solve(gram + ridge, (ck @ bh).transpose(-1, -2)).transpose(-1, -2)
+    if method == "kl":
+        a, b = refine_kl(q.to(dtype), k.to(dtype), probs.to(dtype), a.to(dtype), b.to(dtype), steps, **masking)
     return a.repeat_interleave(hq // a.shape[0], dim=0).float(), b.float()
 
 
