@@ -119,6 +119,15 @@ def refine_kl(q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, bias: torch
     return a.detach(), b.detach()
 
 
+def query_maps(ck: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each query head's A (Hq, d, r) that is optimal for its KV head's B (Hq, d, r, repeated) and
+    its own key moment ``Ck`` (Hq, d, d): ``A = Ck B (B^T Ck B)^-1``, the minimiser of
+    ``||Cq^1/2 (I - A B^T) Ck^1/2||_F`` for any invertible Cq (a tiny ridge keeps it finite)."""
+    gram = b.transpose(-1, -2) @ ck @ b
+    ridge = 1e-9 * gram.diagonal(0, -2, -1).sum(-1)[..., None, None] * torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
+    return torch.linalg.solve(gram + ridge, (ck @ b).transpose(-1, -2)).transpose(-1, -2)
+
+
 def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method: str = "kl", steps: int = 50,
                    shared_query_map: bool = False, is_causal: bool = False, attn_mask: torch.Tensor | None = None,
                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,12 +137,11 @@ def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method:
 
     ``method`` (module docstring): "kl" (default) refines "weighted" by ``steps`` L-BFGS iterations
     on the attention rows' KL divergence; "weighted" weighs query/key pairs by the exact attention
-    probabilities, "scores" uniformly over the pairs attention sees (keys with logit -inf are
-    unseen), "pca" projects q and k on their own principal subspaces. The closed forms run in
-    float64, the refinement in float32 (float64 for float64 inputs). Each KV head's B comes from its
-    query heads' pooled moments; then each query head gets the A that is optimal for that B and its
-    own key moment (``A = Ck B (B^T Ck B)^-1``), or with ``shared_query_map`` the group's pooled A
-    (one map per KV head, repeated).
+    probabilities, "scores" uniformly over the pairs attention sees, "pca" projects q and k on their
+    own principal subspaces. The closed forms run in float64, the refinement in float32 (float64
+    for float64 inputs). Each KV head's B comes from its query heads' pooled moments; then each
+    query head gets its own A (:func:`query_maps`), or with ``shared_query_map`` the group's pooled
+    A (one map per KV head, repeated).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -143,9 +151,7 @@ def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method:
     rank, ratio, dtype = d // group_size, hq // hkv, torch.promote_types(q.dtype, torch.float32)
     scale = d ** -0.5 if scale is None else scale
     bias = mask_bias(q.shape[2], k.shape[2], is_causal=is_causal, attn_mask=attn_mask, dtype=torch.float64, device=q.device)
-    logits = attention_logits(q.double(), k.double(), bias, scale)
-    if method == "scores":
-        logits = torch.zeros_like(logits).masked_fill(logits.isneginf(), -torch.inf)
+    logits = bias.expand(*q.shape[:-1], k.shape[2]) if method == "scores" else attention_logits(q.double(), k.double(), bias, scale)
     probs = None if method == "pca" else logits.softmax(-1).nan_to_num(0.0)  # a fully masked row weighs nothing
     cq, ck = moments(q.double(), k.double(), probs)
 
@@ -158,11 +164,7 @@ def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method:
         a = uq @ uq.transpose(-1, -2) @ b.repeat_interleave(uq.shape[0] // hkv, dim=0)
     else:
         a, b = whitened_svd(pooled(cq), pooled(ck), rank)
-        if not shared_query_map:
-            bh = b.repeat_interleave(ratio, dim=0)
-            gram = bh.transpose(-1, -2) @ ck @ bh
-            ridge = 1e-9 * gram.diagonal(0, -2, -1).sum(-1)[..., None, None] * torch.eye(rank, dtype=gram.dtype, device=q.device)
-            a = torch.linalg.solve(gram + ridge, (ck @ bh).transpose(-1, -2)).transpose(-1, -2)
+        a = a if shared_query_map else query_maps(ck, b.repeat_interleave(ratio, dim=0))
     if method == "kl":
         a, b = refine_kl(*(x.to(dtype) for x in (q, k, probs, bias)), scale, a.to(dtype), b.to(dtype), steps)
     return a.repeat_interleave(hq // a.shape[0], dim=0).float(), b.float()
