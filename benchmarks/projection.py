@@ -15,7 +15,8 @@ replaced by exact attention on (q A, k B, v), against exact attention on the sam
 * a randomly initialised ViT (``models.vit``, "small": 6 heads of d=64, 224 px, 257 tokens): fitted
   on 2 Gaussian-noise images, evaluated on 8 others; mean and min CLS-token cosine to exact.
 
-Candidates: the projection methods (kl, weighted, scores, pca; "shared" = one query map per KV head)
+Candidates: the projection methods (kl, weighted, scores, pca) with one query map per query head,
+and "kl shared" with one per KV head (``fit_projection``'s default)
 at each G, and for comparison DistrAttention's per-block groupings (LSH and fixed, mean
 representatives, block 64, the package's reference). "fit s" is the time to fit every layer.
 

@@ -135,7 +135,7 @@ def query_maps(ck: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method: str = "kl", steps: int = 50,
-                   shared_query_map: bool = False, is_causal: bool = False, attn_mask: torch.Tensor | None = None,
+                   shared_query_map: bool = True, is_causal: bool = False, attn_mask: torch.Tensor | None = None,
                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Static maps (A, B) for q (B, Hq, L, d) and k (B, Hkv, Lk, d) as they reach attention (after
     RoPE), GQA with Hq a multiple of Hkv: A (Hq, d, d/G) per query head, B (Hkv, d, d/G) per KV
@@ -145,9 +145,12 @@ def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method:
     on the attention rows' KL divergence; "weighted" weighs query/key pairs by the exact attention
     probabilities, "scores" uniformly over the pairs attention sees, "pca" projects q and k on their
     own principal subspaces. The closed forms run in float64, the refinement in float32 (float64
-    for float64 inputs). Each KV head's B comes from its query heads' pooled moments; then each
-    query head gets its own A (:func:`query_maps`), or with ``shared_query_map`` the group's pooled
-    A (one map per KV head, repeated).
+    for float64 inputs). Each KV head's B comes from its query heads' pooled moments, and with
+    ``shared_query_map`` (default) so does one A per KV head, repeated over its query heads;
+    without, each query head gets its own A (:func:`query_maps`, then refined per head). On
+    SmolLM2 (GQA 9/3, 256 calibration tokens) the shared map is slightly better (1.49x against
+    1.50x exact perplexity at G=2, 3.17x against 3.23x at G=4): the per-head maps have 3x the
+    parameters for the same data.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
