@@ -15,7 +15,7 @@ from typing import Any, Mapping
 GROUP_SIZES = (1, 2, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
 REPRESENTATIVES = ("mean", "sample", "lstsq", "lstsq-visible")
-GROUPINGS = ("lsh", "random", "fixed")
+GROUPINGS = ("lsh", "random", "fixed", "projection")
 MAX_HYPERPLANES = 16
 APPROXIMATE = ("auto", "guarded", "always")
 METRICS = ("rel_fro", "cosine", "max_abs")
@@ -51,7 +51,12 @@ class DistrConfig:
             Training cannot adapt to LSH's grouping, which moves with the data and has no
             gradient; it can to this one. Adapted at block 64, SmolLM2 reaches 9.02-9.06 (original
             8.60, 6000-7000 steps), below LSH's best at block 16 (9.14-9.15, which more steps did
-            not improve) at block 64's speed (BENCHMARKS.md; H100, 2026-11-22).
+            not improve) at block 64's speed (BENCHMARKS.md; H100, 2026-11-22). "projection": a
+            calibrated map per head, q' = q A (A per query head) and k' = k B (B per KV head), of
+            rank d/G, fitted on the activations a site sees (``distr_compile.projection``); the
+            most accurate zero-shot (SmolLM2 1.49x exact perplexity at G=2 where LSH is 23x).
+            "fixed" and "projection" run the static path (one exact kernel on q', k'). A
+            projection needs its maps: ``distr_attention(..., maps=(A, B))``.
         seed: seeds the hyperplanes (or the random permutation); same seed, same result.
 
     Compiler and guard knobs (``torch.compile(..., backend="distr", options={...})``):

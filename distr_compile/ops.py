@@ -119,6 +119,20 @@ def static_qk_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tens
     return grad_q @ a.mT, grad_k @ b.mT
 
 
+def project(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+            group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q A, k B) for a projection's maps: q (..., Hq, L, E) through each query head's A
+    (Hq, E, E/G), k (..., Hkv, L, E) through each KV head's B (Hkv, E, E/G), in q's dtype. Wrong
+    shapes are a ValueError naming them."""
+    hq, hkv, e = q.shape[-3] if q.dim() >= 3 else 1, k.shape[-3] if k.dim() >= 3 else 1, q.shape[-1]
+    want = {"A": (hq, e, e // group_size), "B": (hkv, e, e // group_size)}
+    for name, m in zip("AB", (a, b)):
+        if tuple(m.shape) != want[name]:
+            raise ValueError(f"projection map {name} has shape {tuple(m.shape)}, expected {want[name]} "
+                             f"(heads, head dim, head dim / G) for q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return q @ a.to(q.dtype), k @ b.to(k.dtype)
+
+
 def kernel_forward(c: Canonical, config: DistrConfig, is_causal: bool,
                    scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's forward on the Triton kernels, for canonical inputs ``c``: the static path (q', k'
@@ -287,6 +301,7 @@ def distr_attention(
     enable_gqa: bool = False,
     *,
     config: DistrConfig | None = None,
+    maps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DistrAttention with the calling convention of ``F.scaled_dot_product_attention``.
 
@@ -294,6 +309,8 @@ def distr_attention(
     (..., Hq, Lq, Lk); ``is_causal`` aligned top-left like SDPA; ``scale`` defaults to 1/sqrt(E)
     of the original head dim; GQA reads shared K/V heads without copies when ``enable_gqa``.
     ``config`` (default ``DistrConfig()``) sets G and the grouping; G = 1 is exactly SDPA.
+    ``grouping="projection"`` takes its ``maps`` = (A (Hq, E, E/G), B (Hkv, E, E/G)), e.g. from
+    ``distr_compile.projection.fit_projection``: exact attention on (q A, k B, v) at the scale of E.
 
     Runs the Triton kernels on CUDA in fp16/bf16 and the PyTorch reference otherwise (see
     ``distr_compile.ops``). ``dropout_p > 0`` runs the reference with dropout on the attention
@@ -301,6 +318,15 @@ def distr_attention(
     every output row it reaches, like SDPA's math backend.
     """
     config = DistrConfig() if config is None else config
+    if (maps is not None) != (config.grouping == "projection" and not config.exact):
+        raise ValueError("maps=(A, B) go with grouping='projection' and G > 1, and that grouping needs them "
+                         f"(got grouping={config.grouping!r}, G={config.group_size}, maps {'given' if maps else 'missing'}); "
+                         "fit them with distr_compile.projection.fit_projection")
+    if maps is not None:
+        canonicalize(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config.group_size)
+        q, k = project(q, k, *maps, config.group_size)
+        scale = 1.0 / math.sqrt(maps[0].shape[-2]) if scale is None else scale  # of the original head dim
+        config = config.replace(group_size=1)
     if config.exact:
         canonicalize(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 1)
         return F.scaled_dot_product_attention(

@@ -75,6 +75,9 @@ def group_columns(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     """
     B, H, L, D = q.shape
     nb, block = _row_blocks(L, config.block_m, q.device)
+    if config.grouping == "projection":
+        raise ValueError("grouping='projection' is a map of q and k, not a column grouping: call "
+                         "distr_attention(..., maps=(A, B))")
     if config.grouping == "fixed":
         return torch.arange(D, device=q.device).expand(B, H, nb, D).contiguous()
     if config.grouping == "random":

@@ -136,3 +136,50 @@ def test_backward_op_opcheck_gpu(grouping):
     out, lse = torch.ops.distr.attention(q, k, v, None, True, None, True, *knobs)
     args = (q, k, v, None, out, lse, torch.randn_like(out), None, True, None, True, *knobs)
     torch.library.opcheck(torch.ops.distr.attention_backward.default, args)
+
+
+# ---- grouping="projection": calibrated maps through the public op -------------------------------
+
+
+def test_projection_through_the_op_is_attention_on_the_mapped_inputs():
+    """distr_attention with maps = exact attention on (q A, k B, v) at the original head dim's
+    scale; gradients reach q, k, v and the maps."""
+    from distr_compile.projection import fit_projection, projected_attention
+
+    q, k, v = make_inputs(2, 6, 2, 37, 45, 32, torch.float64)
+    a, b = fit_projection(q, k, 2, method="weighted", is_causal=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, a.double(), b.double())]
+    out = distr_attention(*leaves[:3], is_causal=True, enable_gqa=True,
+                          config=DistrConfig(grouping="projection"), maps=tuple(leaves[3:]))
+    torch.testing.assert_close(out, projected_attention(q, k, v, a.double(), b.double(), is_causal=True))
+    out.square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
+
+
+def test_projection_needs_maps_of_the_right_shape():
+    q, k, v = make_inputs(1, 4, 2, 9, 9, 32, torch.float32)
+    projection = DistrConfig(grouping="projection", group_size=4)
+    with pytest.raises(ValueError, match="needs them"):
+        distr_attention(q, k, v, enable_gqa=True, config=projection)
+    with pytest.raises(ValueError, match="go with grouping='projection'"):
+        distr_attention(q, k, v, enable_gqa=True, config=DistrConfig(), maps=(torch.eye(32)[None], torch.eye(32)[None]))
+    with pytest.raises(ValueError, match=r"map A has shape \(2, 32, 8\), expected \(4, 32, 8\)"):
+        distr_attention(q, k, v, enable_gqa=True, config=projection, maps=(torch.randn(2, 32, 8), torch.randn(2, 32, 8)))
+    with pytest.raises(ValueError, match="not a column grouping"):
+        torch.ops.distr.attention(q, k, v, None, False, None, True, 4, 64, 16, "mean", "projection", 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_projection_kernel_path_gpu(causal):
+    """On CUDA bf16 the mapped inputs run the exact kernel with a d/G Q/K head dim."""
+    from distr_compile.projection import fit_projection
+
+    q, k, v = make_inputs(2, 8, 2, 300, 300, 128, torch.bfloat16)
+    a, b = fit_projection(q.float(), k.float(), 2, method="weighted", is_causal=causal)
+    out = distr_attention(q, k, v, is_causal=causal, enable_gqa=True, config=DistrConfig(grouping="projection"),
+                          maps=(a, b))
+    ref_q, ref_k = q.double() @ a.double(), k.double() @ b.double()
+    c = canonicalize(ref_q, ref_k, v.double(), None, 0.0, causal, None, True, 1)
+    ref = reference.attention(c.q, c.k, c.v, None, causal, 1 / math.sqrt(128))[0]
+    assert rel_err(out, ref) < 1e-2
