@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -34,10 +35,12 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from .config import ConfigError, DistrConfig
 from .guard import (
-    EXACT, STORE, DistrPlan, Owner, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs, log,
+    EXACT, STORE, DistrPlan, Owner, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs,
     metric_error, owners, probe_module, run_probe,
 )
 from .passes import AttentionSite, SkippedSite, find_attention, rewrite_attention, use_is_causal
+
+log = logging.getLogger("distr_compile")
 
 
 def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[str, Any] | None = None,

@@ -253,7 +253,7 @@ GUARDED = {"approximate": "guarded", "tolerance": 10.0, "block_m": 16, "min_spee
 FAULTS = {  # stage: (how to inject the fault, options)
     "matching": (lambda mp, _: mp.setattr(backend, "find_attention", boom), FORCED_G2),
     "causal-mask rewrite": (lambda mp, _: mp.setattr(backend, "use_is_causal", boom), {}),
-    "calibration": (lambda mp, _: mp.setattr(distr_compile.guard, "run_probe", boom), GUARDED),
+    "calibration": (lambda mp, _: mp.setattr(distr_compile.guard.probe, "run_probe", boom), GUARDED),
     "calibration kernel launch": (lambda mp, _: fail_kernel_launch(mp), GUARDED),
     "rewrite": (lambda mp, _: fail_on_second_site(mp), FORCED_G2),
     "Inductor on the rewritten graph": (fail_on_the_op, FORCED_G2),
@@ -287,7 +287,7 @@ def test_a_fault_in_any_stage_compiles_the_graph_unchanged(fault, eager_backend,
 
 def test_a_fault_never_fails_the_compile_with_inductor(monkeypatch):
     """Real Inductor: calibration fails, the model still compiles and computes what eager does."""
-    monkeypatch.setattr(distr_compile.guard, "run_probe", boom)
+    monkeypatch.setattr(distr_compile.guard.probe, "run_probe", boom)
     torch.manual_seed(0)
     model = NanoGPTCausalSelfAttention().eval()
     x = torch.randn(2, 8, 64)

@@ -1,0 +1,101 @@
+"""Calibration on user batches (:func:`calibrate`): every site of a model measured and decided as
+the backend would, without compiling anything."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+from ..config import DistrConfig
+from ..passes import AttentionSite, SkippedSite, find_attention
+from .plan import DistrPlan, plan_config
+from .policy import against_original, decide_site, end_to_end, relative_output_error
+from .probe import Calibrator, SiteProbe, run_probe
+from .store import STORE, owners
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Module | None = None,
+              output_error: Callable[[Any, Any], float] | None = None, **options: Any) -> DistrPlan:
+    """Calibrate every attention site of ``model`` on user batches and return the plan.
+
+    Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments. The
+    model is traced by Dynamo (a measuring backend: nothing is compiled), every site is measured
+    on every batch (worst case kept, across recompiles too) and decided as the backend would with
+    ``options`` (``approximate`` is taken as "guarded"). The decisions replace the model's stored
+    ones; to compile with them, save the plan and pass ``options={"plan": path}``.
+
+    With ``guard_reference="original"`` (an adapted model), ``original`` is the model before
+    adaptation and the decisions come from :func:`against_original`; ``output_error(output,
+    original_output)`` is the end-to-end error to keep within ``output_tolerance`` (default: the
+    relative Frobenius error of the floating-point outputs; a task metric such as a perplexity
+    ratio fits too).
+    """
+    config = DistrConfig.from_options(options).replace(approximate="guarded", plan=None, mode=None)
+    if (original is not None) != (config.guard_reference == "original"):
+        raise ValueError("pass original=<the model before adaptation> exactly when guard_reference='original'")
+    model = getattr(model, "_orig_mod", model)
+    batches = list(batches)
+    errors: dict[str, dict[int, dict[str, float]]] = {}
+    times: dict[str, dict[int, float]] = {}
+    graphs: list[tuple[fx.GraphModule, list[AttentionSite], list[SkippedSite], list, list[list]]] = []
+    replay: dict[str, dict[str, DistrConfig]] = {}  # set: the traced model runs with these sites approximated
+
+    def measuring_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        sites, skipped = find_attention(gm.graph)
+        calibrator = Calibrator(gm, sites, config, errors, times)
+        seen: list[list] = []
+        graphs.append((gm, sites, skipped, example_inputs, seen))
+
+        def run(*args):
+            if "sites" in replay:
+                return run_probe(SiteProbe(calibrator.probe_gm, {}, replay["sites"]), list(args))
+            if config.output_tolerance is not None and config.guard_reference == "exact":
+                seen.append(list(args))
+            return calibrator(list(args))
+        return run
+
+    traced = torch.compile(model, backend=measuring_backend)
+    for batch in _progress(batches, "distr calibration"):
+        call_batch(traced, batch)
+    plan = DistrPlan(plan_config(config))
+    for gm, sites, skipped, example_inputs, seen in graphs:
+        for site in sites:
+            plan.sites.setdefault(site.name, decide_site(site, errors, times, config))
+        if seen:
+            end_to_end(gm, seen, {s.name: plan.sites[s.name] for s in sites}, config)
+    if original is not None:
+        def run_with(approx: dict[str, DistrConfig]) -> list:
+            replay["sites"] = approx
+            return [call_batch(traced, batch) for batch in batches]
+
+        references = [call_batch(getattr(original, "_orig_mod", original), batch) for batch in batches]
+        plan.output_error = against_original(run_with, references, plan.sites, config,
+                                             output_error or relative_output_error)
+    for gm, sites, skipped, example_inputs, seen in graphs:
+        for s in skipped:
+            plan.skipped[s.name] = s
+            STORE.put(owners(s.module_id, example_inputs), s, config)
+        for site in sites:
+            STORE.put(owners(site.module_id, example_inputs), plan.sites[site.name], config)
+    return plan
+
+
+def call_batch(model: Callable, batch: Any) -> Any:
+    """``model`` on one batch (a dict of keyword arguments, a tuple of positional ones, or one
+    tensor), without autograd."""
+    with torch.no_grad():
+        if isinstance(batch, dict):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+
+
+
+def _progress(items: Iterable, desc: str) -> Iterable:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=None)
+

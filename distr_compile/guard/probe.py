@@ -1,0 +1,178 @@
+"""Measuring: run a graph whose sites were rewritten to the exact op through an ``fx.Interpreter``
+on real inputs, and at every site measure each candidate G against exact attention (the error of
+the attention output and, when asked, the time)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .. import speed
+from ..config import DistrConfig
+from ..kernels.attention import fixed_config
+from ..passes import SITE_META, AttentionSite, find_attention, rewrite_attention
+
+EXACT = 1  # the group size of exact attention
+_OP = torch.ops.distr.attention.default
+_SCHEMA_KNOBS = ("group_size", "block_m", "num_hyperplanes", "representative", "grouping", "seed")
+
+
+def measure(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Relative Frobenius error, cosine similarity and max abs error of ``out`` against ``ref``."""
+    o, r = out.detach().double(), ref.detach().double()
+    diff = (o - r).norm().item()
+    ref_norm, out_norm = r.norm().item(), o.norm().item()
+    return {
+        "rel_fro": diff / ref_norm if ref_norm > 0 else (0.0 if diff == 0 else math.inf),
+        "cosine": (o * r).sum().item() / (out_norm * ref_norm) if out_norm * ref_norm > 0 else float(diff == 0),
+        "max_abs": (o - r).abs().max().item() if o.numel() else 0.0,
+    }
+
+
+def metric_error(metrics: Mapping[str, float], metric: str) -> float:
+    """The error under ``metric`` (cosine similarity becomes 1 - cosine)."""
+    return 1.0 - metrics["cosine"] if metric == "cosine" else metrics[metric]
+
+
+def _worst(a: Mapping[str, float] | None, b: Mapping[str, float]) -> dict[str, float]:
+    if a is None:
+        return dict(b)
+    return {"rel_fro": max(a["rel_fro"], b["rel_fro"]), "cosine": min(a["cosine"], b["cosine"]),
+            "max_abs": max(a["max_abs"], b["max_abs"])}
+
+
+def op_knobs(config: DistrConfig) -> tuple:
+    """The op's trailing knob arguments for ``config``."""
+    return tuple(getattr(config, k) for k in _SCHEMA_KNOBS)
+
+
+class SiteProbe(fx.Interpreter):
+    """Runs a graph whose sites were rewritten to the op, measuring candidates at every site.
+
+    At a site the exact output is computed; each candidate config in ``candidates[name]`` is run
+    on the same inputs and its worst-case metrics are kept in ``self.errors[name][G]``. What
+    flows on is the exact output, or the approximated one for sites in ``propagate``. With
+    ``sample_heads`` only KV head 0 and the query heads reading it are measured (the runtime
+    monitor's cheap sample). With ``timings`` (a cache shared across probes, keyed by the site's
+    input shapes, strides, flags and candidates: layers alike are timed once) each site's exact
+    SDPA and candidates are also timed (:func:`speed.site_times`) into ``self.times[name]``.
+    """
+
+    def __init__(self, gm: fx.GraphModule, candidates: Mapping[str, Iterable[DistrConfig]],
+                 propagate: Mapping[str, DistrConfig] | None = None, sample_heads: bool = False,
+                 timings: dict[tuple, dict[int, float]] | None = None):
+        super().__init__(gm, garbage_collect_values=True)
+        self.candidates = {name: list(cfgs) for name, cfgs in candidates.items()}
+        self.propagate = dict(propagate or {})
+        self.sample_heads = sample_heads
+        self.timings = timings
+        self.errors: dict[str, dict[int, dict[str, float]]] = {}
+        self.times: dict[str, dict[int, float]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        name = n.meta.get(SITE_META)
+        if name is None or n.target is not _OP:
+            return super().run_node(n)
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        base = args[:7]
+        exact = _OP(*base, EXACT, *args[8:])
+        for cfg in self.candidates.get(name, ()):
+            sample = _first_kv_group(base) if self.sample_heads else base
+            ref = _OP(*sample, EXACT, *args[8:])[0] if self.sample_heads else exact[0]
+            got = _OP(*sample, *op_knobs(cfg))[0]
+            per_g = self.errors.setdefault(name, {})
+            per_g[cfg.group_size] = _worst(per_g.get(cfg.group_size), measure(got, ref))
+        if self.timings is not None and self.candidates.get(name):
+            self.times[name] = self._time(base, self.candidates[name])
+        if name in self.propagate:
+            return _OP(*base, *op_knobs(self.propagate[name]))
+        return exact
+
+    def _time(self, args: tuple, candidates: list[DistrConfig]) -> dict[int, float]:
+        describe = lambda x: (tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        key = (*map(describe, args), *map(op_knobs, candidates))
+        if key not in self.timings:
+            self.timings[key] = speed.site_times(args, op_knobs, candidates)
+        return self.timings[key]
+
+
+def _first_kv_group(args: tuple) -> tuple:
+    """The op's (q, k, v, mask, ...) narrowed to KV head 0 and the query heads that read it."""
+    q, k, v, mask, *rest = args
+    if q.dim() < 3:
+        return args
+    hq, hkv = q.shape[-3], k.shape[-3]
+    rq = hq // hkv
+    q, k, v = q.narrow(-3, 0, rq), k.narrow(-3, 0, 1), v.narrow(-3, 0, 1)
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] == hq:
+        mask = mask.narrow(-3, 0, rq)
+    return (q, k, v, mask, *rest)
+
+
+def probe_module(gm: fx.GraphModule, names: Iterable[str] | None = None) -> fx.GraphModule:
+    """A copy of ``gm`` with the named sites (default: all) rewritten to the exact op."""
+    graph = copy.deepcopy(gm.graph)
+    sites, _ = find_attention(graph)
+    wanted = None if names is None else set(names)
+    exact = DistrConfig(group_size=EXACT)
+    rewrite_attention(graph, sites, {s.name: exact for s in sites if wanted is None or s.name in wanted})
+    return fx.GraphModule(gm, graph)
+
+
+def run_probe(probe: SiteProbe, inputs: list) -> Any:
+    """Run a probe on real inputs without touching the caller's state: no autograd, the RNG state
+    restored, and every non-parameter input cloned (so in-place updates of buffers or caches in
+    the graph are not applied twice). Kernels run with one fixed config (see
+    :func:`kernels.attention.fixed_config`): autotuning them here would only slow the compile."""
+    inputs = [x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else x
+              for x in inputs]
+    devices = [x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda][:1]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), fixed_config():
+        return probe.run(*inputs)
+
+
+def divides_head_dim(site: AttentionSite, g: int) -> bool:
+    """Whether G divides the site's head dim (known at compile time)."""
+    q = site.q.meta.get("example_value")
+    return q is not None and statically_known_true(q.shape[-1] % g == 0)
+
+
+def has_real_inputs(example_inputs: list) -> bool:
+    return not any(isinstance(x, FakeTensor) for x in example_inputs)
+
+
+
+class Calibrator:
+    """Measures the sites of one graph on real inputs, one call per input list (the graph's
+    positional inputs), keeping the worst case per site and G in ``errors`` (which several
+    calibrators may share). A call returns the graph's exact outputs."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], config: DistrConfig,
+                 errors: dict[str, dict[int, dict[str, float]]] | None = None,
+                 times: dict[str, dict[int, float]] | None = None):
+        self.probe_gm = probe_module(gm, [s.name for s in sites])
+        self.candidates = {
+            s.name: [config.replace(group_size=g) for g in config.candidates if divides_head_dim(s, g)] for s in sites
+        }
+        self.errors = {} if errors is None else errors
+        self.times = {} if times is None else times
+        self.timings = {} if config.min_speedup > 0 else None
+
+    def __call__(self, inputs: list) -> Any:
+        """Measure every site on ``inputs``; time the sites not yet timed (the first call's)."""
+        untimed = {name for name in self.candidates if name not in self.times}
+        probe = SiteProbe(self.probe_gm, self.candidates, timings=self.timings if untimed else None)
+        out = run_probe(probe, inputs)
+        for name, per_g in probe.errors.items():
+            merged = self.errors.setdefault(name, {})
+            for g, m in per_g.items():
+                merged[g] = _worst(merged.get(g), m)
+        self.times.update({name: t for name, t in probe.times.items() if name in untimed})
+        return out
+
