@@ -3,9 +3,9 @@
 Registered only through the ``torch_dynamo_backends`` entry point (pyproject.toml), so
 ``torch.compile(model, backend="distr", options={...})`` works without importing this package.
 
-Per graph: find the attention sites, decide each (a saved plan, a decision stored by an earlier
-compile of the same model, the ``approximate`` setting, or calibration on the real example
-inputs), rewrite the approximated sites to ``torch.ops.distr.attention`` and hand the graph to
+Per graph: find the attention sites, decide each (``guard.decide_graph``: a saved plan, a
+decision stored by an earlier compile of the same model, the ``approximate`` setting, or
+calibration on the real example inputs), rewrite the approximated sites to ``torch.ops.distr.attention`` and hand the graph to
 ``torch._inductor.compile_fx.compile_fx``. Sites that stay exact keep their attention; the one
 change there is exact (an SDPA call whose mask is the constant causal pattern takes ``is_causal``,
 passes/causal.py). A graph without attention compiles exactly as with ``backend="inductor"``.
@@ -35,8 +35,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from .config import ConfigError, DistrConfig
 from .guard import (
-    EXACT, STORE, DistrPlan, Owner, SiteDecision, SiteProbe, decide_sites, divides_head_dim, has_real_inputs,
-    metric_error, owners, probe_module, run_probe,
+    EXACT, DistrPlan, SiteDecision, SiteProbe, decide_graph, metric_error, probe_module, remember_graph, run_probe,
 )
 from .passes import AttentionSite, SkippedSite, find_attention, rewrite_attention, use_is_causal
 
@@ -61,6 +60,28 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
         _record(fault, gm, example_inputs, config)
         _restore(gm, original)
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig, plan: DistrPlan | None,
+                   patches: dict, original: fx.Graph) -> Callable:
+    """The backend's work on one graph: find the sites, decide each (:func:`decide_graph`), rewrite
+    and compile (:func:`_compile`), monitor the approximated sites at run time if asked
+    (``original``: an untouched copy of the graph, for the monitor). A failing stage
+    (:func:`_stage`) raises :class:`BackendFault`."""
+    with _stage("matching"):
+        sites, skipped = find_attention(gm.graph)
+    for s in skipped:
+        log.info("left alone: %s (%s): %s", s.name, s.pattern, s.reason)
+    remember_graph(example_inputs, skipped, config)
+    with _stage("calibration", sites):
+        decisions = decide_graph(gm, example_inputs, sites, config, plan)
+    compiled = _compile(gm, sites, decisions, example_inputs, config, patches)
+    if not config.monitor_every or not any(d.approximated for d in decisions.values()):
+        return compiled
+    if patches.get("triton.cudagraphs") or torch._inductor.config.triton.cudagraphs:
+        warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=2)
+        return compiled
+    return _Monitor(fx.GraphModule(gm, original), decisions, config, patches, compiled)
 
 
 class BackendFault(Exception):
@@ -99,8 +120,7 @@ def _record(fault: BackendFault, gm: fx.GraphModule, example_inputs: list, confi
     left = [SkippedSite(s.name, s.pattern, reason, s.module_id, fault.stage) for s in fault.sites]
     if not left:  # matching failed: the graph stands for its sites
         left = [SkippedSite(f"graph {gm.meta.get('dynamo_compile_id', '?')}", "-", reason, fault=fault.stage)]
-    for item in left:
-        STORE.put(owners(item.module_id, example_inputs), item, config)
+    remember_graph(example_inputs, left, config)
 
 
 def _restore(gm: fx.GraphModule, original: fx.Graph) -> None:
@@ -111,27 +131,6 @@ def _restore(gm: fx.GraphModule, original: fx.Graph) -> None:
         if hasattr(old, "_dynamo_source"):
             new._dynamo_source = old._dynamo_source
     gm.graph = original
-
-
-def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig, plan: DistrPlan | None,
-                   patches: dict, original: fx.Graph) -> Callable:
-    """The backend's work on one graph (``original`` is an untouched copy of it); a failing stage
-    raises :class:`BackendFault`."""
-    with _stage("matching"):
-        sites, skipped = find_attention(gm.graph)
-    STORE.compiled_with(owners(None, example_inputs), config)
-    for s in skipped:
-        log.info("left alone: %s (%s): %s", s.name, s.pattern, s.reason)
-        STORE.put(owners(s.module_id, example_inputs), s, config)
-    with _stage("calibration", sites):
-        decisions = _decisions(gm, example_inputs, sites, config, plan)
-    compiled = _compile(gm, sites, decisions, example_inputs, config, patches)
-    if not config.monitor_every or not any(d.approximated for d in decisions.values()):
-        return compiled
-    if patches.get("triton.cudagraphs") or torch._inductor.config.triton.cudagraphs:
-        warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=2)
-        return compiled
-    return _Monitor(fx.GraphModule(gm, original), decisions, config, patches, compiled)
 
 
 def _inductor_patches(mode: str | None) -> dict:
@@ -157,65 +156,6 @@ class SourceKey(CustomGraphPass):
 
 
 SOURCE_KEY = SourceKey()
-
-
-def _decisions(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSite], config: DistrConfig,
-               plan: DistrPlan | None) -> dict[str, SiteDecision]:
-    decisions = plan.decisions_for(sites) if plan is not None else {}
-    todo = []
-    for site in sites:
-        if site.name in decisions:
-            continue
-        decision = _known_decision(site, owners(site.module_id, example_inputs), config)
-        if decision is None:
-            todo.append(site)
-        else:
-            decisions[site.name] = decision
-    if todo and config.guard_reference == "original":
-        raise ConfigError(
-            "guard_reference='original' needs the original model, which the backend does not have: run "
-            "distr_compile.calibrate(adapted, batches, original=model, guard_reference='original', ...), save the "
-            f"plan and compile with options={{'plan': path}} (sites without a decision: {[s.name for s in todo]})"
-        )
-    if todo and has_real_inputs(example_inputs):
-        decisions.update(decide_sites(gm, [list(example_inputs)], todo, config))
-    for site in todo:
-        decisions.setdefault(site.name, _decision(site, EXACT, "no real example inputs to calibrate on", "default"))
-    for site in sites:
-        STORE.put(owners(site.module_id, example_inputs), decisions[site.name], config)
-    return decisions
-
-
-def _known_decision(site: AttentionSite, whos: list[Owner], config: DistrConfig) -> SiteDecision | None:
-    """A decision that needs no calibration (stored, forced or by device), or None."""
-    stored = STORE.get(whos, site.name, config)
-    if stored is not None:
-        return _valid(site, stored, config)
-    if config.approximate == "always":
-        reason = f"forced: approximate='always' (G={config.group_size}, no guard)"
-        return _valid(site, _decision(site, config.group_size, reason, "forced"), config)
-    if config.approximate == "auto" and not _on_cuda(site):
-        return _decision(site, EXACT, "CPU: exact (approximate='auto' approximates on CUDA only)", "device")
-    return None
-
-
-def _valid(site: AttentionSite, decision: SiteDecision, config: DistrConfig) -> SiteDecision | None:
-    """``decision`` if its G divides the head dim (it may not after a shape change), else None
-    (recalibrate) or, when forced, exact with the reason."""
-    if divides_head_dim(site, decision.group_size):
-        return decision
-    if decision.source == "forced":
-        return _decision(site, EXACT, f"head dim not divisible by G={decision.group_size}", "forced")
-    return None
-
-
-def _decision(site: AttentionSite, group_size: int, reason: str, source: str) -> SiteDecision:
-    return SiteDecision(site.name, site.pattern, site.shapes, group_size, reason, source)
-
-
-def _on_cuda(site: AttentionSite) -> bool:
-    q = site.q.meta.get("example_value")
-    return q is not None and q.is_cuda
 
 
 def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[str, SiteDecision],

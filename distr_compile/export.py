@@ -33,9 +33,8 @@ import torch.fx.traceback as fx_traceback
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
-from .backend import _decisions
 from .config import DistrConfig
-from .guard import DistrPlan
+from .guard import DistrPlan, decide_graph
 from .passes import AttentionSite, find_attention, rewrite_attention
 from .passes.match import SDPA
 from .passes.rewrite import PROVENANCE
@@ -128,7 +127,7 @@ def rewrite_exported(
     _to_dynamo_spelling(module.graph)
     flat_inputs = torch.fx._pytree.tree_flatten_spec((args, kwargs), program.call_spec.in_spec)
     sites, _ = find_attention(module.graph)
-    decisions = _decisions(module, flat_inputs, sites, config, _as_plan(config.plan if plan is None else plan))
+    decisions = decide_graph(module, flat_inputs, sites, config, _as_plan(config.plan if plan is None else plan))
     approximated = {name: config.replace(group_size=d.group_size) for name, d in decisions.items() if d.approximated}
     if not approximated:
         return program

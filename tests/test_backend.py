@@ -142,8 +142,8 @@ def test_exact_sdpa_sites_take_is_causal_for_a_constant_causal_mask(eager_backen
 def test_recompile_reuses_decisions(eager_backend, monkeypatch):
     """A new sequence length recompiles the graph; the calibrated decisions are reused."""
     calls = []
-    real = backend.decide_sites
-    monkeypatch.setattr(backend, "decide_sites", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = distr_compile.guard.decisions.decide_sites
+    monkeypatch.setattr(distr_compile.guard.decisions, "decide_sites", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     model = NanoGPTCausalSelfAttention().eval()
     compiled = torch.compile(model, backend="distr", dynamic=False,

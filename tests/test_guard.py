@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import distr_compile
-import distr_compile.backend as backend
 import distr_compile.guard as guard
 from distr_compile import DistrConfig, DistrPlan, distr_attention
 
@@ -258,7 +257,7 @@ def test_plan_json_round_trip_and_reuse(eager_backend, tmp_path, monkeypatch):
     loaded = DistrPlan.load(path)
     assert loaded == plan
 
-    monkeypatch.setattr(backend, "decide_sites", lambda *a, **k: pytest.fail("calibrated despite a plan"))
+    monkeypatch.setattr(guard.decisions, "decide_sites", lambda *a, **k: pytest.fail("calibrated despite a plan"))
     torch._dynamo.reset()
     fresh = synthetic()
     compiled2, out2 = run(fresh, inputs(), **{**GUARDED, "plan": path})
@@ -389,8 +388,8 @@ def test_decisions_are_kept_whatever_owns_the_attention(who, eager_backend):
 
 def test_recompiles_of_a_function_reuse_its_decisions(eager_backend, monkeypatch):
     calls = []
-    real = backend.decide_sites
-    monkeypatch.setattr(backend, "decide_sites", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = guard.decisions.decide_sites
+    monkeypatch.setattr(guard.decisions, "decide_sites", lambda *a, **k: calls.append(1) or real(*a, **k))
     compiled = torch.compile(attend, backend="distr", dynamic=False, options={"approximate": "guarded", "block_m": 16})
     with torch.no_grad():
         compiled(inputs(length=24))

@@ -10,7 +10,6 @@ from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import speed
@@ -141,10 +140,6 @@ def divides_head_dim(site: AttentionSite, g: int) -> bool:
     """Whether G divides the site's head dim (known at compile time)."""
     q = site.q.meta.get("example_value")
     return q is not None and statically_known_true(q.shape[-1] % g == 0)
-
-
-def has_real_inputs(example_inputs: list) -> bool:
-    return not any(isinstance(x, FakeTensor) for x in example_inputs)
 
 
 

@@ -131,6 +131,14 @@ class DecisionStore:
 STORE = DecisionStore()
 
 
+def remember_graph(example_inputs: list, left_alone: Iterable[SkippedSite], config: DistrConfig) -> None:
+    """Note that the graph with ``example_inputs`` compiles with ``config`` (so a model without
+    attention has a plan too) and store the sites it leaves alone, each for its owners."""
+    STORE.compiled_with(owners(None, example_inputs), config)
+    for item in left_alone:
+        STORE.put(owners(item.module_id, example_inputs), item, config)
+
+
 
 def owner_ids(compiled: Any) -> set[int]:
     """Every owner id (:func:`owners`) a site of ``compiled`` can have: a module (compiled or not)
