@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from . import reference
 from .config import DistrConfig
 from .inputs import Canonical, canonicalize
+from .projection import project
 from .kernels.attention import distr_forward
 from .kernels.attention_backward import distr_backward
 from .kernels.grouping import lsh_group
@@ -112,27 +113,6 @@ def static_qk(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[to
     return q @ a, k @ b
 
 
-def static_qk_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                       config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients on q, k from those on q', k' (maps held fixed): dq = dq' A^T, dk = dk' B^T."""
-    a, b = static_maps(q, k, config)
-    return grad_q @ a.mT, grad_k @ b.mT
-
-
-def project(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-            group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q A, k B) for a projection's maps: q (..., Hq, L, E) through each query head's A
-    (Hq, E, E/G), k (..., Hkv, L, E) through each KV head's B (Hkv, E, E/G), in q's dtype. Wrong
-    shapes are a ValueError naming them."""
-    hq, hkv, e = q.shape[-3] if q.dim() >= 3 else 1, k.shape[-3] if k.dim() >= 3 else 1, q.shape[-1]
-    want = {"A": (hq, e, e // group_size), "B": (hkv, e, e // group_size)}
-    for name, m in zip("AB", (a, b)):
-        if tuple(m.shape) != want[name]:
-            raise ValueError(f"projection map {name} has shape {tuple(m.shape)}, expected {want[name]} "
-                             f"(heads, head dim, head dim / G) for q {tuple(q.shape)}, k {tuple(k.shape)}")
-    return q @ a.to(q.dtype), k @ b.to(k.dtype)
-
-
 def kernel_forward(c: Canonical, config: DistrConfig, is_causal: bool,
                    scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's forward on the Triton kernels, for canonical inputs ``c``: the static path (q', k'
@@ -151,11 +131,11 @@ def kernel_backward(c: Canonical, config: DistrConfig, is_causal: bool, scale: f
     """Gradients (dq, dk, dv) of :func:`kernel_forward` on canonical tensors (out, lse and the
     incoming gradients canonical too), on the Triton backward kernels."""
     scale = 1.0 / math.sqrt(c.q.shape[-1]) if scale is None else scale
-    if is_static(config):
-        q, k = static_qk(c.q, c.k, config)
-        dq, dk, dv = distr_backward(q, k, c.v, None, None, out, lse, grad_out, c.attn_mask, is_causal, scale, 1,
-                                    config.block_m, grad_lse=grad_lse)
-        return (*static_qk_backward(dq, dk, c.q, c.k, config), dv)
+    if is_static(config):  # the maps are held fixed: dq = dq' A^T, dk = dk' B^T
+        a, b = static_maps(c.q, c.k, config)
+        dq, dk, dv = distr_backward(c.q @ a, c.k @ b, c.v, None, None, out, lse, grad_out, c.attn_mask, is_causal,
+                                    scale, 1, config.block_m, grad_lse=grad_lse)
+        return dq @ a.mT, dk @ b.mT, dv
     perm, weights = kernel_grouping(c.q, c.k, c.v, config, is_causal)
     return distr_backward(c.q, c.k, c.v, perm, weights, out, lse, grad_out, c.attn_mask, is_causal, scale,
                           config.group_size, config.block_m, grad_lse=grad_lse)
@@ -324,7 +304,10 @@ def distr_attention(
                          "fit them with distr_compile.projection.fit_projection")
     if maps is not None:
         canonicalize(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config.group_size)
-        q, k = project(q, k, *maps, config.group_size)
+        if maps[0].shape[-1] * config.group_size != q.shape[-1]:
+            raise ValueError(f"projection maps of rank {maps[0].shape[-1]} do not fit head dim {q.shape[-1]} "
+                             f"at G={config.group_size} (rank = head dim / G)")
+        q, k = project(q, k, *maps)
         scale = 1.0 / math.sqrt(maps[0].shape[-2]) if scale is None else scale  # of the original head dim
         config = config.replace(group_size=1)
     if config.exact:

@@ -165,6 +165,8 @@ def test_projection_needs_maps_of_the_right_shape():
         distr_attention(q, k, v, enable_gqa=True, config=DistrConfig(), maps=(torch.eye(32)[None], torch.eye(32)[None]))
     with pytest.raises(ValueError, match=r"map A has shape \(2, 32, 8\), expected \(4, 32, 8\)"):
         distr_attention(q, k, v, enable_gqa=True, config=projection, maps=(torch.randn(2, 32, 8), torch.randn(2, 32, 8)))
+    with pytest.raises(ValueError, match="rank 16 do not fit head dim 32 at G=4"):
+        distr_attention(q, k, v, enable_gqa=True, config=projection, maps=(torch.randn(4, 32, 16), torch.randn(2, 32, 16)))
     with pytest.raises(ValueError, match="not a column grouping"):
         torch.ops.distr.attention(q, k, v, None, False, None, True, 4, 64, 16, "mean", "projection", 0)
 
