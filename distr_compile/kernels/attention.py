@@ -50,6 +50,13 @@ EXACT_CONFIGS = [
 ]
 
 
+# The interpreter, or DISTR_COMPILE_AUTOTUNE=0: one config everywhere, launched without an autotuner.
+QUICK = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("DISTR_COMPILE_AUTOTUNE", "1") == "0"
+# FIXED_CONFIG for the ungrouped autotuner, whose configs carry the query tile.
+FIXED_TILED_CONFIG = triton.Config(FIXED_CONFIG.kwargs | {"BLOCK_M": 64}, num_warps=FIXED_CONFIG.num_warps,
+                                   num_stages=FIXED_CONFIG.num_stages)
+
+
 def _configs(grouped: bool) -> list[triton.Config]:
     """Autotune space, by DISTR_COMPILE_AUTOTUNE: "1" (default) a short list (each config is one
     more Triton compile in a cold ``torch.compile``): for the grouped kernel the one config that
@@ -57,11 +64,10 @@ def _configs(grouped: bool) -> list[triton.Config]:
     causal or not, L 512-8192), for the ungrouped one the first three of EXACT_CONFIGS; "wide" every
     config, to re-run the sweep on other GPUs; "0" (and the interpreter) FIXED_CONFIG, for quick
     test compiles. Configs that do not fit in shared memory are pruned (FIXED_CONFIG is kept)."""
-    setting = os.environ.get("DISTR_COMPILE_AUTOTUNE", "1")
-    if os.environ.get("TRITON_INTERPRET") == "1" or setting == "0":
+    if QUICK:
         return [FIXED_CONFIG]
     configs = WIDE_CONFIGS if grouped else EXACT_CONFIGS
-    return configs if setting == "wide" else configs[:1 if grouped else 3]
+    return configs if os.environ.get("DISTR_COMPILE_AUTOTUNE") == "wide" else configs[:1 if grouped else 3]
 
 
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V pipeline buffers; Hopper has 227 KiB a block
@@ -74,9 +80,7 @@ def _fit_shared_memory(configs, named_args, **kwargs):
     width = arg("D") + arg("DV")
     size = lambda c: 2 * c.kwargs["BLOCK_N"] * width * c.num_stages
     fitting = [c for c in configs if size(c) <= SHARED_MEMORY_BUDGET]
-    tuned_tile = "BLOCK_M" in configs[0].kwargs
-    return fitting or [triton.Config(FIXED_CONFIG.kwargs | ({"BLOCK_M": 64} if tuned_tile else {}),
-                                     num_warps=FIXED_CONFIG.num_warps, num_stages=FIXED_CONFIG.num_stages)]
+    return fitting or [FIXED_TILED_CONFIG if "BLOCK_M" in configs[0].kwargs else FIXED_CONFIG]
 
 
 _AUTOTUNE = contextvars.ContextVar("distr_compile_autotune", default=True)
@@ -327,7 +331,7 @@ def distr_forward(
     else:
         mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_ADD
         mask, mask_strides = attn_mask, attn_mask.stride()
-    if not (_AUTOTUNE.get() or torch.compiler.is_compiling()) or _configs(group_size > 1) == [FIXED_CONFIG]:
+    if QUICK or not (_AUTOTUNE.get() or torch.compiler.is_compiling()):
         kernel, launch = _distr_fwd_kernel, dict(FIXED_CONFIG.all_kwargs(), BLOCK_M=block_m)
     elif group_size > 1:
         kernel, launch = _distr_fwd_grouped, {"BLOCK_M": block_m}

@@ -36,17 +36,16 @@ product per program.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .attention import (
-    LOG2E, MASK_ADD, MASK_BOOL, MASK_NONE, SHARED_MEMORY_BUDGET, _keys_t, _load, _query_representatives, keys_contiguous,
+    LOG2E, MASK_ADD, MASK_BOOL, MASK_NONE, QUICK, SHARED_MEMORY_BUDGET, _keys_t, _load, _query_representatives,
+    keys_contiguous,
 )
 
-QUICK = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("DISTR_COMPILE_AUTOTUNE", "1") == "0"
 
 
 def _dq_configs() -> list[triton.Config]:
