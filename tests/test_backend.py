@@ -139,6 +139,39 @@ def test_exact_sdpa_sites_take_is_causal_for_a_constant_causal_mask(eager_backen
     assert all(n.kwargs["is_causal"] is True and n.kwargs["attn_mask"] is None for n in sdpa)
 
 
+def hf_materialised_masks(monkeypatch):
+    """Make transformers build the (B, 1, L, L) SDPA mask of a model without padding under
+    torch.compile, as transformers 5.17 did (later versions skip it: then there is nothing to do)."""
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", lambda *args, **kwargs: False)
+
+
+@pytest.mark.parametrize("name, padded", [("vit", False), ("bert", True), ("bert", False), ("llama", False)])
+def test_exact_sdpa_sites_get_no_square_mask(eager_backend, monkeypatch, name, padded):
+    """The exact sites of HF ViT, BERT (with and without a padding mask) and Llama reach Inductor as
+    SDPA calls without an (L, L) mask: none (an all-attend mask), ``is_causal`` (Llama's constant
+    causal mask) or the (B, 1, 1, L) padding row; a square mask rules out flash and cuDNN on CUDA
+    (Inductor runs the unfused math path there). Outputs equal the uncompiled model's. (A padded
+    decoder's mask, causal AND padding, is square by nature and stays.)"""
+    from test_hf import MODELS, output
+
+    hf_materialised_masks(monkeypatch)
+    build, inputs = MODELS[name]
+    model, batch = build(), inputs()
+    if not padded:
+        batch.pop("attention_mask", None)
+    compiled = torch.compile(model, backend="distr")
+    with torch.no_grad():
+        torch.testing.assert_close(output(compiled, batch), output(model, batch), atol=1e-5, rtol=1e-5)
+    sdpa = [n for gm in eager_backend for n in gm.graph.nodes
+            if n.target is torch.nn.functional.scaled_dot_product_attention]
+    assert len(sdpa) == model.config.num_hidden_layers and op_nodes(eager_backend) == []
+    masks = [n.kwargs["attn_mask"] for n in sdpa]
+    assert all(m is None or m.meta["example_value"].shape[-2] == 1 for m in masks), masks
+    assert all(n.kwargs["is_causal"] for n in sdpa) == (name == "llama" and not padded)
+
+
 def test_recompile_reuses_decisions(eager_backend, monkeypatch):
     """A new sequence length recompiles the graph; the calibrated decisions are reused."""
     calls = []
@@ -252,7 +285,7 @@ def fail_on_the_op(monkeypatch, eager_backend):
 GUARDED = {"approximate": "guarded", "tolerance": 10.0, "block_m": 16, "min_speedup": 0}  # accuracy only
 FAULTS = {  # stage: (how to inject the fault, options)
     "matching": (lambda mp, _: mp.setattr(backend, "find_attention", boom), FORCED_G2),
-    "causal-mask rewrite": (lambda mp, _: mp.setattr(backend, "use_is_causal", boom), {}),
+    "mask rewrite": (lambda mp, _: mp.setattr(backend, "use_simpler_masks", boom), {}),
     "calibration": (lambda mp, _: mp.setattr(distr_compile.guard.probe, "run_probe", boom), GUARDED),
     "calibration kernel launch": (lambda mp, _: fail_kernel_launch(mp), GUARDED),
     "rewrite": (lambda mp, _: fail_on_second_site(mp), FORCED_G2),

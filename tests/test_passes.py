@@ -216,17 +216,69 @@ def test_constant_mask_folds_only_when_exactly_causal(window):
     assert site.is_causal == (window is None) and (site.attn_mask is None) == (window is None)
 
 
+def hf_style_mask(q, padding=None):
+    """The (B, 1, Lq, Lk) bool mask transformers 5.17 builds for SDPA under torch.compile when the
+    model has no causal pattern: ``ones & (q_idx >= 0) [& padding[b, kv]]``, expanded."""
+    b, _, lq, _ = q.shape
+    b_idx = torch.arange(b)[:, None, None, None]
+    q_idx = torch.arange(lq)[None, None, :, None]
+    kv_idx = torch.arange(lq)[None, None, None, :]
+    mask = q_idx.new_ones((), dtype=torch.bool) & (q_idx >= 0).to(q.device)
+    if padding is not None:
+        mask = mask & padding[b_idx, kv_idx].to(mask.device)
+    return mask.expand(b, -1, lq, lq)
+
+
+def attend_with_hf_mask(q, k, v, padding=None):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=hf_style_mask(q, padding))
+
+
+def test_constant_all_attend_mask_is_dropped():
+    """A constant mask that masks nothing (HF ViT's, bool, or an additive one of zeros) is no mask."""
+    q, k, v = (torch.randn(2, 2, 12, 16) for _ in range(3))
+    (site,) = sites_of(attend_with_hf_mask, q, k, v)
+    assert site.attn_mask is None and not site.is_causal and "all-attend" in site.pattern
+    zeros = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=torch.zeros(q.shape[-2], q.shape[-2]))
+    (site,) = sites_of(zeros, q, k, v)
+    assert site.attn_mask is None and not site.is_causal
+
+
+def test_padding_mask_reaches_sdpa_as_its_row():
+    """HF's padding mask, broadcast to (B, 1, L, L) and combined with constant all-True terms, is
+    read as the (B, 1, 1, L) row it came from; the function stays the same."""
+    q, k, v = (torch.randn(2, 2, 12, 16) for _ in range(3))
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    padding[1, :5] = False
+    (site,) = sites_of(attend_with_hf_mask, q, k, v, padding)
+    assert tuple(site.attn_mask.meta["example_value"].shape) == (2, 1, 1, 12) and not site.is_causal
+    assert "read as (2, 1, 1, 12)" in site.pattern
+
+
+def test_mask_terms_that_mask_something_stay():
+    """``&`` with a term that is not constant all-True is kept: a per-query condition AND the
+    padding row is a real (B, 1, L, L) mask."""
+
+    def attend(q, k, v, padding, query_ok):
+        mask = (padding[:, None, None, :] & query_ok[:, None, :, None]).expand(-1, 1, -1, -1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(2, 2, 12, 16) for _ in range(3))
+    (site,) = sites_of(attend, q, k, v, torch.rand(2, 12) > 0.2, torch.rand(2, 12) > 0.2)
+    assert tuple(site.attn_mask.meta["example_value"].shape) == (2, 1, 12, 12)
+
+
 def test_mask_over_the_size_limit_stays_a_mask_and_is_logged(monkeypatch, caplog):
     """A constant causal mask larger than MAX_ELEMENTS is not evaluated: it stays a mask (still
     exact, just slower), and the log says why."""
-    from distr_compile.passes import causal
+    from distr_compile.passes import masks
 
     q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
-    monkeypatch.setattr(causal, "MAX_ELEMENTS", 12 * 12 - 1)
+    monkeypatch.setattr(masks, "MAX_ELEMENTS", 12 * 12 - 1)
     with caplog.at_level("INFO", logger="distr_compile"):
         (site,) = sites_of(attend_with_constant_mask, q, k, v)
     assert not site.is_causal and site.attn_mask is not None
-    assert "not checked for the causal pattern" in caplog.text
+    assert "is not evaluated" in caplog.text
 
 
 def explicit_attention(q, k, v):

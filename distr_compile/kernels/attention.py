@@ -332,7 +332,10 @@ def distr_forward(
         mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_ADD
         mask, mask_strides = attn_mask, attn_mask.stride()
     if QUICK or not (_AUTOTUNE.get() or torch.compiler.is_compiling()):
-        kernel, launch = _distr_fwd_kernel, dict(FIXED_CONFIG.all_kwargs(), BLOCK_M=block_m)
+        # not Config.all_kwargs(): it holds num_ctas, which wrap_triton refuses (torch 2.11, Triton 3.6)
+        kernel = _distr_fwd_kernel
+        launch = dict(FIXED_CONFIG.kwargs, BLOCK_M=block_m, num_warps=FIXED_CONFIG.num_warps,
+                      num_stages=FIXED_CONFIG.num_stages)
     elif group_size > 1:
         kernel, launch = _distr_fwd_grouped, {"BLOCK_M": block_m}
     else:

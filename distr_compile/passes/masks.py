@@ -1,0 +1,174 @@
+"""Attention masks the graph can do without, and constant mask fill values given as tensors.
+
+Under torch.compile, Hugging Face models build their SDPA mask as a (B, 1, Lq, Lk) bool tensor even
+where eager runs pass none (transformers 5.17: every ViT, and every decoder without a cache: the
+causal pattern; with a padding mask, the padding row broadcast over queries). A fused kernel then
+has to read B x Lq x Lk booleans, and on CUDA a mask of that shape rules out flash and cuDNN
+(Inductor falls back to the unfused math path for ViT-base at 518 px). :func:`simplify_mask`
+finds the exact simpler form:
+
+* a mask that is a constant of the graph and all True (or all zero, additive) is no mask;
+* a constant mask equal to SDPA's ``is_causal`` pattern becomes ``is_causal=True``;
+* otherwise, for a bool mask, ``expand``, a same-dtype ``to`` and ``&`` with a constant all-True
+  operand are peeled off while the rest still broadcasts to the original shape: HF's padding mask
+  reaches the kernel as the (B, 1, 1, Lk) row it was made from (SDPA broadcasts masks). Additive
+  masks are not peeled: one may be a learned bias whose gradient has the expanded shape.
+
+A node is a constant only when no placeholder (input, parameter, buffer, symbolic size) and no
+``get_attr`` is among its ancestors, and no random or uninitialised op; its value is then computed
+once, here. A fill value qualifies on the same terms.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import NamedTuple
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+MAX_ELEMENTS = 1 << 28  # larger masks are not evaluated (256M booleans, e.g. B=4 at 8k tokens)
+log = logging.getLogger("distr_compile")
+_UNSAFE = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty", "poisson")
+_AND_FUNCS = {operator.and_, torch.logical_and, torch.bitwise_and}
+_AND_METHODS = {"__and__", "__rand__", "logical_and", "bitwise_and"}
+
+
+class SimplerMask(NamedTuple):
+    """What an SDPA call can take instead of its mask: ``mask`` (None: no mask) and ``is_causal``;
+    ``how`` says what changed, for reports."""
+
+    mask: fx.Node | None
+    is_causal: bool
+    how: str
+
+
+def simplify_mask(mask: fx.Node) -> SimplerMask | None:
+    """The exact simpler form of the SDPA ``attn_mask`` node ``mask`` (an SDPA call without
+    ``is_causal``), or None if there is none."""
+    value = _example(mask)
+    if value is None or value.dim() < 2:
+        return None
+    computed = _checked_constant(mask, value)
+    if computed is not None:
+        if _is_neutral(computed):
+            return SimplerMask(None, False, "constant all-attend mask dropped")
+        lq, lk = computed.shape[-2:]
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=computed.device).tril()
+        if computed.dtype == torch.bool and torch.equal(computed, causal.expand_as(computed)):
+            return SimplerMask(None, True, "constant causal mask as is_causal")
+        return None
+    peeled = _peel(mask, value) if value.dtype == torch.bool else mask
+    if peeled is mask:
+        return None
+    return SimplerMask(peeled, False, f"mask {tuple(value.shape)} read as {tuple(_example(peeled).shape)}")
+
+
+def _checked_constant(mask: fx.Node, value: torch.Tensor) -> torch.Tensor | None:
+    """``mask``'s value if it is a graph constant small enough to evaluate (logged when too large)."""
+    if value.numel() > MAX_ELEMENTS:
+        if _constant_ancestors(mask) is not None:
+            log.info("constant mask %s of shape %s is not evaluated (over %d elements): it stays a mask",
+                     mask.name, tuple(value.shape), MAX_ELEMENTS)
+        return None
+    return constant_value(mask)
+
+
+def _is_neutral(value: torch.Tensor) -> bool:
+    """Whether the mask value changes nothing: all True (bool) or all zero (additive)."""
+    return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
+
+
+def _peel(mask: fx.Node, value: torch.Tensor) -> fx.Node:
+    """The innermost ancestor of ``mask`` reached through ``expand``, same-dtype ``to`` and ``&`` with
+    a constant all-True operand, that has ``mask``'s dtype and device and broadcasts to its shape
+    (so SDPA computes the same with it)."""
+    node = mask
+    while (inner := _peel_one(node)) is not None:
+        have = _example(inner)
+        if (have is None or have.dtype != value.dtype or have.device != value.device
+                or _broadcast(have.shape, value.shape) != tuple(value.shape)):
+            break
+        node = inner
+    return node
+
+
+def _peel_one(node: fx.Node) -> fx.Node | None:
+    if node.op == "call_method" and node.target in ("expand", "to"):
+        return node.args[0]
+    is_and = (node.op == "call_function" and node.target in _AND_FUNCS
+              or node.op == "call_method" and node.target in _AND_METHODS)
+    if not is_and or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    for keep, drop in ((a, b), (b, a)):
+        if isinstance(keep, fx.Node) and _all_true(drop):
+            return keep
+    return None
+
+
+def _all_true(x) -> bool:
+    if isinstance(x, bool):
+        return x
+    if not isinstance(x, fx.Node):
+        return False
+    value = constant_value(x)
+    return value is not None and value.dtype == torch.bool and bool(value.all())
+
+
+def _broadcast(a, b) -> tuple | None:
+    try:
+        return tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        return None
+
+
+def constant_value(node: fx.Node) -> torch.Tensor | None:
+    """The value of ``node``, computed here on real tensors, if it is a tensor graph constant of
+    static shape and at most ``MAX_ELEMENTS`` elements; else None."""
+    value = _example(node)
+    if value is None or value.numel() > MAX_ELEMENTS:
+        return None
+    nodes = _constant_ancestors(node)
+    if nodes is None:
+        return None
+    try:
+        return _evaluate(nodes, node)
+    except Exception:  # an op that cannot run outside its graph: not a constant we can use
+        return None
+
+
+def _example(node: fx.Node) -> torch.Tensor | None:
+    """The node's example tensor if its shape is static."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(value, torch.Tensor) or not all(isinstance(s, int) for s in value.shape):
+        return None
+    return value
+
+
+def _constant_ancestors(node: fx.Node) -> list[fx.Node] | None:
+    """``node`` and its ancestors in graph order, or None if one of them makes it non-constant."""
+    seen, todo = {node}, [node]
+    while todo:
+        n = todo.pop()
+        if n.op not in ("call_function", "call_method") or any(word in str(n.target) for word in _UNSAFE):
+            return None
+        for parent in n.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def _evaluate(nodes: list[fx.Node], out: fx.Node) -> torch.Tensor:
+    """Run ``nodes`` (closed under inputs) as their own graph, on real tensors."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output(env[out])
+    with unset_fake_temporarily(), torch.no_grad():
+        return fx.GraphModule(torch.nn.Module(), graph)()
