@@ -7,11 +7,11 @@ Per graph: find the attention sites, decide each (``guard.decide_graph``: a save
 decision stored by an earlier compile of the same model, the ``approximate`` setting, or
 calibration on the real example inputs), rewrite the approximated sites to ``torch.ops.distr.attention`` and hand the graph to
 ``torch._inductor.compile_fx.compile_fx``. Sites that stay exact keep their attention; the one
-change there is exact (an SDPA call whose mask is the constant causal pattern takes ``is_causal``,
-passes/causal.py). A graph without attention compiles exactly as with ``backend="inductor"``.
+change there is exact (an SDPA mask takes its simpler form where it has one: none, ``is_causal``
+or the padding row, passes/masks.py). A graph without attention compiles exactly as with ``backend="inductor"``.
 
 The backend never makes a compile fail where Inductor would not: when a stage of its own work on
-a graph raises (matching, the causal-mask rewrite, calibration and its kernel launches, the
+a graph raises (matching, the mask rewrite, calibration and its kernel launches, the
 rewrite, Inductor on the rewritten graph), the graph is compiled as it came, a warning names the
 stage and the error, and ``report`` shows the graph's sites kept exact with it. Errors that are
 the user's to fix (unknown options, a plan that does not fit the model) are raised.
@@ -37,7 +37,7 @@ from .config import ConfigError, DistrConfig
 from .guard import (
     EXACT, DistrPlan, SiteDecision, SiteProbe, decide_graph, metric_error, probe_module, remember_graph, run_probe,
 )
-from .passes import AttentionSite, SkippedSite, find_attention, rewrite_attention, use_is_causal
+from .passes import AttentionSite, SkippedSite, find_attention, rewrite_attention, use_simpler_masks
 
 log = logging.getLogger("distr_compile")
 
@@ -160,15 +160,15 @@ SOURCE_KEY = SourceKey()
 
 def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[str, SiteDecision],
              example_inputs: list, config: DistrConfig, patches: dict) -> Callable:
-    """Rewrite the sites to be approximated (every site when forced) and the constant causal masks
-    of the exact SDPA sites, and compile with Inductor, each a stage (see :func:`_stage`)."""
+    """Rewrite the sites to be approximated (every site when forced) and the masks of the exact
+    SDPA sites that have a simpler form, and compile with Inductor, each a stage (see :func:`_stage`)."""
     configs = {
         name: config.replace(group_size=d.group_size)
         for name, d in decisions.items()
         if d.approximated or (d.source == "forced" and config.approximate == "always")
     }
-    with _stage("causal-mask rewrite", sites):
-        folded = use_is_causal(s for s in sites if s.name not in configs)
+    with _stage("mask rewrite", sites):
+        folded = use_simpler_masks(s for s in sites if s.name not in configs)
     with _stage("rewrite", sites):
         rewrite_attention(gm.graph, sites, configs)
         gm.recompile()

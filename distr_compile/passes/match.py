@@ -17,8 +17,10 @@ K/V copies made for grouped-query attention (``repeat_interleave`` on the head d
 ``softmax(q k^T * scale + mask) v`` is reported as skipped with the reason; a softmax that is not
 attention at all (a classifier head) is ignored silently.
 
-An SDPA ``attn_mask`` that is a graph constant equal to the causal pattern (Hugging Face
-builds one under torch.compile) becomes ``is_causal=True``, see ``causal.py``.
+An SDPA ``attn_mask`` takes its exact simpler form where it has one (Hugging Face builds
+(B, 1, L, L) masks under torch.compile): none for a constant all-attend mask, ``is_causal=True``
+for the constant causal pattern, the (B, 1, 1, L) padding row it was broadcast from; see
+``masks.py``.
 
 Matching only reads the graph; ``rewrite.py`` changes it.
 """
@@ -36,7 +38,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .causal import constant_value, is_constant_causal_mask
+from .masks import constant_value, simplify_mask
 
 SDPA = torch._C._nn.scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -65,8 +67,8 @@ class AttentionSite:
     them to q. ``neg_inf_fills`` are ``(bool node, fill_where_true)``: scores set to -inf where the
     node equals ``fill_where_true``; ``finite_fills`` add a value there instead;
     ``additive_masks`` are ``(node, multiplier)`` terms added to the scores. ``erase`` lists the
-    nodes that become dead once ``output`` is replaced. ``causal_mask`` is the SDPA ``attn_mask``
-    that was recognised as the constant causal pattern (the site then has ``is_causal``).
+    nodes that become dead once ``output`` is replaced. ``original_mask`` is the SDPA ``attn_mask``
+    as the graph passed it, when ``attn_mask`` / ``is_causal`` hold its simpler form instead.
     """
 
     name: str
@@ -86,7 +88,7 @@ class AttentionSite:
     additive_masks: list[tuple[fx.Node, float]] = field(default_factory=list)
     finite_fills: list[tuple[fx.Node, float, bool]] = field(default_factory=list)
     erase: list[fx.Node] = field(default_factory=list)
-    causal_mask: fx.Node | None = None
+    original_mask: fx.Node | None = None
 
     @property
     def shapes(self) -> str:
@@ -120,7 +122,7 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSi
     sites: list[AttentionSite] = []
     skipped: list[SkippedSite] = []
     names = _SiteNamer()
-    causal_mask = functools.cache(is_constant_causal_mask)  # one mask node often serves every layer
+    simpler = functools.cache(simplify_mask)  # one mask node often serves every layer
     for node in list(graph.nodes):
         if _is_sdpa(node):
             matcher, pattern = _match_sdpa, "sdpa"
@@ -136,9 +138,9 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSi
             skipped.append(SkippedSite(names.name(node), pattern, str(why), _module_id(node)))
             continue
         site.name = names.name(node)
-        if site.attn_mask is not None and not site.is_causal and causal_mask(site.attn_mask):
-            site.causal_mask, site.attn_mask, site.is_causal = site.attn_mask, None, True
-            site.pattern += ", constant causal mask as is_causal"
+        if site.attn_mask is not None and not site.is_causal and (simple := simpler(site.attn_mask)):
+            site.original_mask, site.attn_mask, site.is_causal = site.attn_mask, simple.mask, simple.is_causal
+            site.pattern += f", {simple.how}"
         sites.append(site)
     return sites, skipped
 

@@ -6,9 +6,10 @@ terms combined into one mask, non-constant scales applied to q, a k^T transposed
 node carries ``meta["distr_site"]`` (the site name) so calibration can find it; every new node
 carries the site's module path and stack trace. Nodes of the old spelling that become dead are
 erased. Sites may be chained (one's output is the next one's q, k, v or mask): a later site reads
-the new output of the one before. An SDPA site that stays exact is left as it is, except that a
-constant causal mask (see ``causal.py``) becomes ``is_causal=True`` there (:func:`use_is_causal`):
-an exact rewrite that lets Inductor pick a fused causal kernel instead of reading an L x L mask.
+the new output of the one before. An SDPA site that stays exact is left as it is, except that its
+mask takes the exact simpler form the matcher found (``masks.py``; :func:`use_simpler_masks`): no
+mask, ``is_causal=True`` or the padding row, so that Inductor picks a fused kernel instead of
+reading an L x L mask or falling back to the unfused math path.
 """
 
 from __future__ import annotations
@@ -46,13 +47,15 @@ def rewrite_attention(graph: fx.Graph, sites: list[AttentionSite], configs: Mapp
     return rewritten
 
 
-def use_is_causal(sites: Iterable[AttentionSite]) -> int:
-    """Call each SDPA site whose mask is the constant causal pattern with ``is_causal=True`` and no
-    mask, leaving it SDPA (exact). Returns how many sites changed."""
-    folded = [site for site in sites if site.causal_mask is not None]
-    for site in folded:
-        _sdpa_is_causal(site.output)
-    return len(folded)
+def use_simpler_masks(sites: Iterable[AttentionSite]) -> int:
+    """Call each SDPA site whose mask has a simpler form with that form (mask and ``is_causal``),
+    leaving it SDPA (exact). Returns how many sites changed."""
+    changed = [site for site in sites if site.original_mask is not None]
+    for site in changed:
+        args = sdpa_arguments(site.output) | {"attn_mask": site.attn_mask, "is_causal": site.is_causal}
+        site.output.args = tuple(args.pop(name) for name in SDPA_ARGS[:3])
+        site.output.kwargs = args
+    return len(changed)
 
 
 def _follow(site: AttentionSite, replaced: Mapping[fx.Node, fx.Node]) -> AttentionSite:
@@ -98,13 +101,6 @@ def _emit_op(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> tuple
     if isinstance(want, torch.Tensor) and isinstance(have, torch.Tensor) and want.dtype != have.dtype:
         out = graph.call_method("to", (out, want.dtype))
     return op, out
-
-
-def _sdpa_is_causal(node: fx.Node) -> None:
-    """Call the SDPA ``node`` with ``is_causal=True`` and no mask (its mask is the causal pattern)."""
-    args = sdpa_arguments(node) | {"attn_mask": None, "is_causal": True}
-    node.args = tuple(args.pop(name) for name in SDPA_ARGS[:3])
-    node.kwargs = args
 
 
 def _mask(graph: fx.Graph, site: AttentionSite) -> fx.Node | None:
