@@ -3,8 +3,10 @@
 Cases: SmolLM2-135M prefill (``--lm-batch`` windows of ``--tokens`` pydoc tokens; the distr guard
 calibrates on windows from the start of the text, latency and accuracy are measured on windows from
 the middle), a randomly initialised Llama-3.2-1B-shaped model (``--llama-layers`` layers, 32/8
-heads of dim 64, one sequence of ``--llama-tokens`` random tokens) and a randomly initialised ViT
-(``--vit-preset``, patch 14) on a batch of random images per ``--image-sizes``. For every case: inductor (exact), distr with G=1 at every site (our exact
+heads of dim 64, one sequence of ``--llama-tokens`` random tokens), a randomly initialised BERT-base
+(``--bert-batch`` right-padded sequences of ``--bert-tokens``: a padding mask at every layer) and a
+randomly initialised ViT (``--vit-preset``, patch 14) on a batch of random images per
+``--image-sizes``. For every case: inductor (exact), distr with G=1 at every site (our exact
 Triton kernel: separates what a fused kernel gains from what the approximation gains) and distr
 under each ``--approximate`` setting, each compiled afresh. Columns: median latency
 (``triton.testing.do_bench`` on the GPU, wall-clock median on the CPU), speedup vs inductor,
@@ -51,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--llama-tokens", type=int, nargs="*", default=[2048, 8192],
                         help="prefill lengths of the Llama-3.2-1B-shaped model (random weights; none: no rows)")
     parser.add_argument("--llama-layers", type=int, default=4)
+    parser.add_argument("--bert-tokens", type=int, nargs="*", default=[512],
+                        help="BERT-base (random weights) sequence lengths, right-padded batches (none: no rows)")
+    parser.add_argument("--bert-batch", type=int, default=16)
     parser.add_argument("--image-sizes", type=int, nargs="*", default=[224, 518],
                         help=f"ViT image sizes, multiples of {PATCH} (none: no ViT rows)")
     parser.add_argument("--vit-preset", choices=list(models.VIT_PRESETS), default="base")
@@ -75,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.smoke:
         args.tokens, args.image_sizes, args.vit_preset, args.vit_layers, args.batch = [64], [28], "tiny", 2, 1
-        args.llama_tokens, args.llama_layers = [], 1
+        args.llama_tokens, args.llama_layers, args.bert_tokens, args.bert_batch = [], 1, [32], 2
         args.lm_batch = 1
         args.approximate, args.repeats = ["always"], 2  # on a CPU "auto" is exact: nothing new to see
         args.exact_kernel = False  # on a CPU G=1 is the PyTorch reference: no kernel to see
@@ -170,6 +175,17 @@ def llama_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def bert_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    model = models.bert().to(args.device, dtype)
+    rows = []
+    for n in args.bert_tokens:
+        calibration, inputs = (models.padded_batch(args.bert_batch, n, model.config.vocab_size, args.device, seed)
+                               for seed in range(2))
+        rows += measure(model, calibration, inputs, lambda out: out.last_hidden_state, args, "BERT-base", n,
+                        args.bert_batch * n, lm=False)
+    return rows
+
+
 def vit_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     rows = []
     for px in args.image_sizes:
@@ -210,14 +226,17 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def main() -> None:
     args = parse_args()
     dtype = getattr(torch, args.dtype)
-    rows = (smollm2_rows(args, dtype) if args.tokens else []) + llama_rows(args, dtype) + vit_rows(args, dtype)
+    rows = ((smollm2_rows(args, dtype) if args.tokens else []) + llama_rows(args, dtype) + bert_rows(args, dtype)
+            + vit_rows(args, dtype))
     if args.plot:
         plot(rows, args.plot)
     picture = f"\n\n![latency]({os.path.relpath(args.plot, args.out.parent)})" if args.plot and args.out else ""
     append_section(
         args.out, "End-to-end models: inductor vs distr",
         f"transformers {transformers.__version__}, {args.dtype}, G={args.group_size}. SmolLM2-135M prefill of "
-        f"{args.lm_batch} pydoc windows (`size` = tokens per window; guard calibrated on other windows); ViT-{args.vit_preset} (random "
+        f"{args.lm_batch} pydoc windows (`size` = tokens per window; guard calibrated on other windows); BERT-base "
+        f"(random weights) on {args.bert_batch} right-padded sequences (`size` = tokens, lengths uniform in "
+        f"[size/2, size]); ViT-{args.vit_preset} (random "
         f"weights, patch {PATCH}) on {args.batch} random images (`size` = px). `ms`: median latency of one "
         "forward; `speedup`: inductor ms / this ms; `perplexity`: SmolLM2 on the measured window; `mean cos` / "
         "`min cos`: cosine of the output (logits, last hidden state) to inductor's, per token; `approximated`: "

@@ -1,4 +1,4 @@
-"""Which attention kernel does ``backend="inductor"`` emit for HF ViT on this machine?
+"""Which attention kernel do ``backend="inductor"`` and ``backend="distr"`` emit for HF ViT and BERT here?
 
 With torch 2.11 on H100/H200 GPUs (2026-11), Inductor ran HF ViT's SDPA call as the unfused fp32
 math decomposition (bmm + ``_safe_softmax``), while a plain SDPA call on tensors of the same shape,
@@ -9,7 +9,7 @@ torch build: for each case it compiles with Inductor (caches off) and prints the
 the post-grad graph (``_scaled_dot_product_cudnn_attention``, ``..._flash_attention``, or ``bmm``
 for the math path).
 
-    python benchmarks/sdpa_lowering.py                       # GPU: plain SDPA and HF ViT-base
+    python benchmarks/sdpa_lowering.py                       # GPU: plain SDPA, HF ViT-base and BERT-base
     python benchmarks/sdpa_lowering.py --sizes 224 --why     # also the reasons SDPA gives with math off
     python benchmarks/sdpa_lowering.py --device cpu --sizes 28 --batch 1   # a quick check of the script
 """
@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518], help="ViT image sizes (px, multiples of 14)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=1, help="ViT-base layers (the lowering is per layer)")
+    parser.add_argument("--bert-tokens", type=int, default=512, help="BERT-base sequence length (padded batch)")
+    parser.add_argument("--layers", type=int, default=1, help="ViT-base / BERT-base layers (the lowering is per layer)")
     parser.add_argument("--why", action="store_true",
                         help="then disable the math SDPA backend and print every warning of the failed selection")
     args = parser.parse_args()
@@ -52,12 +53,12 @@ def main() -> None:
 
     torch._inductor.config.post_grad_custom_pre_pass = attention_ops
 
-    def probe(label, fn, *fargs, mode=torch.no_grad, chars=200, **kwargs) -> None:
+    def probe(label, fn, *fargs, mode=torch.no_grad, chars=200, backend="inductor", **kwargs) -> None:
         torch._dynamo.reset()
         seen.clear()
         try:
             with mode():
-                torch.compile(fn, backend="inductor")(*fargs, **kwargs)
+                torch.compile(fn, backend=backend)(*fargs, **kwargs)
             print(f"{label:60s} {sorted(set().union(*seen))}", flush=True)
         except Exception as e:  # report and go on to the next case
             print(f"{label:60s} FAILED {type(e).__name__}: {str(e)[:chars]}", flush=True)
@@ -77,6 +78,11 @@ def main() -> None:
             probe(f"HF ViT-base {size} px, {args.layers} layer(s), {attn} attention", vit, pixel_values=pixels)
         vit = models.vit(size, "base", layers=args.layers).to(dev, dt).requires_grad_(False)
         probe(f"HF ViT-base {size} px, inference_mode, frozen", vit, pixel_values=pixels, mode=torch.inference_mode)
+        probe(f"HF ViT-base {size} px, backend=distr", vit, pixel_values=pixels, backend="distr")
+    bert = models.bert(args.layers).to(dev, dt)
+    padded = models.padded_batch(args.batch, args.bert_tokens, bert.config.vocab_size, dev)
+    for backend in ("inductor", "distr"):
+        probe(f"HF BERT-base {args.bert_tokens} tokens, padding mask, backend={backend}", bert, backend=backend, **padded)
 
     if args.why and dev.startswith("cuda"):
         torch.backends.cuda.enable_math_sdp(False)

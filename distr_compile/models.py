@@ -145,6 +145,25 @@ def llama(layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0):
     return LlamaModel(config).eval()
 
 
+def bert(layers: int = 12, attn_implementation: str = "sdpa", seed: int = 0):
+    """A randomly initialised ``transformers`` BertModel of BERT-base's shape (hidden 768, 12 heads of
+    dim 64, MLP 3072, no pooler, eval mode); ``layers`` of its 12."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(num_hidden_layers=layers, attn_implementation=attn_implementation)
+    torch.manual_seed(seed)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def padded_batch(batch: int, tokens: int, vocab: int, device, seed: int = 0) -> dict:
+    """Token ids and a right-padding ``attention_mask``: sequence lengths uniform in [tokens/2, tokens]."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(tokens // 2, tokens + 1, (batch,), generator=gen)
+    mask = (torch.arange(tokens)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(0, vocab, (batch, tokens), generator=gen)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
 def sentence_embeddings(model, batch) -> torch.Tensor:
     """Mean-pooled, normalised sentence embeddings of a tokenized batch (all-MiniLM-L6-v2's recipe)."""
     hidden = model(**batch).last_hidden_state
