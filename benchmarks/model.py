@@ -155,11 +155,16 @@ def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Cal
     return rows
 
 
-def smollm2_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+def pretrained(load: Callable, path: str | None) -> tuple:
+    """(tokenizer, model) from ``load(path)``; exits with its message when the weights are missing."""
     try:
-        tokenizer, model = models.smollm2(args.model_dir)
+        return load(path)
     except RuntimeError as e:
         sys.exit(str(e))
+
+
+def smollm2_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    tokenizer, model = pretrained(models.smollm2, args.model_dir)
     model = model.to(args.device, dtype)
     ids = models.pydoc_token_ids(tokenizer).to(args.device)
     rows, b = [], args.lm_batch
@@ -195,10 +200,7 @@ def bert_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
 
 
 def minilm_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
-    try:
-        tokenizer, model = models.minilm(args.minilm_dir)
-    except RuntimeError as e:
-        sys.exit(str(e))
+    tokenizer, model = pretrained(models.minilm, args.minilm_dir)
     model = model.to(args.device, dtype)
     paragraphs = [p for text in models.pydoc_texts() for p in text.split("\n\n") if len(p) > 40]
     rows = []
