@@ -37,7 +37,9 @@ from .config import ConfigError, DistrConfig
 from .guard import (
     EXACT, DistrPlan, SiteDecision, SiteProbe, decide_graph, metric_error, probe_module, remember_graph, run_probe,
 )
-from .passes import AttentionSite, SkippedSite, find_attention, rewrite_attention, use_simpler_masks
+from .passes import (
+    AttentionSite, SkippedSite, drop_maps, find_attention, register_maps, rewrite_attention, use_simpler_masks,
+)
 
 log = logging.getLogger("distr_compile")
 
@@ -126,11 +128,13 @@ def _record(fault: BackendFault, gm: fx.GraphModule, example_inputs: list, confi
 def _restore(gm: fx.GraphModule, original: fx.Graph) -> None:
     """Put the untouched copy ``original`` back as ``gm``'s graph. Dynamo gives placeholders their
     source as a node attribute, not in meta, and AOTAutograd reads it; a graph copy drops it, so it
-    moves over (the passes never add or remove placeholders)."""
+    moves over (the passes never add or remove placeholders). The projection maps the rewrite
+    registered go too."""
     for old, new in zip(gm.graph.find_nodes(op="placeholder"), original.find_nodes(op="placeholder")):
         if hasattr(old, "_dynamo_source"):
             new._dynamo_source = old._dynamo_source
     gm.graph = original
+    drop_maps(gm)
 
 
 def _inductor_patches(mode: str | None) -> dict:
@@ -160,17 +164,19 @@ SOURCE_KEY = SourceKey()
 
 def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[str, SiteDecision],
              example_inputs: list, config: DistrConfig, patches: dict) -> Callable:
-    """Rewrite the sites to be approximated (every site when forced) and the masks of the exact
-    SDPA sites that have a simpler form, and compile with Inductor, each a stage (see :func:`_stage`)."""
+    """Rewrite the sites to be approximated (every site when forced; a projection with its maps as
+    buffers of ``gm``) and the masks of the exact SDPA sites that have a simpler form, and compile
+    with Inductor, each a stage (see :func:`_stage`)."""
     configs = {
-        name: config.replace(group_size=d.group_size)
+        name: config.replace(group_size=d.group_size, grouping=d.grouping)
         for name, d in decisions.items()
         if d.approximated or (d.source == "forced" and config.approximate == "always")
     }
     with _stage("mask rewrite", sites):
         folded = use_simpler_masks(s for s in sites if s.name not in configs)
     with _stage("rewrite", sites):
-        rewrite_attention(gm.graph, sites, configs)
+        maps = register_maps(gm, sites, {name: d.maps for name, d in decisions.items() if d.projected})
+        rewrite_attention(gm.graph, sites, configs, maps)
         gm.recompile()
     # Inductor failing on a graph we did not change is Inductor's error, as with backend="inductor".
     with _stage("Inductor on the rewritten graph", sites) if configs or folded else contextlib.nullcontext():
@@ -180,7 +186,7 @@ def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[
 class _Monitor:
     """Runtime monitor: every ``monitor_every`` calls, recheck the approximated sites on the
     call's real inputs (the heads reading KV head 0 only) and, if one drifted over the
-    tolerance, demote it to exact and recompile the graph."""
+    tolerance, demote it to exact and recompile the graph. Projection sites are not rechecked."""
 
     def __init__(self, original: fx.GraphModule, decisions: dict[str, SiteDecision], config: DistrConfig,
                  patches: dict, compiled: Callable):
@@ -204,7 +210,8 @@ class _Monitor:
         return self.compiled(args) if getattr(self.compiled, "_boxed_call", False) else self.compiled(*args)
 
     def _check(self, args: list) -> None:
-        approx = {n: self.config.replace(group_size=d.group_size) for n, d in self.decisions.items() if d.approximated}
+        approx = {n: self.config.replace(group_size=d.group_size) for n, d in self.decisions.items()
+                  if d.approximated and not d.projected}  # a projection is not rechecked
         probe = SiteProbe(self.probe, {n: [c] for n, c in approx.items()}, sample_heads=True)
         run_probe(probe, list(args))
         drifted = {}

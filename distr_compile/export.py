@@ -33,7 +33,7 @@ import torch.fx.traceback as fx_traceback
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
-from .config import DistrConfig
+from .config import ConfigError, DistrConfig
 from .guard import DistrPlan, decide_graph
 from .passes import AttentionSite, find_attention, rewrite_attention
 from .passes.match import SDPA
@@ -128,6 +128,10 @@ def rewrite_exported(
     flat_inputs = torch.fx._pytree.tree_flatten_spec((args, kwargs), program.call_spec.in_spec)
     sites, _ = find_attention(module.graph)
     decisions = decide_graph(module, flat_inputs, sites, config, _as_plan(config.plan if plan is None else plan))
+    projected = [name for name, d in decisions.items() if d.projected]
+    if projected:
+        raise ConfigError(f"export does not take grouping='projection' sites yet ({projected}): compile with "
+                          "torch.compile(backend='distr') instead")
     approximated = {name: config.replace(group_size=d.group_size) for name, d in decisions.items() if d.approximated}
     if not approximated:
         return program

@@ -181,8 +181,8 @@ def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method:
 
 def project(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q A, k B)``: q (..., Hq, L, d) through each query head's A (Hq, d, r), k (..., Hkv, L, d)
-    through each KV head's B (Hkv, d, r); in q's and k's dtypes. Maps of the wrong shape are a
-    ValueError naming the expected one."""
+    through each KV head's B (Hkv, d, r); in q's and k's dtypes and on their device. Maps of the
+    wrong shape are a ValueError naming the expected one."""
     heads = lambda t: t.shape[-3] if t.dim() >= 3 else 1  # noqa: E731
     r = a.shape[-1]
     for name, m, t in (("A", a, q), ("B", b, k)):
@@ -190,7 +190,7 @@ def project(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
         if tuple(m.shape) != want:
             raise ValueError(f"projection map {name} has shape {tuple(m.shape)}, expected {want} (heads, head dim, "
                              f"rank) for q {tuple(q.shape)}, k {tuple(k.shape)}")
-    return q @ a.to(q.dtype), k @ b.to(k.dtype)
+    return q @ a.to(q), k @ b.to(k)
 
 
 def projected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,

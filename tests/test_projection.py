@@ -114,3 +114,138 @@ def test_rejects_bad_arguments():
         fit_projection(q, k, 2, method="svd")
     with pytest.raises(ValueError, match="divisible"):
         fit_projection(q, k, 3)
+
+
+# ---- grouping="projection" through the backend: maps fitted on the first call, saved with the plan --
+
+PROJECTED = {"approximate": "always", "grouping": "projection", "group_size": 2}
+
+
+class CausalSelfAttention(torch.nn.Module):
+    """One causal SDPA site on (B, heads, L, head_dim) q, k, v from one linear layer."""
+
+    def __init__(self, heads: int = 2, head_dim: int = 16):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = torch.nn.Linear(32, 3 * heads * head_dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.qkv(x).view(*x.shape[:2], 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(*self.qkv_heads(x), is_causal=True)
+
+
+def compiled_attention(**kwargs):
+    torch.manual_seed(0)
+    model = CausalSelfAttention(**kwargs)
+    return model, torch.compile(model, backend="distr", options=PROJECTED), randn(2, 24, 32)
+
+
+def test_backend_fits_the_maps_on_the_first_call_and_projects(eager_backend):
+    """The compiled site is exact attention on (q A, k B) with maps fitted on the first call's q, k:
+    the graph reads A and B as buffers, multiplies and calls the op at G=1; the report names the
+    grouping."""
+    import distr_compile
+    from test_passes import op_nodes
+
+    model, compiled, x = compiled_attention()
+    with torch.no_grad():
+        out = compiled(x)
+        q, k, v = model.qkv_heads(x)
+    a, b = fit_projection(q, k, 2, is_causal=True)
+    torch.testing.assert_close(out, projected_attention(q, k, v, a, b, is_causal=True), atol=1e-5, rtol=1e-5)
+    assert rel_err(out, sdpa(q, k, v, is_causal=True)) > 1e-3
+    (gm,) = eager_backend
+    assert sorted(n.target for n in gm.graph.find_nodes(op="get_attr")) == ["distr_projection_0_a",
+                                                                           "distr_projection_0_b"]
+    assert [n.args[7] for n in op_nodes(eager_backend)] == [1]
+    assert "G=2 projection" in distr_compile.report(compiled)
+
+
+def test_backend_projection_on_gqa_llama_matches_eager(eager_backend, monkeypatch):
+    """GQA (4 query heads on 2 KV heads): A per query head, B per KV head; the compiled model
+    equals the eager model with each layer's SDPA replaced by attention on (q A, k B)."""
+    import distr_compile
+    from test_passes import tiny_hf_llama
+
+    model, ids = tiny_hf_llama()
+    compiled = torch.compile(model, backend="distr", options=PROJECTED)
+    with torch.no_grad():
+        out = compiled(input_ids=ids, use_cache=False).last_hidden_state
+    plan = distr_compile.plan_of(compiled)
+    maps = [plan.sites[f"layers.{i}.self_attn"].maps for i in range(2)]
+    assert [tuple(m.shape) for m in maps[0]] == [(4, 16, 8), (2, 16, 8)]
+    real_sdpa = F.scaled_dot_product_attention
+
+    def projected_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        qp, kp = project(q, k, *maps.pop(0))
+        return real_sdpa(qp, kp, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa,
+                         scale=q.shape[-1] ** -0.5 if scale is None else scale)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", projected_sdpa)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).last_hidden_state
+    assert not maps
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_projection_trains(eager_backend):
+    """Gradients flow through the projected q, k into the weights (the maps stay fixed)."""
+    model, compiled, x = compiled_attention()
+    compiled(x).square().sum().backward()
+    grad = model.qkv.weight.grad
+    assert grad is not None and grad[:64].abs().sum() > 0  # the q and k rows
+
+
+def test_plan_saves_and_loads_the_maps(eager_backend, tmp_path, monkeypatch):
+    """plan.json + plan.safetensors: compiling with the loaded plan reproduces the output without
+    fitting again."""
+    import distr_compile
+    import distr_compile.guard.fit
+
+    model, compiled, x = compiled_attention()
+    with torch.no_grad():
+        out = compiled(x)
+    path = distr_compile.plan_of(compiled).save(str(tmp_path / "plan.json"))
+    assert (tmp_path / "plan.safetensors").exists()
+    monkeypatch.setattr(distr_compile.guard.fit, "fit_projection", pytest.fail)
+    torch._dynamo.reset()
+    reloaded = torch.compile(model, backend="distr", options={"plan": path})
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), out, atol=0, rtol=0)
+
+
+@pytest.fixture
+def saved_plan(eager_backend, tmp_path):
+    import distr_compile
+
+    _, compiled, x = compiled_attention()
+    with torch.no_grad():
+        compiled(x)
+    torch._dynamo.reset()
+    return distr_compile.plan_of(compiled).save(str(tmp_path / "plan.json"))
+
+
+def test_plan_maps_of_another_head_dim_are_a_config_error(saved_plan):
+    torch.manual_seed(0)
+    other = torch.compile(CausalSelfAttention(heads=4, head_dim=8), backend="distr", options={"plan": saved_plan})
+    with pytest.raises(Exception, match=r"ConfigError: the plan does not fit this model:\n  <root>: projection maps A \(2, 16, 8\), B \(2, 16, 8\) do not fit .*"
+                                          r"expected A \(4, 8, 4\), B \(4, 8, 4\)"):
+        other(randn(2, 24, 32))
+
+
+def test_plan_without_its_maps_file_is_a_config_error(saved_plan, tmp_path):
+    from distr_compile import DistrPlan
+    from distr_compile.config import ConfigError
+
+    (tmp_path / "plan.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"sites \['<root>'\] use grouping='projection' but their maps file "
+                                          r".*plan.safetensors is missing"):
+        DistrPlan.load(saved_plan)
+
+
+def test_guarded_projection_is_a_config_error(eager_backend):
+    compiled = torch.compile(CausalSelfAttention(), backend="distr", options={**PROJECTED, "approximate": "guarded"})
+    with pytest.raises(Exception, match="ConfigError: grouping='projection' is not calibrated by the guard"):
+        compiled(randn(2, 24, 32))

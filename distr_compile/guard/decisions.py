@@ -8,9 +8,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..config import ConfigError, DistrConfig
 from ..passes import AttentionSite
+from .fit import fit_maps
 from .plan import DistrPlan, SiteDecision
 from .policy import decide_sites
-from .probe import EXACT, divides_head_dim
+from .probe import EXACT, divides_head_dim, projection_shapes
 from .store import STORE, Owner, owners
 
 
@@ -23,7 +24,8 @@ def decide_graph(gm: fx.GraphModule, example_inputs: list, sites: list[Attention
     ``approximate`` setting ("always": ``group_size`` unguarded, "auto": exact on CPU); the
     decision calibrated on ``example_inputs`` (:func:`decide_sites`); exact attention, when the
     inputs are fake and there is nothing to calibrate on. With ``guard_reference="original"`` a
-    site left to calibrate is a :class:`ConfigError`: that guard needs the original model.
+    site left to calibrate is a :class:`ConfigError`: that guard needs the original model. A site
+    approximated by a projection without maps gets them fitted on ``example_inputs`` (:func:`fit_maps`).
     """
     decisions = plan.decisions_for(sites) if plan is not None else {}
     todo = []
@@ -41,10 +43,15 @@ def decide_graph(gm: fx.GraphModule, example_inputs: list, sites: list[Attention
             "distr_compile.calibrate(adapted, batches, original=model, guard_reference='original', ...), save the "
             f"plan and compile with options={{'plan': path}} (sites without a decision: {[s.name for s in todo]})"
         )
+    if todo and config.grouping == "projection":
+        raise ConfigError("grouping='projection' is not calibrated by the guard: use approximate='always' (the maps "
+                          f"are fitted on the first call's inputs) or a saved plan (sites without a decision: "
+                          f"{[s.name for s in todo]})")
     if todo and has_real_inputs(example_inputs):
         decisions.update(decide_sites(gm, [list(example_inputs)], todo, config))
     for site in todo:
         decisions.setdefault(site.name, _decision(site, EXACT, "no real example inputs to calibrate on", "default"))
+    fit_maps(gm, example_inputs, sites, decisions, has_real_inputs(example_inputs))
     for site in sites:
         STORE.put(owners(site.module_id, example_inputs), decisions[site.name], config)
     return decisions
@@ -62,24 +69,29 @@ def _known_decision(site: AttentionSite, whos: list[Owner], config: DistrConfig)
         return _valid(site, stored)
     if config.approximate == "always":
         reason = f"forced: approximate='always' (G={config.group_size}, no guard)"
-        return _valid(site, _decision(site, config.group_size, reason, "forced"))
+        return _valid(site, _decision(site, config.group_size, reason, "forced", config.grouping))
     if config.approximate == "auto" and not _on_cuda(site):
         return _decision(site, EXACT, "CPU: exact (approximate='auto' approximates on CUDA only)", "device")
     return None
 
 
 def _valid(site: AttentionSite, decision: SiteDecision) -> SiteDecision | None:
-    """``decision`` if its G divides the head dim (it may not after a shape change), else None
-    (recalibrate) or, when forced, exact with the reason."""
-    if divides_head_dim(site, decision.group_size):
+    """``decision`` if its G divides the head dim (it may not after a shape change) and, for a
+    projection, the site has the shapes maps need, else None (recalibrate) or, when forced, exact
+    with the reason."""
+    g = decision.group_size
+    if not divides_head_dim(site, g):
+        problem = f"head dim not divisible by G={g}"
+    elif decision.projected and projection_shapes(site, g) is None:
+        problem = f"grouping='projection' needs q and k of shape (B, H, L, E) with static H and E, got {site.shapes}"
+    else:
         return decision
-    if decision.source == "forced":
-        return _decision(site, EXACT, f"head dim not divisible by G={decision.group_size}", "forced")
-    return None
+    return _decision(site, EXACT, problem, "forced") if decision.source == "forced" else None
 
 
-def _decision(site: AttentionSite, group_size: int, reason: str, source: str) -> SiteDecision:
-    return SiteDecision(site.name, site.pattern, site.shapes, group_size, reason, source)
+def _decision(site: AttentionSite, group_size: int, reason: str, source: str,
+              grouping: str = DistrConfig.grouping) -> SiteDecision:
+    return SiteDecision(site.name, site.pattern, site.shapes, group_size, reason, source, grouping=grouping)
 
 
 def _on_cuda(site: AttentionSite) -> bool:

@@ -1,17 +1,21 @@
 """Plans: what was decided for each site (:class:`SiteDecision`) and the decisions for a model
-(:class:`DistrPlan`), saved as JSON and checked against the sites they are applied to."""
+(:class:`DistrPlan`), saved as JSON (and the projection maps beside it as safetensors) and checked
+against the sites they are applied to."""
 
 from __future__ import annotations
 
 import copy
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from ..config import GROUP_SIZES, ConfigError, DistrConfig
 from ..passes import AttentionSite, SkippedSite
-from .probe import EXACT, divides_head_dim, metric_error
+from .probe import EXACT, divides_head_dim, metric_error, projection_shapes
 
 PLAN_VERSION = 1
 
@@ -21,7 +25,9 @@ class SiteDecision:
     """What the guard decided for one site and why. ``group_size`` 1 means exact attention;
     ``errors`` maps each measured G to its metrics (``rel_fro``, ``cosine``, ``max_abs``), the
     worst over every calibration call; ``times`` maps G to the site's measured ms on the first
-    calibration call (1: exact SDPA), when the guard measured speed (``min_speedup`` > 0)."""
+    calibration call (1: exact SDPA), when the guard measured speed (``min_speedup`` > 0).
+    ``grouping`` is the approximation's grouping; with "projection", ``maps`` holds the site's
+    (A (Hq, E, E/G), B (Hkv, E, E/G)), fitted on its inputs (saved beside the plan's JSON)."""
 
     name: str
     pattern: str
@@ -31,10 +37,17 @@ class SiteDecision:
     source: str
     errors: dict[int, dict[str, float]] = field(default_factory=dict)
     times: dict[int, float] = field(default_factory=dict)
+    grouping: str = DistrConfig.grouping
+    maps: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def approximated(self) -> bool:
         return self.group_size != EXACT
+
+    @property
+    def projected(self) -> bool:
+        """Approximated by a calibrated projection (which needs ``maps``)."""
+        return self.approximated and self.grouping == "projection"
 
     def error(self, metric: str) -> float | None:
         """The error of the chosen G, or of the best measured candidate for an exact site."""
@@ -47,7 +60,8 @@ class SiteDecision:
 @dataclass
 class DistrPlan:
     """The decisions for a model: per-site G (1 = exact) with evidence, plus the op knobs and
-    guard settings they were made with. Saved as JSON (never pickle). ``output_error``: with
+    guard settings they were made with. Saved as JSON, and the projection maps of its sites
+    beside it as safetensors (:func:`maps_path`; never pickle). ``output_error``: with
     ``guard_reference="original"``, the end-to-end error of these decisions against the original
     model (worst calibration batch); over ``output_tolerance`` only if every site is exact."""
 
@@ -57,23 +71,30 @@ class DistrPlan:
     output_error: float | None = None
 
     def save(self, path: str) -> str:
-        """Write the plan as JSON; returns ``path`` (handy for ``options={"plan": ...}``)."""
+        """Write the plan as JSON and, if a site has projection maps, the maps as safetensors at
+        :func:`maps_path` (keys ``"<site>.A"``, ``"<site>.B"``); returns ``path`` (handy for
+        ``options={"plan": ...}``)."""
+        from safetensors.torch import save_file
+
         data = {
             "version": PLAN_VERSION,
             "config": self.config,
-            "sites": [asdict(d) | {"errors": {str(g): m for g, m in d.errors.items()},
-                                   "times": {str(g): t for g, t in d.times.items()}} for d in self.sites.values()],
+            "sites": [_as_json(d) for d in self.sites.values()],
             "skipped": [{"name": s.name, "pattern": s.pattern, "reason": s.reason, "fault": s.fault}
                         for s in self.skipped.values()],
             "output_error": self.output_error,
         }
         with open(path, "w") as f:
             json.dump(data, f, indent=2)
+        maps = {f"{d.name}.{key}": m.detach().float().cpu().contiguous()
+                for d in self.sites.values() if d.maps is not None for key, m in zip("AB", d.maps)}
+        if maps:
+            save_file(maps, maps_path(path))
         return path
 
     @classmethod
     def load(cls, path: str) -> "DistrPlan":
-        """Read a plan written by :meth:`save`."""
+        """Read a plan written by :meth:`save`, with the maps of its projection sites."""
         with open(path) as f:
             data = json.load(f)
         if data.get("version") != PLAN_VERSION:
@@ -82,7 +103,9 @@ class DistrPlan:
         for d in data["sites"]:
             d["errors"] = {int(g): m for g, m in d["errors"].items()}
             d["times"] = {int(g): t for g, t in d.get("times", {}).items()}  # plans from before speed checks
+            d.setdefault("grouping", data["config"]["grouping"])  # plans from before per-site groupings
             sites[d["name"]] = SiteDecision(**d)
+        _load_maps(path, [d for d in sites.values() if d.projected])
         skipped = {s["name"]: SkippedSite(**s) for s in data["skipped"]}
         return cls(data["config"], sites, skipped, data.get("output_error"))
 
@@ -127,8 +150,51 @@ def _group_size_fits(site: AttentionSite, decision: SiteDecision) -> str | None:
     return None
 
 
+def _maps_fit(site: AttentionSite, decision: SiteDecision) -> str | None:
+    if not decision.projected:
+        return None
+    want = projection_shapes(site, decision.group_size)
+    if want is None:
+        return f"grouping='projection' needs q and k of shape (B, H, L, E) with static H and E, got {site.shapes}"
+    have = tuple(tuple(m.shape) for m in decision.maps)
+    if have != want:
+        return (f"projection maps A {have[0]}, B {have[1]} do not fit {site.shapes} at G={decision.group_size}: "
+                f"expected A {want[0]}, B {want[1]} (heads, head dim, head dim / G)")
+    return None
+
+
 # Checks of a plan's decision against the site it is applied to: each returns the problem, or None.
-SITE_CHECKS: tuple[Callable[[AttentionSite, SiteDecision], str | None], ...] = (_group_size_fits,)
+SITE_CHECKS: tuple[Callable[[AttentionSite, SiteDecision], str | None], ...] = (_group_size_fits, _maps_fit)
+
+
+def maps_path(path: str) -> str:
+    """Where the projection maps of the plan saved at ``path`` live: beside it, ``.safetensors``."""
+    return str(Path(path).with_suffix(".safetensors"))
+
+
+def _as_json(d: SiteDecision) -> dict[str, Any]:
+    """``d`` as JSON data: every field but the maps, the G keys as strings."""
+    data = {f.name: getattr(d, f.name) for f in fields(d) if f.name != "maps"}
+    return data | {"errors": {str(g): m for g, m in d.errors.items()}, "times": {str(g): t for g, t in d.times.items()}}
+
+
+def _load_maps(path: str, projected: list[SiteDecision]) -> None:
+    """Set the maps of the ``projected`` decisions of the plan at ``path`` from its safetensors file."""
+    if not projected:
+        return
+    from safetensors.torch import load_file
+
+    file = maps_path(path)
+    names = [d.name for d in projected]
+    if not Path(file).exists():
+        raise ConfigError(f"{path}: sites {names} use grouping='projection' but their maps file {file} is missing "
+                          "(DistrPlan.save writes it beside the plan's JSON)")
+    tensors = load_file(file)
+    missing = [f"{name}.{key}" for name in names for key in "AB" if f"{name}.{key}" not in tensors]
+    if missing:
+        raise ConfigError(f"{file} lacks the projection maps {missing} of plan {path}")
+    for d in projected:
+        d.maps = (tensors[f"{d.name}.A"], tensors[f"{d.name}.B"])
 
 
 def plan_config(config: DistrConfig) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def decide_site(site: AttentionSite, errors: Mapping[str, dict], times: Mapping[
     measured, timed = errors.get(site.name, {}), times.get(site.name, {})
     g, reason = decide(measured, config, timed)
     log.info("%s: %s", site.name, reason)
-    return SiteDecision(site.name, site.pattern, site.shapes, g, reason, "calibrated", measured, timed)
+    return SiteDecision(site.name, site.pattern, site.shapes, g, reason, "calibrated", measured, timed, config.grouping)
 
 
 def end_to_end(gm: fx.GraphModule, inputs_list: list[list], decisions: dict[str, SiteDecision],

@@ -16,6 +16,7 @@ from .. import speed
 from ..config import DistrConfig
 from ..kernels.attention import fixed_config
 from ..passes import SITE_META, AttentionSite, find_attention, rewrite_attention
+from ..projection import project
 
 EXACT = 1  # the group size of exact attention
 _OP = torch.ops.distr.attention.default
@@ -140,6 +141,28 @@ def divides_head_dim(site: AttentionSite, g: int) -> bool:
     """Whether G divides the site's head dim (known at compile time)."""
     q = site.q.meta.get("example_value")
     return q is not None and statically_known_true(q.shape[-1] % g == 0)
+
+
+def projection_shapes(site: AttentionSite, g: int) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """The shapes of the site's projection maps at G, A (Hq, E, E/G) and B (Hkv, E, E/G), or None
+    when q and k are not (B, H, L, E) with static heads and head dim divisible by G."""
+    q, k = (x.meta.get("example_value") for x in (site.q, site.k))
+    if q is None or k is None or q.dim() != 4 or k.dim() != 4:
+        return None
+    hq, e, hkv = q.shape[1], q.shape[3], k.shape[1]
+    if not all(isinstance(x, int) for x in (hq, e, hkv)) or e % g:
+        return None
+    return (hq, e, e // g), (hkv, e, e // g)
+
+
+def projected_op(args: tuple, maps: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on a site's arguments (q, k, v, mask, is_causal, scale, enable_gqa, *knobs) with the
+    projection ``maps``: exact attention on (q A, k B, v) at the scale of the original head dim,
+    as the rewrite emits it."""
+    q, k, v, mask, is_causal, scale, enable_gqa = args[:7]
+    qp, kp = project(q, k, *maps)
+    return _OP(qp, kp, v, mask, is_causal, q.shape[-1] ** -0.5 if scale is None else scale, enable_gqa, EXACT,
+               *args[8:])
 
 
 

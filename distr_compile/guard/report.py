@@ -13,7 +13,8 @@ from .store import plan_of
 def report(compiled: Any, plot: str | None = None, file: Any = None) -> str:
     """Print (to ``file``, default stdout) and return a table of every attention site of a model
     or function compiled with ``backend="distr"`` (or of a plan), including the sites left alone:
-    name, pattern, shapes, decision, measured error against the tolerance, and the reason.
+    name, pattern, shapes, decision (G and grouping, or exact), measured error against the
+    tolerance, and the reason.
     ``plot`` writes a PNG bar chart of each site's error against the tolerance."""
     from tabulate import tabulate
 
@@ -22,7 +23,7 @@ def report(compiled: Any, plot: str | None = None, file: Any = None) -> str:
     rows = []
     for d in plan.sites.values():
         err = d.error(metric)
-        rows.append([d.name, d.pattern, d.shapes, f"G={d.group_size}" if d.approximated else "exact",
+        rows.append([d.name, d.pattern, d.shapes, f"G={d.group_size} {d.grouping}" if d.approximated else "exact",
                      "-" if err is None else f"{err:.3g}", f"{tol:g}", _times(d), d.reason])
     for s in plan.skipped.values():
         rows.append([s.name, s.pattern, "", "left alone", "-", "-", "-", s.reason])

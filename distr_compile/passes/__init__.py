@@ -5,6 +5,7 @@ Plain functions over ``torch.fx.Graph`` in the style of ``torch/_inductor/fx_pas
 """
 
 from .match import AttentionSite, SkippedSite, find_attention
-from .rewrite import SITE_META, rewrite_attention, use_simpler_masks
+from .rewrite import SITE_META, drop_maps, register_maps, rewrite_attention, use_simpler_masks
 
-__all__ = ["AttentionSite", "SITE_META", "SkippedSite", "find_attention", "rewrite_attention", "use_simpler_masks"]
+__all__ = ["AttentionSite", "SITE_META", "SkippedSite", "drop_maps", "find_attention", "register_maps", "rewrite_attention",
+           "use_simpler_masks"]

@@ -10,6 +10,10 @@ the new output of the one before. An SDPA site that stays exact is left as it is
 mask takes the exact simpler form the matcher found (``masks.py``; :func:`use_simpler_masks`): no
 mask, ``is_causal=True`` or the padding row, so that Inductor picks a fused kernel instead of
 reading an L x L mask or falling back to the unfused math path.
+
+A site with ``grouping="projection"`` becomes ``q @ A`` and ``k @ B`` (the maps are buffers of the
+GraphModule, read by ``get_attr``: :func:`register_maps`), then the op at G = 1 on the projected
+q, k with the softmax scale of the original head dim.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Iterable, Mapping
 
 import torch
 import torch.fx as fx
+from torch._dynamo.source import ConstantSource
 
 from .. import ops  # noqa: F401  (registers torch.ops.distr.attention)
 from ..config import DistrConfig
@@ -28,23 +33,57 @@ from .match import SDPA_ARGS, AttentionSite, sdpa_arguments
 
 SITE_META = "distr_site"
 PROVENANCE = ("nn_module_stack", "stack_trace")  # meta the nodes of a rewrite take from the site's output
+MAPS_PREFIX = "distr_projection_"  # the buffers register_maps adds
 
 
-def rewrite_attention(graph: fx.Graph, sites: list[AttentionSite], configs: Mapping[str, DistrConfig]) -> list[fx.Node]:
+def rewrite_attention(graph: fx.Graph, sites: list[AttentionSite], configs: Mapping[str, DistrConfig],
+                      maps: Mapping[str, tuple[str, str]] | None = None) -> list[fx.Node]:
     """Rewrite each site whose name is in ``configs`` to the op with that config (G = 1 gives
-    exact attention through the op); other sites are not touched. Returns the new op nodes."""
+    exact attention through the op); other sites are not touched. A site with
+    ``grouping="projection"`` reads its maps from the attributes ``maps[name]`` names (A, B; see
+    :func:`register_maps`). Returns the new op nodes."""
     rewritten = []
     replaced: dict[fx.Node, fx.Node] = {}  # old site output -> its new output, for sites chained on it
     for site in sites:
         config = configs.get(site.name)
         if config is None:
             continue
+        if config.grouping == "projection" and not config.exact and site.name not in (maps or {}):
+            raise ValueError(f"site {site.name}: grouping='projection' needs its maps")
         site = _follow(site, replaced)
-        op, replaced[site.output] = _emit(graph, site, config)
+        op, replaced[site.output] = _emit(graph, site, config, (maps or {}).get(site.name))
         _erase_dead(graph, site)
         rewritten.append(op)
     graph.lint()
     return rewritten
+
+
+def register_maps(gm: fx.GraphModule, sites: list[AttentionSite],
+                  maps: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[str, str]]:
+    """Register each site's projection maps (A, B) on ``gm`` as buffers, in the dtype and on the
+    device of the site's q; returns their attribute names per site, for :func:`rewrite_attention`.
+    Buffers are constants to Inductor; in a Dynamo graph they get a constant source, as AOTAutograd
+    asks of every buffer it lifts."""
+    names = {}
+    sources = getattr(gm, "_param_name_to_source", None)
+    for i, site in enumerate(sites):
+        if site.name not in maps:
+            continue
+        like = site.q.meta["example_value"]
+        names[site.name] = (f"{MAPS_PREFIX}{i}_a", f"{MAPS_PREFIX}{i}_b")
+        for name, m in zip(names[site.name], maps[site.name]):
+            gm.register_buffer(name, m.detach().to(like.dtype).to(like.device))
+            if sources is not None:
+                sources[name] = ConstantSource(name)
+    return names
+
+
+def drop_maps(gm: fx.GraphModule) -> None:
+    """Remove the buffers :func:`register_maps` added (after the graph was put back as it came)."""
+    sources = getattr(gm, "_param_name_to_source", {})
+    for name in [n for n in gm._buffers if n.startswith(MAPS_PREFIX)]:
+        del gm._buffers[name]
+        sources.pop(name, None)
 
 
 def use_simpler_masks(sites: Iterable[AttentionSite]) -> int:
@@ -68,12 +107,13 @@ def _follow(site: AttentionSite, replaced: Mapping[fx.Node, fx.Node]) -> Attenti
                                         for f in dataclasses.fields(site)})
 
 
-def _emit(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> tuple[fx.Node, fx.Node]:
+def _emit(graph: fx.Graph, site: AttentionSite, config: DistrConfig,
+          maps: tuple[str, str] | None) -> tuple[fx.Node, fx.Node]:
     """Insert the op for ``site`` before its output and move the output's users to it; returns
     (op node, new output node)."""
     first_new = site.output.prev
     with graph.inserting_before(site.output):
-        op, out = _emit_op(graph, site, config)
+        op, out = _emit_op(graph, site, config, maps)
     meta = {k: v for k, v in site.output.meta.items() if k in PROVENANCE}
     node = first_new.next
     while node is not site.output:
@@ -83,13 +123,19 @@ def _emit(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> tuple[fx
     return op, out
 
 
-def _emit_op(graph: fx.Graph, site: AttentionSite, config: DistrConfig) -> tuple[fx.Node, fx.Node]:
+def _emit_op(graph: fx.Graph, site: AttentionSite, config: DistrConfig,
+             maps: tuple[str, str] | None) -> tuple[fx.Node, fx.Node]:
     q = site.q
     for kind, factor in site.scale_factors:
         q = graph.call_function(operator.mul if kind == "mul" else operator.truediv, (q, factor))
     k = graph.call_method("transpose", (site.k, -2, -1)) if site.k_transposed else site.k
+    qk, scale = (q, k), site.scale
+    if maps is not None:  # exact attention on (q A, k B) at the scale of the original head dim
+        qk = tuple(graph.call_function(torch.matmul, (x, graph.get_attr(m))) for x, m in zip(qk, maps))
+        scale = site.q.meta["example_value"].shape[-1] ** -0.5 if scale is None else scale
+        config = config.replace(group_size=1)
     args = (
-        q, k, site.v, _mask(graph, site), site.is_causal, site.scale, site.enable_gqa,
+        *qk, site.v, _mask(graph, site), site.is_causal, scale, site.enable_gqa,
         config.group_size, config.block_m, config.num_hyperplanes, config.representative,
         config.grouping, config.seed,
     )
