@@ -202,14 +202,13 @@ def test_plan_saves_and_loads_the_maps(eager_backend, tmp_path, monkeypatch):
     """plan.json + plan.safetensors: compiling with the loaded plan reproduces the output without
     fitting again."""
     import distr_compile
-    import distr_compile.guard.fit
 
     model, compiled, x = compiled_attention()
     with torch.no_grad():
         out = compiled(x)
     path = distr_compile.plan_of(compiled).save(str(tmp_path / "plan.json"))
     assert (tmp_path / "plan.safetensors").exists()
-    monkeypatch.setattr(distr_compile.guard.fit, "fit_projection", pytest.fail)
+    monkeypatch.setattr(distr_compile.guard.probe, "fit_projection", pytest.fail)
     torch._dynamo.reset()
     reloaded = torch.compile(model, backend="distr", options={"plan": path})
     with torch.no_grad():
