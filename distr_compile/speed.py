@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Iterable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from .config import DistrConfig
 from .kernels.attention import autotuned
 
 EXACT = 1
@@ -37,17 +36,16 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     return statistics.median(times)
 
 
-def site_times(args: tuple, knobs_of: Callable[[DistrConfig], tuple],
-               candidates: Iterable[DistrConfig]) -> dict[int, float]:
-    """ms per group size at one site: 1 is exact SDPA, each candidate G is ``distr::attention``.
-    ``args`` are the op's leading arguments (q, k, v, attn_mask, is_causal, scale, enable_gqa)."""
+def site_times(args: tuple, candidates: Mapping[int, Callable[[], object]]) -> dict[int, float]:
+    """ms per group size at one site: 1 is exact SDPA on ``args``, the op's leading arguments
+    (q, k, v, attn_mask, is_causal, scale, enable_gqa); each candidate G runs its callable, the
+    op as the rewrite emits it (for a projection, the q A and k B products included)."""
     q, k, v, mask, is_causal, scale, enable_gqa = args
-    op = torch.ops.distr.attention.default
     with torch.no_grad(), autotuned():
         times = {EXACT: time_ms(lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa), q.device)}
-        for config in candidates:
-            times[config.group_size] = time_ms(lambda: op(*args, *knobs_of(config)), q.device)
+        for g, run in candidates.items():
+            times[g] = time_ms(run, q.device)
     return times
 
 

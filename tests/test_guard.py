@@ -106,7 +106,7 @@ def test_speed_check_takes_the_fast_candidates(eager_backend, monkeypatch, tmp_p
     """With measured times (here given), a site takes the cheapest G that is within tolerance AND
     at least min_speedup faster than exact; layers alike are timed once; plans keep the times."""
     calls = []
-    monkeypatch.setattr(guard.speed, "site_times", lambda args, knobs, cands: calls.append(1) or {1: 1.0, 4: 0.5, 2: 2.0})
+    monkeypatch.setattr(guard.speed, "site_times", lambda args, runs: calls.append(1) or {1: 1.0, 4: 0.5, 2: 2.0})
     compiled, _ = run(synthetic(), inputs(), **{**GUARDED, "min_speedup": 1.05})
     plan = distr_compile.plan_of(compiled)
     assert {n: d.group_size for n, d in plan.sites.items()} == {

@@ -119,6 +119,8 @@ def test_rejects_bad_arguments():
 # ---- grouping="projection" through the backend: maps fitted on the first call, saved with the plan --
 
 PROJECTED = {"approximate": "always", "grouping": "projection", "group_size": 2}
+# The guard on accuracy alone (min_speedup 0: on the CPU the op is slower than SDPA), loose enough to pass.
+GUARDED_PROJECTION = {**PROJECTED, "approximate": "guarded", "tolerance": 10.0, "min_speedup": 0}
 
 
 class CausalSelfAttention(torch.nn.Module):
@@ -136,10 +138,10 @@ class CausalSelfAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(*self.qkv_heads(x), is_causal=True)
 
 
-def compiled_attention(**kwargs):
+def compiled_attention(options=PROJECTED, **kwargs):
     torch.manual_seed(0)
     model = CausalSelfAttention(**kwargs)
-    return model, torch.compile(model, backend="distr", options=PROJECTED), randn(2, 24, 32)
+    return model, torch.compile(model, backend="distr", options=options), randn(2, 24, 32)
 
 
 def test_backend_fits_the_maps_on_the_first_call_and_projects(eager_backend):
@@ -163,17 +165,21 @@ def test_backend_fits_the_maps_on_the_first_call_and_projects(eager_backend):
     assert "G=2 projection" in distr_compile.report(compiled)
 
 
-def test_backend_projection_on_gqa_llama_matches_eager(eager_backend, monkeypatch):
+@pytest.mark.parametrize("options, source", [(PROJECTED, "forced"), (GUARDED_PROJECTION, "calibrated")],
+                         ids=["always", "guarded"])
+def test_backend_projection_on_gqa_llama_matches_eager(eager_backend, monkeypatch, options, source):
     """GQA (4 query heads on 2 KV heads): A per query head, B per KV head; the compiled model
-    equals the eager model with each layer's SDPA replaced by attention on (q A, k B)."""
+    equals the eager model with each layer's SDPA replaced by attention on (q A, k B), whether
+    the maps come unguarded or from the guard's calibration."""
     import distr_compile
     from test_passes import tiny_hf_llama
 
     model, ids = tiny_hf_llama()
-    compiled = torch.compile(model, backend="distr", options=PROJECTED)
+    compiled = torch.compile(model, backend="distr", options=options)
     with torch.no_grad():
         out = compiled(input_ids=ids, use_cache=False).last_hidden_state
     plan = distr_compile.plan_of(compiled)
+    assert [(d.group_size, d.grouping, d.source) for d in plan.sites.values()] == [(2, "projection", source)] * 2
     maps = [plan.sites[f"layers.{i}.self_attn"].maps for i in range(2)]
     assert [tuple(m.shape) for m in maps[0]] == [(4, 16, 8), (2, 16, 8)]
     real_sdpa = F.scaled_dot_product_attention
@@ -202,14 +208,13 @@ def test_plan_saves_and_loads_the_maps(eager_backend, tmp_path, monkeypatch):
     """plan.json + plan.safetensors: compiling with the loaded plan reproduces the output without
     fitting again."""
     import distr_compile
-    import distr_compile.guard.fit
 
     model, compiled, x = compiled_attention()
     with torch.no_grad():
         out = compiled(x)
     path = distr_compile.plan_of(compiled).save(str(tmp_path / "plan.json"))
     assert (tmp_path / "plan.safetensors").exists()
-    monkeypatch.setattr(distr_compile.guard.fit, "fit_projection", pytest.fail)
+    monkeypatch.setattr(distr_compile.guard.probe, "fit_projection", pytest.fail)
     torch._dynamo.reset()
     reloaded = torch.compile(model, backend="distr", options={"plan": path})
     with torch.no_grad():
@@ -245,7 +250,90 @@ def test_plan_without_its_maps_file_is_a_config_error(saved_plan, tmp_path):
         DistrPlan.load(saved_plan)
 
 
-def test_guarded_projection_is_a_config_error(eager_backend):
-    compiled = torch.compile(CausalSelfAttention(), backend="distr", options={**PROJECTED, "approximate": "guarded"})
-    with pytest.raises(Exception, match="ConfigError: grouping='projection' is not calibrated by the guard"):
-        compiled(randn(2, 24, 32))
+# ---- the guard calibrates the projection: maps fitted once per site and G, measured like any candidate --
+
+
+def counting_fits(monkeypatch) -> list:
+    """Record the G of every fit the guard makes."""
+    from distr_compile.guard import probe
+
+    fits, fit = [], probe.fit_projection
+    monkeypatch.setattr(probe, "fit_projection", lambda q, k, g, **kw: fits.append(g) or fit(q, k, g, **kw))
+    return fits
+
+
+def test_guarded_projection_takes_the_cheapest_fitted_maps_within_tolerance(eager_backend, monkeypatch):
+    """Candidates G=4 and G=2: each gets its maps fitted once on the site's q, k and its error
+    measured against exact attention; the cheapest within tolerance wins and the compiled site is
+    attention on (q A, k B) with its maps. The speed check times the projected op."""
+    import distr_compile
+    from distr_compile import guard
+
+    fits, timed = counting_fits(monkeypatch), {}
+    monkeypatch.setattr(guard.speed, "site_times", lambda args, runs: timed.update({g: run()[0] for g, run in runs.items()})
+                        or {1: 1.0, 4: 0.5, 2: 0.5})
+    options = {**GUARDED_PROJECTION, "group_size": [4, 2], "tolerance": 0.3, "min_speedup": 1.05}
+    model, compiled, x = compiled_attention(options)
+    with torch.no_grad():
+        out = compiled(x)
+        q, k, v = model.qkv_heads(x)
+    d = distr_compile.plan_of(compiled).sites["<root>"]
+    assert (d.group_size, d.grouping, d.source, sorted(fits)) == (4, "projection", "calibrated", [2, 4])
+    torch.testing.assert_close(d.maps, fit_projection(q, k, 4, is_causal=True), atol=1e-4, rtol=1e-4)
+    expected = projected_attention(q, k, v, *d.maps, is_causal=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(timed[4], expected, atol=1e-5, rtol=1e-5)
+    assert d.errors[4]["rel_fro"] == pytest.approx(rel_err(expected, sdpa(q, k, v, is_causal=True)), rel=1e-3)
+    assert 1e-3 < d.errors[2]["rel_fro"] < d.errors[4]["rel_fro"] <= 0.3
+    assert "G=4 projection" in distr_compile.report(compiled)
+
+
+def test_guarded_projection_over_tolerance_stays_exact(eager_backend, tmp_path):
+    import distr_compile
+    from test_passes import op_nodes
+
+    _, compiled, x = compiled_attention({**GUARDED_PROJECTION, "tolerance": 1e-3})
+    with torch.no_grad():
+        compiled(x)
+    plan = distr_compile.plan_of(compiled)
+    d = plan.sites["<root>"]
+    assert not d.approximated and d.maps is None
+    assert d.reason.startswith(f"rel_fro over tolerance 0.001 (G=2 {d.errors[2]['rel_fro']:.3g})")
+    assert not op_nodes(eager_backend)
+    plan.save(str(tmp_path / "plan.json"))
+    assert not (tmp_path / "plan.safetensors").exists()
+
+
+def test_guarded_projection_plan_reloads_without_fitting(eager_backend, tmp_path, monkeypatch):
+    import distr_compile
+
+    model, compiled, x = compiled_attention(GUARDED_PROJECTION)
+    with torch.no_grad():
+        out = compiled(x)
+    path = distr_compile.plan_of(compiled).save(str(tmp_path / "plan.json"))
+    monkeypatch.setattr(distr_compile.guard.probe, "fit_projection", pytest.fail)
+    torch._dynamo.reset()
+    reloaded = torch.compile(model, backend="distr", options={**GUARDED_PROJECTION, "plan": path})
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), out, atol=0, rtol=0)
+    assert distr_compile.plan_of(reloaded).sites["<root>"].grouping == "projection"
+
+
+def test_calibrate_projection_end_to_end_keeps_the_maps_of_the_final_group_size(eager_backend, monkeypatch):
+    """calibrate on two batches with the end-to-end guard: maps fitted once per G (on the first
+    batch), both batches measure them; G=4 is over output_tolerance, so the site ends at G=2 with
+    the G=2 maps, and the model's output is within output_tolerance of exact on both batches."""
+    import distr_compile
+
+    fits = counting_fits(monkeypatch)
+    torch.manual_seed(0)
+    model, batches = CausalSelfAttention(), [randn(2, 24, 32), randn(2, 24, 32, seed=1)]
+    options = {**GUARDED_PROJECTION, "group_size": [4, 2], "output_tolerance": 0.19}
+    d = distr_compile.calibrate(model, batches, **options).sites["<root>"]
+    assert sorted(fits) == [2, 4]
+    assert (d.group_size, d.source, [tuple(m.shape) for m in d.maps]) == (2, "end-to-end", [(2, 16, 8)] * 2)
+    assert d.errors[4]["rel_fro"] > 0.19
+    with torch.no_grad():
+        for x in batches:
+            q, k, v = model.qkv_heads(x)
+            assert rel_err(projected_attention(q, k, v, *d.maps, is_causal=True), sdpa(q, k, v, is_causal=True)) <= 0.19

@@ -11,8 +11,8 @@ import torch.fx as fx
 from ..config import DistrConfig
 from ..passes import AttentionSite, SkippedSite, find_attention
 from .plan import DistrPlan, plan_config
-from .policy import against_original, decide_site, end_to_end, relative_output_error
-from .probe import Calibrator, SiteProbe, run_probe
+from .policy import against_original, attach_maps, decide_site, end_to_end, relative_output_error
+from .probe import Calibrator, Maps, SiteProbe, run_probe
 from .store import STORE, owners
 
 
@@ -24,7 +24,9 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     model is traced by Dynamo (a measuring backend: nothing is compiled), every site is measured
     on every batch (worst case kept, across recompiles too) and decided as the backend would with
     ``options`` (``approximate`` is taken as "guarded"). The decisions replace the model's stored
-    ones; to compile with them, save the plan and pass ``options={"plan": path}``.
+    ones; to compile with them, save the plan and pass ``options={"plan": path}``. With
+    ``grouping="projection"`` each site's maps per candidate G are fitted on the first batch that
+    reaches it; every batch measures them, and the plan keeps the chosen G's maps.
 
     With ``guard_reference="original"`` (an adapted model), ``original`` is the model before
     adaptation and the decisions come from :func:`against_original`; ``output_error(output,
@@ -39,18 +41,19 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     batches = list(batches)
     errors: dict[str, dict[int, dict[str, float]]] = {}
     times: dict[str, dict[int, float]] = {}
+    maps: dict[str, dict[int, Maps]] = {}
     graphs: list[tuple[fx.GraphModule, list[AttentionSite], list[SkippedSite], list, list[list]]] = []
     replay: dict[str, dict[str, DistrConfig]] = {}  # set: the traced model runs with these sites approximated
 
     def measuring_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
         sites, skipped = find_attention(gm.graph)
-        calibrator = Calibrator(gm, sites, config, errors, times)
+        calibrator = Calibrator(gm, sites, config, errors, times, maps)
         seen: list[list] = []
         graphs.append((gm, sites, skipped, example_inputs, seen))
 
         def run(*args):
             if "sites" in replay:
-                return run_probe(SiteProbe(calibrator.probe_gm, {}, replay["sites"]), list(args))
+                return run_probe(SiteProbe(calibrator.probe_gm, {}, replay["sites"], maps=maps), list(args))
             if config.output_tolerance is not None and config.guard_reference == "exact":
                 seen.append(list(args))
             return calibrator(list(args))
@@ -64,7 +67,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
         for site in sites:
             plan.sites.setdefault(site.name, decide_site(site, errors, times, config))
         if seen:
-            end_to_end(gm, seen, {s.name: plan.sites[s.name] for s in sites}, config)
+            end_to_end(gm, seen, {s.name: plan.sites[s.name] for s in sites}, config, maps)
     if original is not None:
         def run_with(approx: dict[str, DistrConfig]) -> list:
             replay["sites"] = approx
@@ -73,6 +76,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
         references = [call_batch(getattr(original, "_orig_mod", original), batch) for batch in batches]
         plan.output_error = against_original(run_with, references, plan.sites, config,
                                              output_error or relative_output_error)
+    attach_maps(plan.sites, maps)
     for gm, sites, skipped, example_inputs, seen in graphs:
         for s in skipped:
             plan.skipped[s.name] = s

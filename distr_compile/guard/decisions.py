@@ -22,10 +22,11 @@ def decide_graph(gm: fx.GraphModule, example_inputs: list, sites: list[Attention
     A site takes the first of: the saved ``plan``'s decision; one stored by an earlier compile of
     the same model with the same options (if its G still divides the head dim); the
     ``approximate`` setting ("always": ``group_size`` unguarded, "auto": exact on CPU); the
-    decision calibrated on ``example_inputs`` (:func:`decide_sites`); exact attention, when the
-    inputs are fake and there is nothing to calibrate on. With ``guard_reference="original"`` a
-    site left to calibrate is a :class:`ConfigError`: that guard needs the original model. A site
-    approximated by a projection without maps gets them fitted on ``example_inputs`` (:func:`fit_maps`).
+    decision calibrated on ``example_inputs`` (:func:`decide_sites`; a projection's maps are
+    fitted and measured there); exact attention, when the inputs are fake and there is nothing to
+    calibrate on. With ``guard_reference="original"`` a site left to calibrate is a
+    :class:`ConfigError`: that guard needs the original model. A site approximated by a projection
+    without maps (``approximate="always"``) gets them fitted on ``example_inputs`` (:func:`fit_maps`).
     """
     decisions = plan.decisions_for(sites) if plan is not None else {}
     todo = []
@@ -43,10 +44,6 @@ def decide_graph(gm: fx.GraphModule, example_inputs: list, sites: list[Attention
             "distr_compile.calibrate(adapted, batches, original=model, guard_reference='original', ...), save the "
             f"plan and compile with options={{'plan': path}} (sites without a decision: {[s.name for s in todo]})"
         )
-    if todo and config.grouping == "projection":
-        raise ConfigError("grouping='projection' is not calibrated by the guard: use approximate='always' (the maps "
-                          f"are fitted on the first call's inputs) or a saved plan (sites without a decision: "
-                          f"{[s.name for s in todo]})")
     if todo and has_real_inputs(example_inputs):
         decisions.update(decide_sites(gm, [list(example_inputs)], todo, config))
     for site in todo:

@@ -14,7 +14,7 @@ from .. import speed
 from ..config import DistrConfig
 from ..passes import AttentionSite
 from .plan import SiteDecision
-from .probe import EXACT, Calibrator, SiteProbe, measure, metric_error, probe_module, run_probe
+from .probe import EXACT, Calibrator, Maps, SiteProbe, measure, metric_error, probe_module, run_probe
 
 log = logging.getLogger("distr_compile")
 
@@ -60,8 +60,16 @@ def decide_sites(gm: fx.GraphModule, inputs_list: list[list], sites: list[Attent
         calibrator(inputs)
     decisions = {site.name: decide_site(site, calibrator.errors, calibrator.times, config) for site in sites}
     if config.output_tolerance is not None:
-        end_to_end(gm, inputs_list, decisions, config)
+        end_to_end(gm, inputs_list, decisions, config, calibrator.maps)
+    attach_maps(decisions, calibrator.maps)
     return decisions
+
+
+def attach_maps(decisions: Mapping[str, SiteDecision], maps: Mapping[str, Mapping[int, Maps]]) -> None:
+    """Give each projected decision the maps calibration fitted and measured at its final G."""
+    for d in decisions.values():
+        if d.projected:
+            d.maps = maps[d.name][d.group_size]
 
 
 def decide_site(site: AttentionSite, errors: Mapping[str, dict], times: Mapping[str, dict],
@@ -74,15 +82,16 @@ def decide_site(site: AttentionSite, errors: Mapping[str, dict], times: Mapping[
 
 
 def end_to_end(gm: fx.GraphModule, inputs_list: list[list], decisions: dict[str, SiteDecision],
-               config: DistrConfig) -> None:
+               config: DistrConfig, maps: dict[str, dict[int, Maps]]) -> None:
     """Demote approximated sites (:func:`demote_until_within`) until the graph outputs with the
     approximation agree with exact ones within ``output_tolerance`` on every input list. A demoted
-    site may come back at a smaller G that passed the per-site tolerance."""
+    site may come back at a smaller G that passed the per-site tolerance. Projected sites run with
+    the ``maps`` calibration fitted for them."""
     probe_gm = probe_module(gm)
     exact_outputs = [run_probe(SiteProbe(probe_gm, {}), inputs) for inputs in inputs_list]
 
     def error_of(approx: dict[str, DistrConfig]) -> float:
-        return max(relative_output_error(run_probe(SiteProbe(probe_gm, {}, approx), inputs), ref)
+        return max(relative_output_error(run_probe(SiteProbe(probe_gm, {}, approx, maps=maps), inputs), ref)
                    for inputs, ref in zip(inputs_list, exact_outputs))
 
     within = {n: [g for g in acceptable(d.errors, d.times, config) if g <= d.group_size] or [d.group_size]

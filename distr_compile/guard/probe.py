@@ -5,6 +5,7 @@ the attention output and, when asked, the time)."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any, Iterable, Mapping
 
@@ -16,11 +17,12 @@ from .. import speed
 from ..config import DistrConfig
 from ..kernels.attention import fixed_config
 from ..passes import SITE_META, AttentionSite, find_attention, rewrite_attention
-from ..projection import project
+from ..projection import fit_projection, project
 
 EXACT = 1  # the group size of exact attention
 _OP = torch.ops.distr.attention.default
 _SCHEMA_KNOBS = ("group_size", "block_m", "num_hyperplanes", "representative", "grouping", "seed")
+Maps = tuple[torch.Tensor, torch.Tensor]  # a site's projection maps: A (Hq, E, E/G), B (Hkv, E, E/G)
 
 
 def measure(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -56,22 +58,28 @@ class SiteProbe(fx.Interpreter):
     """Runs a graph whose sites were rewritten to the op, measuring candidates at every site.
 
     At a site the exact output is computed; each candidate config in ``candidates[name]`` is run
-    on the same inputs and its worst-case metrics are kept in ``self.errors[name][G]``. What
-    flows on is the exact output, or the approximated one for sites in ``propagate``. With
-    ``sample_heads`` only KV head 0 and the query heads reading it are measured (the runtime
-    monitor's cheap sample). With ``timings`` (a cache shared across probes, keyed by the site's
-    input shapes, strides, flags and candidates: layers alike are timed once) each site's exact
-    SDPA and candidates are also timed (:func:`speed.site_times`) into ``self.times[name]``.
+    on the same inputs (:meth:`approximate`) and its worst-case metrics are kept in
+    ``self.errors[name][G]``. What flows on is the exact output, or the approximated one for
+    sites in ``propagate``. A projection candidate uses the site's maps at its G from ``maps``
+    (shared across probes, ``maps[name][G]``), fitted on the site's arguments the first time the
+    site is reached. With ``sample_heads`` only KV head 0 and the query heads reading it are
+    measured (the runtime monitor's cheap sample; not for projections, whose maps cover every
+    head). With ``timings`` (a cache shared across probes, keyed by the site's input shapes,
+    strides, flags and candidates: layers alike are timed once) each site's exact SDPA and
+    candidates are also timed (:func:`speed.site_times`) into ``self.times[name]``.
     """
 
     def __init__(self, gm: fx.GraphModule, candidates: Mapping[str, Iterable[DistrConfig]],
                  propagate: Mapping[str, DistrConfig] | None = None, sample_heads: bool = False,
-                 timings: dict[tuple, dict[int, float]] | None = None):
+                 timings: dict[tuple, dict[int, float]] | None = None, maps: dict[str, dict[int, Maps]] | None = None):
         super().__init__(gm, garbage_collect_values=True)
         self.candidates = {name: list(cfgs) for name, cfgs in candidates.items()}
+        if sample_heads and any(c.grouping == "projection" for cfgs in self.candidates.values() for c in cfgs):
+            raise ValueError("sample_heads does not take projection candidates (their maps cover every head)")
         self.propagate = dict(propagate or {})
         self.sample_heads = sample_heads
         self.timings = timings
+        self.maps = {} if maps is None else maps
         self.errors: dict[str, dict[int, dict[str, float]]] = {}
         self.times: dict[str, dict[int, float]] = {}
 
@@ -80,25 +88,41 @@ class SiteProbe(fx.Interpreter):
         if name is None or n.target is not _OP:
             return super().run_node(n)
         args, _ = self.fetch_args_kwargs_from_env(n)
-        base = args[:7]
-        exact = _OP(*base, EXACT, *args[8:])
-        for cfg in self.candidates.get(name, ()):
-            sample = _first_kv_group(base) if self.sample_heads else base
-            ref = _OP(*sample, EXACT, *args[8:])[0] if self.sample_heads else exact[0]
-            got = _OP(*sample, *op_knobs(cfg))[0]
-            per_g = self.errors.setdefault(name, {})
-            per_g[cfg.group_size] = _worst(per_g.get(cfg.group_size), measure(got, ref))
-        if self.timings is not None and self.candidates.get(name):
-            self.times[name] = self._time(base, self.candidates[name])
+        exact = _OP(*args[:7], EXACT, *args[8:])
+        if self.candidates.get(name):
+            self._measure(name, args, exact[0], self.candidates[name])
         if name in self.propagate:
-            return _OP(*base, *op_knobs(self.propagate[name]))
+            return self.approximate(name, args, self.propagate[name])
         return exact
 
-    def _time(self, args: tuple, candidates: list[DistrConfig]) -> dict[int, float]:
+    def _measure(self, name: str, args: tuple, exact: torch.Tensor, candidates: list[DistrConfig]) -> None:
+        """Keep each candidate's worst-case metrics against exact attention at site ``name`` (and
+        its times, when timing)."""
+        measured = _first_kv_group(args) if self.sample_heads else args
+        ref = _OP(*measured[:7], EXACT, *args[8:])[0] if self.sample_heads else exact
+        per_g = self.errors.setdefault(name, {})
+        for cfg in candidates:
+            got = self.approximate(name, measured, cfg)[0]
+            per_g[cfg.group_size] = _worst(per_g.get(cfg.group_size), measure(got, ref))
+        if self.timings is not None:
+            self.times[name] = self._time(name, args, candidates)
+
+    def approximate(self, name: str, args: tuple, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The op on site ``name``'s arguments with ``config``, as the rewrite emits it. A projection
+        runs with the site's maps at that G, fitted on ``args`` if the site has none yet."""
+        if config.grouping != "projection":
+            return _OP(*args[:7], *op_knobs(config))
+        per_g = self.maps.setdefault(name, {})
+        if config.group_size not in per_g:
+            per_g[config.group_size] = fit_site_maps(args, config.group_size)
+        return projected_op(args, per_g[config.group_size])
+
+    def _time(self, name: str, args: tuple, candidates: list[DistrConfig]) -> dict[int, float]:
         describe = lambda x: (tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x  # noqa: E731
-        key = (*map(describe, args), *map(op_knobs, candidates))
+        key = (*map(describe, args[:7]), *map(op_knobs, candidates))
         if key not in self.timings:
-            self.timings[key] = speed.site_times(args, op_knobs, candidates)
+            runs = {cfg.group_size: functools.partial(self.approximate, name, args, cfg) for cfg in candidates}
+            self.timings[key] = speed.site_times(args[:7], runs)
         return self.timings[key]
 
 
@@ -143,6 +167,14 @@ def divides_head_dim(site: AttentionSite, g: int) -> bool:
     return q is not None and statically_known_true(q.shape[-1] % g == 0)
 
 
+def runs(site: AttentionSite, config: DistrConfig) -> bool:
+    """Whether ``config`` can approximate ``site``: its G divides the head dim and, for a
+    projection, q and k have the shapes maps need (:func:`projection_shapes`)."""
+    if config.grouping == "projection":
+        return projection_shapes(site, config.group_size) is not None
+    return divides_head_dim(site, config.group_size)
+
+
 def projection_shapes(site: AttentionSite, g: int) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
     """The shapes of the site's projection maps at G, A (Hq, E, E/G) and B (Hkv, E, E/G), or None
     when q and k are not (B, H, L, E) with static heads and head dim divisible by G."""
@@ -155,7 +187,14 @@ def projection_shapes(site: AttentionSite, g: int) -> tuple[tuple[int, int, int]
     return (hq, e, e // g), (hkv, e, e // g)
 
 
-def projected_op(args: tuple, maps: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_site_maps(args: tuple, g: int) -> Maps:
+    """Projection maps at G fitted on a site's op arguments: its q and k (in float32) with its
+    masks and scale, as attention sees them there."""
+    q, k, _, mask, is_causal, scale = args[:6]
+    return fit_projection(q.float(), k.float(), g, is_causal=is_causal, attn_mask=mask, scale=scale)
+
+
+def projected_op(args: tuple, maps: Maps) -> tuple[torch.Tensor, torch.Tensor]:
     """The op on a site's arguments (q, k, v, mask, is_causal, scale, enable_gqa, *knobs) with the
     projection ``maps``: exact attention on (q A, k B, v) at the scale of the original head dim,
     as the rewrite emits it."""
@@ -169,23 +208,25 @@ def projected_op(args: tuple, maps: tuple[torch.Tensor, torch.Tensor]) -> tuple[
 class Calibrator:
     """Measures the sites of one graph on real inputs, one call per input list (the graph's
     positional inputs), keeping the worst case per site and G in ``errors`` (which several
-    calibrators may share). A call returns the graph's exact outputs."""
+    calibrators may share). With ``grouping="projection"`` each site's maps per G are fitted on
+    the first call that reaches it and kept in ``maps`` (shared likewise): later calls measure
+    those maps on new inputs. A call returns the graph's exact outputs."""
 
     def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], config: DistrConfig,
                  errors: dict[str, dict[int, dict[str, float]]] | None = None,
-                 times: dict[str, dict[int, float]] | None = None):
+                 times: dict[str, dict[int, float]] | None = None, maps: dict[str, dict[int, Maps]] | None = None):
         self.probe_gm = probe_module(gm, [s.name for s in sites])
-        self.candidates = {
-            s.name: [config.replace(group_size=g) for g in config.candidates if divides_head_dim(s, g)] for s in sites
-        }
+        configs = [config.replace(group_size=g) for g in config.candidates]
+        self.candidates = {s.name: [c for c in configs if runs(s, c)] for s in sites}
         self.errors = {} if errors is None else errors
         self.times = {} if times is None else times
+        self.maps = {} if maps is None else maps
         self.timings = {} if config.min_speedup > 0 else None
 
     def __call__(self, inputs: list) -> Any:
         """Measure every site on ``inputs``; time the sites not yet timed (the first call's)."""
         untimed = {name for name in self.candidates if name not in self.times}
-        probe = SiteProbe(self.probe_gm, self.candidates, timings=self.timings if untimed else None)
+        probe = SiteProbe(self.probe_gm, self.candidates, timings=self.timings if untimed else None, maps=self.maps)
         out = run_probe(probe, inputs)
         for name, per_g in probe.errors.items():
             merged = self.errors.setdefault(name, {})
