@@ -210,7 +210,8 @@ class _Monitor:
         return self.compiled(args) if getattr(self.compiled, "_boxed_call", False) else self.compiled(*args)
 
     def _check(self, args: list) -> None:
-        approx = {n: self.config.replace(group_size=d.group_size) for n, d in self.decisions.items()
+        approx = {n: self.config.replace(group_size=d.group_size, grouping=d.grouping)
+                  for n, d in self.decisions.items()
                   if d.approximated and not d.projected}  # a projection is not rechecked
         probe = SiteProbe(self.probe, {n: [c] for n, c in approx.items()}, sample_heads=True)
         run_probe(probe, list(args))
