@@ -78,12 +78,13 @@ def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig
     with _stage("calibration", sites):
         decisions = decide_graph(gm, example_inputs, sites, config, plan)
     compiled = _compile(gm, sites, decisions, example_inputs, config, patches)
-    if not config.monitor_every or not any(d.approximated for d in decisions.values()):
-        return compiled
-    if patches.get("triton.cudagraphs") or torch._inductor.config.triton.cudagraphs:
-        warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=2)
-        return compiled
-    return _Monitor(fx.GraphModule(gm, original), decisions, config, patches, compiled)
+    if config.monitor_every and any(d.approximated for d in decisions.values()):
+        if patches.get("triton.cudagraphs") or torch._inductor.config.triton.cudagraphs:
+            warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=2)
+        else:
+            compiled = _Monitor(fx.GraphModule(gm, original), decisions, config, patches, compiled)
+    projected = [name for name, d in decisions.items() if d.projected]
+    return _FittedParameters(compiled, example_inputs, projected) if projected else compiled
 
 
 class BackendFault(Exception):
@@ -181,6 +182,28 @@ def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[
     # Inductor failing on a graph we did not change is Inductor's error, as with backend="inductor".
     with _stage("Inductor on the rewritten graph", sites) if configs or folded else contextlib.nullcontext():
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+class _FittedParameters:
+    """A compiled graph whose projection maps were fitted with the parameters it was compiled with.
+    Warns once when it is called with other parameters: regional compilation
+    (``layer.compile()`` on each of a model's identical layers) reuses one graph for every layer,
+    so the first layer's maps would serve all of them."""
+
+    def __init__(self, compiled: Callable, example_inputs: list, sites: list[str]):
+        self.compiled, self.sites = compiled, sites
+        self.parameters = {i: x.data_ptr() for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)}
+        self.warned = False
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.warned and any(args[i].data_ptr() != ptr for i, ptr in self.parameters.items()):
+            self.warned = True
+            warnings.warn(
+                f"distr: the projection maps of {', '.join(self.sites)} were fitted with the parameters this graph was "
+                "compiled with, and it now runs with other parameters (a graph reused across modules, as regional "
+                "compilation does for identical layers): those maps do not fit them. Compile the whole model, or use "
+                "a grouping without maps.", stacklevel=2)
+        return self.compiled(list(args)) if getattr(self.compiled, "_boxed_call", False) else self.compiled(*args)
 
 
 class _Monitor:

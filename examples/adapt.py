@@ -93,8 +93,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--block-m", type=int, default=64)
     parser.add_argument("--representative", choices=REPRESENTATIVES, default="mean",
                         help="what stands for each group of Q columns (DistrConfig.representative)")
-    parser.add_argument("--grouping", choices=GROUPINGS, default="fixed",
-                        help="how Q columns are grouped (DistrConfig.grouping); fixed: the same groups everywhere")
+    parser.add_argument("--grouping", choices=[g for g in GROUPINGS if g != "projection"], default="fixed",
+                        help="how Q columns are grouped (DistrConfig.grouping); fixed: the same groups everywhere. "
+                             "Not projection: its maps are per layer, and the layers here share one compiled graph")
     parser.add_argument("--tolerance", type=float, default=0.05, help="per-layer guard tolerance (rel. Frobenius)")
     parser.add_argument("--ppl-tolerance", type=float, default=0.05,
                         help="original-reference guard: allowed relative perplexity increase over the original")

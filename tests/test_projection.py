@@ -1,6 +1,8 @@
 """Static per-head projections: fitting (shapes, GQA, exactness where the data allows it, masks) and
 attention on the mapped q, k against SDPA and a float64 hand-written reference."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,6 +196,31 @@ def test_backend_projection_on_gqa_llama_matches_eager(eager_backend, monkeypatc
         expected = model(input_ids=ids, use_cache=False).last_hidden_state
     assert not maps
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_graph_reused_for_other_parameters_warns(eager_backend):
+    """Regional compilation (``layer.compile()`` on each identical layer) reuses one graph, fitted
+    on the first layer, for every layer: the maps do not fit the others, and the backend says so
+    once. Compiling the whole model gives every layer its own maps and no warning."""
+    from test_passes import tiny_hf_llama
+
+    model, ids = tiny_hf_llama()
+    for layer in model.layers:
+        layer.compile(backend="distr", options=PROJECTED)
+    with pytest.warns(UserWarning, match="fitted with the parameters this graph was compiled with") as caught, \
+            torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids, use_cache=False)
+    assert len([w for w in caught if "projection maps" in str(w.message)]) == 1
+    assert len(eager_backend) == 1, "one graph serves both layers"
+
+    model, ids = tiny_hf_llama()
+    compiled = torch.compile(model, backend="distr", options=PROJECTED)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*projection maps")
+        with torch.no_grad():
+            compiled(input_ids=ids, use_cache=False)
+            compiled(input_ids=ids, use_cache=False)
 
 
 def test_backend_projection_trains(eager_backend):
