@@ -33,6 +33,7 @@ q.shape[:-1]: the natural-log log-sum-exp of each query row (-inf for a fully ma
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -98,12 +99,34 @@ def static_maps(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[
     B sums them; A weights them by their representative weights (1/G for "mean", exact in
     half precision; per head from the keys for "lstsq"), so that q' k'^T equals q_tilde k^T."""
     D, G = q.shape[-1], config.group_size
-    member = torch.eye(D // G, device=q.device, dtype=q.dtype).repeat_interleave(G, dim=0)
+    if type(q) is torch.Tensor and config.representative == "mean":  # eager: no per-call eye/repeat/divide
+        return _mean_maps(D, G, q.device, q.dtype)
+    member = _group_sums(D, G, q.device, q.dtype)
     if config.representative == "mean":
         return member / G, member
     B, H = q.shape[:2]
     weights = reference.representative_weights(k, torch.arange(D, device=q.device).expand(B, H, 1, D), config)
     return (weights.view(B, H, D, 1) * member).to(q.dtype), member
+
+
+def _group_sums(D: int, G: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(D, D/G): column c goes to group c // G."""
+    return torch.eye(D // G, device=device, dtype=dtype).repeat_interleave(G, dim=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _mean_maps(D: int, G: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """"mean" maps of real (eager) tensors, built once per head dim, G, device and dtype: three small
+    launches fewer per forward and per backward (host time dominates small eager calls). Traced
+    calls (fake or functional tensors) build them in the graph instead. Built outside inference
+    mode (a cached inference tensor could not meet autograd later), and finished before use (the
+    first call's stream need not be the next one's)."""
+    with torch.inference_mode(False):
+        member = _group_sums(D, G, device, dtype)
+        maps = member / G, member
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return maps
 
 
 def static_qk(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +164,9 @@ def kernel_backward(c: Canonical, config: DistrConfig, is_causal: bool, scale: f
                           config.group_size, config.block_m, grad_lse=grad_lse)
 
 
+@functools.lru_cache(maxsize=256)
 def _config(group_size: int, block_m: int, num_hyperplanes: int, representative: str, grouping: str, seed: int) -> DistrConfig:
+    """The op's knobs as a (validated, frozen) DistrConfig, built once per distinct set."""
     return DistrConfig(group_size, block_m, num_hyperplanes, representative, grouping, seed)
 
 

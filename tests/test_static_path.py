@@ -76,6 +76,25 @@ def test_static_reduction_is_the_fixed_grouping():
     torch.testing.assert_close(q_reduced @ k_reduced.mT, q_tilde @ k.mT)
 
 
+def test_mean_maps_are_cached_for_eager_tensors_only():
+    """Eager calls reuse one pair of "mean" maps (built outside inference mode, so autograd can
+    save them later); traced calls (fake tensors) build theirs in the graph."""
+    config = DistrConfig(group_size=2, grouping="fixed")
+    q = torch.randn(1, 2, 8, 16)
+    with torch.inference_mode():
+        first = ops.static_maps(q, q, config)
+    assert not first[0].is_inference()
+    assert all(a is b for a, b in zip(first, ops.static_maps(q.clone(), q, config)))
+    torch.testing.assert_close(first[0], torch.eye(8).repeat_interleave(2, dim=0) / 2)
+    x = torch.randn(3, 16, requires_grad=True)
+    (x @ first[0]).sum().backward()  # the cached map meets autograd
+    torch.testing.assert_close(x.grad, first[0].sum(1).expand(3, 16))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(q)
+        assert ops.static_maps(fake, fake, config)[0] is not first[0]
+
+
 def test_lstsq_visible_and_lsh_are_not_static():
     assert not ops.is_static(DistrConfig(grouping="fixed", representative="lstsq-visible"))
     assert not ops.is_static(DistrConfig(grouping="lsh"))
