@@ -151,9 +151,10 @@ def hf_materialised_masks(monkeypatch):
 def test_exact_sdpa_sites_get_no_square_mask(eager_backend, monkeypatch, name, padded):
     """The exact sites of HF ViT, BERT (with and without a padding mask) and Llama reach Inductor as
     SDPA calls without an (L, L) mask: none (an all-attend mask), ``is_causal`` (Llama's constant
-    causal mask) or the (B, 1, 1, L) padding row; a square mask rules out flash and cuDNN on CUDA
-    (Inductor runs the unfused math path there). Outputs equal the uncompiled model's. (A padded
-    decoder's mask, causal AND padding, is square by nature and stays.)"""
+    causal mask) or the (B, 1, 1, L) padding row, made additive once for every layer (cuDNN takes
+    no bool mask); a square mask rules out flash and cuDNN on CUDA (Inductor runs the unfused math
+    path there). Outputs equal the uncompiled model's. (A padded decoder's mask, causal AND
+    padding, is square by nature and stays.)"""
     from test_hf import MODELS, output
 
     hf_materialised_masks(monkeypatch)
@@ -169,6 +170,8 @@ def test_exact_sdpa_sites_get_no_square_mask(eager_backend, monkeypatch, name, p
     assert len(sdpa) == model.config.num_hidden_layers and op_nodes(eager_backend) == []
     masks = [n.kwargs["attn_mask"] for n in sdpa]
     assert all(m is None or m.meta["example_value"].shape[-2] == 1 for m in masks), masks
+    assert all(m is None or m.meta["example_value"].dtype == torch.float32 for m in masks), masks
+    assert len({m for m in masks if m is not None}) == (name == "bert" and padded)
     assert all(n.kwargs["is_causal"] for n in sdpa) == (name == "llama" and not padded)
 
 

@@ -14,6 +14,9 @@ finds the exact simpler form:
   reaches the kernel as the (B, 1, 1, Lk) row it was made from (SDPA broadcasts masks). Additive
   masks are not peeled: one may be a learned bias whose gradient has the expanded shape.
 
+For sites that stay SDPA, :func:`additive_row` then turns such a bool row into the equivalent
+additive row, which SDPA's fastest CUDA kernel (cuDNN) takes.
+
 A node is a constant only when no placeholder (input, parameter, buffer, symbolic size) and no
 ``get_attr`` is among its ancestors, and no random or uninitialised op; its value is then computed
 once, here. A fill value qualifies on the same terms.
@@ -64,6 +67,26 @@ def simplify_mask(mask: fx.Node) -> SimplerMask | None:
     if peeled is mask:
         return None
     return SimplerMask(peeled, False, f"mask {tuple(value.shape)} read as {tuple(_example(peeled).shape)}")
+
+
+def additive_row(mask: fx.Node, dtype: torch.dtype) -> fx.Node | None:
+    """For a bool mask that is one row per query block (shape (..., 1, Lk), e.g. a padding row), an
+    additive mask of ``dtype`` (0 where True, -inf where False) computed once after it; None for
+    other masks. SDPA computes the same with either (a query whose keys are all masked gets SDPA's
+    result for such a row either way), but on CUDA its fastest kernel (cuDNN) takes additive masks
+    only: with the bool row SDPA runs a slower one (BERT-base, 512 tokens, H200: 0.080 vs 0.116 ms
+    per attention)."""
+    value = _example(mask)
+    if value is None or value.dtype != torch.bool or value.dim() < 2 or value.shape[-2] != 1:
+        return None
+    graph = mask.graph
+    with graph.inserting_after(mask):
+        fill = graph.call_function(torch.full_like, (mask, float("-inf")), {"dtype": dtype})
+    with graph.inserting_after(fill):
+        row = graph.call_method("masked_fill", (fill, mask, 0.0))
+    fill.meta["example_value"] = torch.full_like(value, float("-inf"), dtype=dtype)
+    row.meta["example_value"] = fill.meta["example_value"].masked_fill(value, 0.0)
+    return row
 
 
 def _checked_constant(mask: fx.Node, value: torch.Tensor) -> torch.Tensor | None:

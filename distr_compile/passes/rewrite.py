@@ -29,6 +29,7 @@ from torch._dynamo.source import ConstantSource
 
 from .. import ops  # noqa: F401  (registers torch.ops.distr.attention)
 from ..config import DistrConfig
+from .masks import additive_row
 from .match import SDPA_ARGS, AttentionSite, sdpa_arguments
 
 SITE_META = "distr_site"
@@ -87,14 +88,26 @@ def drop_maps(gm: fx.GraphModule) -> None:
 
 
 def use_simpler_masks(sites: Iterable[AttentionSite]) -> int:
-    """Call each SDPA site whose mask has a simpler form with that form (mask and ``is_causal``),
-    leaving it SDPA (exact). Returns how many sites changed."""
+    """Call each SDPA site whose mask has a simpler form with that form (mask and ``is_causal``; a
+    bool padding row as its additive equivalent, see ``masks.additive_row``), leaving it SDPA
+    (exact). Returns how many sites changed."""
     changed = [site for site in sites if site.original_mask is not None]
+    additive: dict[tuple[fx.Node, torch.dtype], fx.Node | None] = {}  # one mask often serves every layer
     for site in changed:
-        args = sdpa_arguments(site.output) | {"attn_mask": site.attn_mask, "is_causal": site.is_causal}
+        mask, dtype = site.attn_mask, _dtype(site.q)
+        if mask is not None and dtype is not None and dtype.is_floating_point:
+            if (mask, dtype) not in additive:
+                additive[mask, dtype] = additive_row(mask, dtype)
+            mask = additive[mask, dtype] or mask
+        args = sdpa_arguments(site.output) | {"attn_mask": mask, "is_causal": site.is_causal}
         site.output.args = tuple(args.pop(name) for name in SDPA_ARGS[:3])
         site.output.kwargs = args
     return len(changed)
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value.dtype if isinstance(value, torch.Tensor) else None
 
 
 def _follow(site: AttentionSite, replaced: Mapping[fx.Node, fx.Node]) -> AttentionSite:
