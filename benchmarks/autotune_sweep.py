@@ -2,13 +2,14 @@
 
 Every autotune config is one more Triton compile in a cold ``torch.compile``, so the default space
 is short (``DISTR_COMPILE_AUTOTUNE=1``): one config for the grouped forward (the per-block LSH or
-random grouping, G > 1), three for the ungrouped one (G = 1, and the static path of
-``grouping="fixed"``, whose q' and k' have a d/G head dim). This script sets
-``DISTR_COMPILE_AUTOTUNE=wide`` (every config), runs the public op once per shape class (head
-dim, variant, causal, key length; bf16, 16 heads, 16k tokens per batch; block_m 64, mean), prints every config's
-median time from Triton's autotuner (ms), then, per kernel, the best subsets of 1..3 configs by
-their worst-case and geometric-mean slowdown against the best of all configs. Re-run it on a new
-GPU before changing the default lists in ``distr_compile/kernels/attention.py``.
+random grouping, G > 1), three pointer-load configs for the ungrouped one (G = 1, and the static
+path of ``grouping="fixed"``, whose q' and k' have a d/G head dim), plus two TMA configs for its
+eager calls on Hopper. This script sets ``DISTR_COMPILE_AUTOTUNE=wide`` (every config), runs the
+public op once per shape class (head dim, variant, causal, key length; bf16, 16 heads, 16k tokens
+per batch; block_m 64, mean), prints every config's median time from Triton's autotuner (ms),
+then, per kernel, the best subsets of 1..3 configs by their worst-case and geometric-mean slowdown
+against the best of all configs. Re-run it on a new GPU before changing the default lists in
+``distr_compile/kernels/attention.py``.
 
     python benchmarks/autotune_sweep.py                                 # the full sweep
     python benchmarks/autotune_sweep.py --dims 128 --lengths 2048 --variants "lsh G=2" G=1   # a quick look
@@ -52,14 +53,17 @@ def main() -> None:
     for d, name, causal, L in itertools.product(args.dims, args.variants, args.causal, args.lengths):
         G, grouping = VARIANTS[name]
         ungrouped = G == 1 or grouping == "fixed"
-        tuned = attention._distr_fwd_ungrouped if ungrouped else attention._distr_fwd_grouped
+        # ungrouped: eager calls on Hopper tune the pointer and the TMA configs together ("auto")
+        tuned = attention._distr_fwd_ungrouped.values() if ungrouped else [attention._distr_fwd_grouped]
         B = max(1, TOKENS // L)
         q, k, v = (torch.randn(B, HEADS, L, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        tuned.configs_timings = None
+        for tuner in tuned:
+            tuner.configs_timings = None
         # the registered op itself: distr_attention sends G = 1 to SDPA, not to our exact kernel
         torch.ops.distr.attention(q, k, v, None, bool(causal), None, False, G, 64, 16, "mean", grouping, 0)
         torch.cuda.synchronize()
-        timings = {str(c): t[0] if isinstance(t, list) else t for c, t in (tuned.configs_timings or {}).items()}
+        timings = {str(c): t[0] if isinstance(t, list) else t
+                   for tuner in tuned for c, t in (tuner.configs_timings or {}).items()}
         if not timings:  # this key was tuned before (another variant with the same kernel key)
             continue
         key = (d, name, causal, L)

@@ -8,8 +8,14 @@ k' = k B once per call, then one exact kernel with a d/G Q/K head dim), at G=2 a
 columns give each variant's speed against the fastest SDPA backend (>1: faster) and its output
 error against exact attention on these random inputs. Batch x length is 16k tokens of 16 heads.
 
+The ungrouped kernel (G=1 and the fixed variants) loads through pointers or TMA descriptors;
+``--tma`` times eager calls in each mode given (``kernels.attention.tma_loads``: "0" pointers,
+"1" TMA, "auto" the autotuner's pick among both; the "tma" column). Compiled graphs always load
+through pointers, so their rows are timed once.
+
     python benchmarks/kernel.py                                   # the full sweep (about 8 min, H200)
     python benchmarks/kernel.py --dims 128 --lengths 4096 --no-compiled   # a quick look
+    python benchmarks/kernel.py --variants G=1 --tma 0 1 --no-backward --no-compiled   # pointer vs TMA
     python benchmarks/kernel.py --json results.json               # also write every number as JSON
 """
 
@@ -30,6 +36,8 @@ from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distr_compile import DistrConfig, distr_attention
+from distr_compile.kernels.attention import TMA_MODES, tma_loads
+from distr_compile.ops import is_static
 
 from results import environment  # benchmarks/results.py, beside this script
 
@@ -62,16 +70,18 @@ def op_call(config: DistrConfig, causal: bool) -> Callable:
     return lambda q, k, v: distr_attention(q, k, v, is_causal=causal, config=config)
 
 
-def timings(fn: Callable, q, k, v, grad) -> dict[str, float]:
-    """Forward and forward+backward medians of ``fn(q, k, v)``."""
+def timings(fn: Callable, q, k, v, grad, backward: bool) -> dict[str, float]:
+    """Forward and (``backward``) forward+backward medians of ``fn(q, k, v)``."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with torch.no_grad():
         fwd = bench(lambda: fn(q, k, v))
-    fwd_bwd = bench(lambda: torch.autograd.grad(fn(*leaves), leaves, grad))
-    return {"fwd": fwd, "f+b": fwd_bwd}
+    if not backward:
+        return {"fwd": fwd}
+    return {"fwd": fwd, "f+b": bench(lambda: torch.autograd.grad(fn(*leaves), leaves, grad))}
 
 
-def run_case(d: int, L: int, causal: bool, variants: list[str], compiled: bool, dtype: torch.dtype) -> list[dict]:
+def run_case(d: int, L: int, causal: bool, variants: list[str], compiled: bool, dtype: torch.dtype,
+             tma_modes: list[str], backward: bool) -> list[dict]:
     B = max(1, TOKENS // L)
     q, k, v = (torch.randn(B, HEADS, L, d, device="cuda", dtype=dtype) for _ in range(3))
     grad = torch.randn_like(q)
@@ -82,19 +92,27 @@ def run_case(d: int, L: int, causal: bool, variants: list[str], compiled: bool, 
         sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         try:
             with sdpa_kernel(backend):
-                rows.append(base | {"impl": f"sdpa {name}", "mode": "eager"} | timings(sdpa, q, k, v, grad))
+                rows.append(base | {"impl": f"sdpa {name}", "mode": "eager", "tma": "-"} | timings(sdpa, q, k, v, grad, backward))
         except RuntimeError:  # the backend refuses this shape or dtype
             continue
-    best = {m: min(r[m] for r in rows) for m in ("fwd", "f+b")}
+    measures = ("fwd", "f+b") if backward else ("fwd",)
+    best = {m: min(r[m] for r in rows) for m in measures}
     for name in variants:
         fn = op_call(VARIANTS[name], causal)
-        error = rel_err(fn(q, k, v), exact)
-        for mode in ("eager", "compiled") if compiled else ("eager",):
-            run = torch.compile(fn, fullgraph=True, dynamic=False) if mode == "compiled" else fn
-            rows.append(base | {"impl": f"distr {name}", "mode": mode} | timings(run, q, k, v, grad) | {"err": error})
+        ungrouped = VARIANTS[name].exact or is_static(VARIANTS[name])  # the kernel with two memory paths
+        for tma in tma_modes if ungrouped else tma_modes[:1]:
+            with tma_loads(tma):
+                error = rel_err(fn(q, k, v), exact)
+                rows.append(base | {"impl": f"distr {name}", "mode": "eager", "tma": tma if ungrouped else "-"}
+                            | timings(fn, q, k, v, grad, backward) | {"err": error})
+        if compiled:
+            run = torch.compile(fn, fullgraph=True, dynamic=False)
+            error = rel_err(run(q, k, v), exact)
+            rows.append(base | {"impl": f"distr {name}", "mode": "compiled", "tma": "0" if ungrouped else "-"}
+                        | timings(run, q, k, v, grad, backward) | {"err": error})
     for row in rows:
-        row["fwd vs best"] = best["fwd"] / row["fwd"]
-        row["f+b vs best"] = best["f+b"] / row["f+b"]
+        for m in measures:
+            row[f"{m} vs best"] = best[m] / row[m]
     torch._dynamo.reset()
     return rows
 
@@ -108,6 +126,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                         help="also time each variant under torch.compile")
+    parser.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time forward+backward (its autotuning adds compiles)")
+    parser.add_argument("--tma", nargs="+", choices=TMA_MODES, default=["auto"],
+                        help="eager memory paths of the ungrouped kernel to time (0 pointers, 1 TMA, auto)")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write every row here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -120,15 +142,16 @@ def main() -> None:
     for d in args.dims:
         for L in args.lengths:
             for causal in args.causal:
-                case = run_case(d, L, bool(causal), args.variants, args.compiled, dtype)
+                case = run_case(d, L, bool(causal), args.variants, args.compiled, dtype, args.tma, args.backward)
                 print(tabulate(case, headers="keys", floatfmt=".3f", tablefmt="github", missingval="-"), flush=True)
                 rows += case
     if args.json:
         args.json.write_text(json.dumps({"environment": environment(), "dtype": args.dtype, "rows": rows}, indent=1))
     summary = [r for r in rows if r["impl"].startswith("distr")]
     print("\nSummary (speed vs the fastest SDPA backend, >1 is faster):")
-    print(tabulate([{k: r[k] for k in ("d", "L", "causal", "impl", "mode", "fwd vs best", "f+b vs best", "err")}
-                    for r in summary], headers="keys", floatfmt=".3f", tablefmt="github"))
+    columns = ("d", "L", "causal", "impl", "mode", "tma", "fwd", "fwd vs best", "f+b vs best", "err")
+    print(tabulate([{k: r[k] for k in columns if k in r} for r in summary], headers="keys", floatfmt=".3f",
+                   tablefmt="github"))
 
 
 if __name__ == "__main__":

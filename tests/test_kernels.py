@@ -117,6 +117,94 @@ def test_forward_fixed_config(monkeypatch, causal):
         check_forward(1, 2, 1, 40, 40, 64, torch.float16, 2, 16, causal=causal)
 
 
+# ---- TMA loads: the ungrouped forward through tensor descriptors ----------------------------
+
+TMA_CASES = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "gqa-causal": dict(Hq=4, Hkv=2, causal=True),
+    "odd-causal": dict(Lq=129, Lk=77, causal=True),  # ragged planes: zero-filled loads, clipped stores
+    "dqk<dv": dict(D=32, DV=64, causal=True),  # the static path's reduced q', k'
+    "strided": dict(layout="bshd"),
+    "bool": dict(mask_kind="bool"),
+}
+
+
+def check_exact(B=2, Hq=2, Hkv=2, Lq=150, Lk=150, D=64, DV=None, dtype=torch.float16, block_m=32, mask_kind="none",
+                causal=False, layout="contiguous", tol=2e-3):
+    """The ungrouped forward (G = 1, any V head dim) against float64 exact attention."""
+    q, k, _ = make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, layout)
+    v = make_inputs(B, Hkv, Hkv, Lk, Lk, DV or D, dtype, layout)[1]
+    mask = make_mask(mask_kind, B, Hq, Lq, Lk)
+    out, lse = distr_forward(q, k, v, None, None, mask, causal, None, 1, block_m)
+    ref_out, ref_lse = reference.attention(q.double(), k.double(), v.double(), mask, causal)
+    assert out.dtype == dtype and out.shape == (B, Hq, Lq, DV or D)
+    assert out.isfinite().all(), "unwritten or non-finite output"
+    assert rel_err(out, ref_out) < tol
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """Forwards in the test take TMA loads (mode "1"); yields the descriptor sets built, so that a
+    test can check the TMA path ran."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or newer")
+    built = []
+    make = attention._tma_descriptors
+    monkeypatch.setattr(attention, "_tma_descriptors", lambda *args: built.append(make(*args)) or built[-1])
+    with attention.tma_loads("1"):
+        yield built
+
+
+@pytest.fixture(params=range(len(attention.TMA_CONFIGS)))
+def tma_config(request, monkeypatch, tma_launches):
+    """Forwards in the test launch one of TMA_CONFIGS (the GPU's tiles and warps) through the
+    autotuner, whose pre-hook re-tiles the descriptors; a pointer launch would fail."""
+    config = attention._on_path([attention.TMA_CONFIGS[request.param]], tma=True)
+    monkeypatch.setattr(attention, "QUICK", False)
+    monkeypatch.setattr(attention, "_distr_fwd_ungrouped", {"1": attention._autotuned(config, grouped=False)})
+    return config[0]
+
+
+@pytest.mark.parametrize("case", list(TMA_CASES))
+def test_forward_tma(case, tma_launches):
+    """Untuned launches (the interpreter, DISTR_COMPILE_AUTOTUNE=0) with TMA loads forced."""
+    check_exact(**TMA_CASES[case])
+    assert tma_launches, "the pointer path ran"
+
+
+@pytest.mark.parametrize("case", ["gqa-causal", "dqk<dv"])
+def test_forward_tma_configs(tma_config, case):
+    check_exact(**TMA_CASES[case] | dict(Lq=300, Lk=200, layout="bshd"))
+
+
+def test_tma_only_where_descriptors_can_address():
+    """TMA needs d contiguous and 16-byte aligned base and strides; other tensors, and every
+    tensor in "0" mode or for G > 1, take the pointer path."""
+    q = torch.randn(2, 3, 40, 64, device=DEVICE, dtype=torch.float16)
+    assert attention._tma_ready(q, q.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not attention._tma_ready(q[..., 1:33])  # base off 16 bytes
+    assert not attention._tma_ready(q.transpose(2, 3))  # d strided
+    assert not attention._tma_ready(torch.randn(2, 3, 40, 36, device=DEVICE, dtype=torch.float16)[..., :32])
+    assert not attention._tma_ready(q[:1].expand(2, -1, -1, -1))  # broadcast batch: stride 0
+    with torch._subclasses.FakeTensorMode() as fake_mode:  # what a traced graph launches with
+        assert not attention._tma_ready(fake_mode.from_tensor(q))
+    with attention.tma_loads("1"), attention.autotuned():  # the guard times what compiled graphs run
+        assert attention._TMA.get() == "0"
+    with pytest.raises(ValueError):
+        attention.tma_loads("yes").__enter__()
+
+
+@pytest.mark.parametrize("mode, group_size", [("0", 1), ("1", 2)])
+def test_pointer_path_without_tma(monkeypatch, mode, group_size):
+    built = []
+    monkeypatch.setattr(attention, "_tma_descriptors", lambda *args: built.append(args))
+    with attention.tma_loads(mode):
+        check_forward(1, 2, 1, 40, 40, 32, torch.float16, group_size, 16, causal=True)
+    assert not built
+
+
 @pytest.mark.parametrize("num_hyperplanes", [1, 16])
 def test_grouping_kernel_matches_reference(num_hyperplanes):
     config = DistrConfig(block_m=32, num_hyperplanes=num_hyperplanes, seed=5)
@@ -160,3 +248,28 @@ def gpu_case(case: dict, D: int, dtype, group_size: int) -> dict:
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_forward_gpu(dtype, D, group_size, case):
     check_forward(**gpu_case(GPU_CASES[case], D, dtype, group_size))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", list(TMA_CASES))
+def test_forward_tma_gpu(dtype, D, case, tma_launches):
+    """TMA loads forced, in whatever launch the environment gives (FIXED_CONFIG's tiles under
+    DISTR_COMPILE_AUTOTUNE=0, else the TMA configs autotuned)."""
+    case = dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300, D=D, dtype=dtype, block_m=64, tol=1e-2) | TMA_CASES[case]
+    if "DV" in case:
+        case |= dict(D=D // 2, DV=D)
+    check_exact(**case)
+    assert tma_launches, "the pointer path ran"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", ["odd-causal", "gqa-causal", "dqk<dv"])
+def test_forward_tma_configs_gpu(tma_config, D, case):
+    """Each of TMA_CONFIGS (128-row tiles, 8 warps) compiled and run on the GPU, in bf16."""
+    case = dict(B=2, Hq=4, Hkv=4, Lq=1000, Lk=1000, D=D, dtype=torch.bfloat16, tol=1e-2) | TMA_CASES[case]
+    if "DV" in case:
+        case |= dict(D=D // 2, DV=D)
+    check_exact(**case)

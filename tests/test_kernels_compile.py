@@ -34,8 +34,14 @@ def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict, 
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages}).metadata
 
 
-def forward_constexprs(D, G, causal=True, mask_kind=attention.MASK_BOOL, block_m=64, block_n=64, DV=None):
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, D=D, DV=DV or D, G=G, IS_CAUSAL=causal, MASK_KIND=mask_kind)
+def forward_constexprs(D, G, causal=True, mask_kind=attention.MASK_BOOL, block_m=64, block_n=64, DV=None, tma=False):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, D=D, DV=DV or D, G=G, IS_CAUSAL=causal, MASK_KIND=mask_kind, TMA=tma)
+
+
+def tma_descriptors(D, DV, block_m, block_n) -> dict:
+    """The TMA path's descriptor arguments, typed as a launch with these tiles types them."""
+    tile = lambda rows, d: f"tensordesc<bf16[1,1,{rows},{d}]>"
+    return dict(Q_DESC=tile(block_m, D), K_DESC=tile(block_n, D), V_DESC=tile(block_n, DV), O_DESC=tile(block_m, DV))
 
 
 GROUPING_POINTERS = dict(PERM="*i32", PERM_INV="*i32", WEIGHTS="*fp32")
@@ -53,19 +59,27 @@ def check_forward():
     for D, G, DV in [(64, 1, 64), (64, 4, 64), (128, 2, 128), (256, 2, 256), (32, 1, 128)]:
         compile_for_hopper(attention._distr_fwd_kernel, {**FORWARD_POINTERS, **dummy_perm(G)}, ("qk_scale",),
                            forward_constexprs(D, G, DV=DV))
+        if G == 1:
+            compile_for_hopper(attention._distr_fwd_kernel, {**FORWARD_POINTERS, **dummy_perm(G), **tma_descriptors(D, DV, 64, 64)},
+                               ("qk_scale",), forward_constexprs(D, G, DV=DV, tma=True))
 
 
 def check_autotune_configs_fit_shared_memory():
-    # grouped (WIDE_CONFIGS holds its default) and ungrouped (EXACT_CONFIGS; the static path's
-    # reduced Q/K head dim beside a full V head dim), each after the shared-memory pruning
+    # grouped (WIDE_CONFIGS holds its default) and ungrouped (EXACT_CONFIGS, and TMA_CONFIGS with
+    # their Q tile and O staging in shared memory too; the static path's reduced Q/K head dim beside
+    # a full V head dim), each after the shared-memory pruning
+    tma_configs = attention._on_path(attention.TMA_CONFIGS, tma=True)
     for configs, G, dims in [(attention.WIDE_CONFIGS, 2, [(128, 128), (256, 256)]),
-                             (attention.EXACT_CONFIGS, 1, [(128, 128), (256, 256)])]:
+                             (attention.EXACT_CONFIGS, 1, [(128, 128), (256, 256)]),
+                             (tma_configs, 1, [(64, 64), (64, 128), (128, 128), (256, 256)])]:
         for D, DV in dims:
             for config in attention._fit_shared_memory(configs, {}, D=D, DV=DV):
                 tile = dict(block_m=config.kwargs.get("BLOCK_M", 64), block_n=config.kwargs["BLOCK_N"])
+                tma = config.kwargs.get("TMA", False)
+                descriptors = tma_descriptors(D, DV, tile["block_m"], tile["block_n"]) if tma else {}
                 meta = compile_for_hopper(
-                    attention._distr_fwd_kernel, {**FORWARD_POINTERS, **dummy_perm(G)}, ("qk_scale",),
-                    forward_constexprs(D, G, causal=False, mask_kind=attention.MASK_NONE, DV=DV, **tile),
+                    attention._distr_fwd_kernel, {**FORWARD_POINTERS, **dummy_perm(G), **descriptors}, ("qk_scale",),
+                    forward_constexprs(D, G, causal=False, mask_kind=attention.MASK_NONE, DV=DV, tma=tma, **tile),
                     num_warps=config.num_warps, num_stages=config.num_stages,
                 )
                 assert meta.shared <= HOPPER_SHARED_MEMORY, f"D={D} {config}: {meta.shared} bytes of shared memory"
