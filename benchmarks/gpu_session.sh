@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu_session.sh setup      # wheels from .whl + editable install (entry point)
 #   bash benchmarks/gpu_session.sh tests [PATHS]  # every `gpu` test (in PATHS), 8 workers, autotune off
 #   bash benchmarks/gpu_session.sh kernels [ARGS]  # benchmarks/kernel.py ARGS: the public op vs SDPA, fwd and f+b
+#   bash benchmarks/gpu_session.sh tma [ARGS]  # the exact forward's TMA path: its gpu tests, then pointer vs
+#                                             # TMA loads against SDPA (fwd, d 128/64, L 4096; ARGS: more
+#                                             # kernel.py options); under 150 s with setup on an H100/H200
 #   bash benchmarks/gpu_session.sh backward ARGS  # backward kernels at d=128, L=4096 (benchmarks/backward.py ARGS)
 #   bash benchmarks/gpu_session.sh weights    # keep the SmolLM2 GGUF chunk(s) carried in .weights/
 #                                             # (one per call: the carry limit is 64 MiB); join them
@@ -40,6 +43,11 @@ case $STEP in
     LD_PRELOAD=$(c++ -print-file-name=libstdc++.so.6) DISTR_COMPILE_AUTOTUNE=0 log python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider "${paths[@]}" -rf --durations=5 ;;
   kernels)
     log python3 benchmarks/kernel.py --json "$OUT/kernel.json" "${@:2}" ;;
+  tma)  # each part time-boxed so that one call holds both; the logs keep what finished
+    DISTR_COMPILE_AUTOTUNE=0 log timeout 50 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/test_kernels.py \
+      -k forward_tma -rf --durations=5
+    log timeout 85 python3 benchmarks/kernel.py --json "$OUT/kernel-tma.json" --dims 128 64 --lengths 4096 \
+      --causal 0 1 --variants G=1 --tma 0 1 --no-backward --no-compiled "${@:2}" ;;
   backward)
     log python3 benchmarks/backward.py --dims 128 --lengths 4096 --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   weights)
