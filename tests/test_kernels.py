@@ -180,8 +180,8 @@ def test_forward_tma_configs(tma_config, case):
 
 
 def test_tma_only_where_descriptors_can_address():
-    """TMA needs d contiguous and 16-byte aligned base and strides; other tensors, and every
-    tensor in "0" mode or for G > 1, take the pointer path."""
+    """TMA needs eager tensors (not a traced graph's) with d contiguous and 16-byte aligned base
+    and strides; the guard's timing block loads through pointers, as compiled graphs do."""
     q = torch.randn(2, 3, 40, 64, device=DEVICE, dtype=torch.float16)
     assert attention._tma_ready(q, q.transpose(1, 2).contiguous().transpose(1, 2))
     assert not attention._tma_ready(q[..., 1:33])  # base off 16 bytes
@@ -198,6 +198,7 @@ def test_tma_only_where_descriptors_can_address():
 
 @pytest.mark.parametrize("mode, group_size", [("0", 1), ("1", 2)])
 def test_pointer_path_without_tma(monkeypatch, mode, group_size):
+    """Mode "0", and the grouped forward in any mode, build no descriptors."""
     built = []
     monkeypatch.setattr(attention, "_tma_descriptors", lambda *args: built.append(args))
     with attention.tma_loads(mode):
