@@ -249,7 +249,7 @@ def main() -> None:
         + ("" if args.cold_only else "; warm: filled by one unmeasured run of the same setting")
         + "); distr's own s: its matching, calibration and rewrites in the cold runs (Inductor excluded). "
         f"Forward autotune space: DISTR_COMPILE_AUTOTUNE={os.environ.get('DISTR_COMPILE_AUTOTUNE', '1')}.",
-        rows, device=args.device, floatfmt=".2f",
+        rows, device=args.device, floatfmt=".3g",  # 3 digits: own seconds are often ms
     )
 
 
