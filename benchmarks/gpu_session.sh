@@ -9,7 +9,8 @@
 #                                             # (one per call: the carry limit is 64 MiB); join them
 #   bash benchmarks/gpu_session.sh models ARGS  # benchmarks/model.py ARGS (SmolLM2 rows need `weights`)
 #   bash benchmarks/gpu_session.sh zoo ARGS   # benchmarks/zoo.py ARGS (MiniLM from carried .weights/minilm)
-#   bash benchmarks/gpu_session.sh compile ARGS # compile time, cold and warm Triton cache
+#   bash benchmarks/gpu_session.sh compile ARGS # compile time, cold and warm Triton cache (--model llama bert vit,
+#                                             # --cold-only: see benchmarks/compile_time.py)
 #   bash benchmarks/gpu_session.sh adapt ARGS # the adaptation recipe (needs `weights`)
 #   bash benchmarks/gpu_session.sh adapts SECONDS "ARGS1" "ARGS2" ...  # several recipes at once, each
 #                                             # its own process (one alone leaves the GPU mostly idle),
@@ -52,7 +53,7 @@ case $STEP in
   zoo)
     log python3 benchmarks/zoo.py --smollm2-dir "$WEIGHTS" --minilm-dir .weights/minilm --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   compile)
-    log python3 benchmarks/compile_time.py --device cuda --dtype bfloat16 --layers 8 --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
+    log python3 benchmarks/compile_time.py --device cuda --dtype bfloat16 --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   adapt)
     # checkpoints stay in /tmp/adapt (too large to come back; --resume on the same machine)
     log python3 examples/adapt.py --device cuda --model-path "$WEIGHTS" --out /tmp/adapt "${@:2}"

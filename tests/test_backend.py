@@ -3,8 +3,10 @@ CUDA-graph mode, recompiles, and (GPU) the Triton kernel inside a compiled HF Ll
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -330,6 +332,27 @@ def test_a_fault_never_fails_the_compile_with_inductor(monkeypatch):
     compiled = torch.compile(model, backend="distr", options=GUARDED)
     with torch.no_grad(), pytest.warns(UserWarning, match="calibration failed"):
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_stage_times_are_logged(eager_backend, monkeypatch, caplog):
+    """Every stage logs its wall time at INFO, each under its own name: a calibration made 0.3 s
+    slower shows in the calibration record only, and the stages in their order."""
+    decide_graph = backend.decide_graph
+
+    def slow_decide_graph(*args, **kwargs):
+        time.sleep(0.3)
+        return decide_graph(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "decide_graph", slow_decide_graph)
+    compiled = torch.compile(two_causal_attentions, backend="distr", options=GUARDED)
+    with caplog.at_level(logging.INFO, logger="distr_compile"):
+        compiled(torch.randn(2, 4, 24, 32))
+    times = [(r.distr_stage, r.seconds) for r in caplog.records if hasattr(r, "distr_stage")]
+    assert [stage for stage, _ in times] == ["matching", "calibration", "mask rewrite", "rewrite", backend.INDUCTOR]
+    seconds = dict(times)
+    assert seconds["calibration"] >= 0.3
+    assert all(0 <= t < 0.3 for stage, t in times if stage != "calibration"), times
+    assert "distr: calibration took" in caplog.text
 
 
 def test_a_fault_in_the_runtime_monitor_turns_it_off(eager_backend, monkeypatch):

@@ -106,6 +106,8 @@ def test_hf_finetune_runs():
     ("examples/hf_finetune.py", ["--steps", "0"], "--steps must be >= 1"),
     ("examples/hf_finetune.py", ["--group-size", "3"], "group_size must be one of"),
     ("benchmarks/model.py", ["--device", "cpu", "--tokens", "8"], "--tokens must be >= 16"),
+    ("benchmarks/compile_time.py", ["--model", "vit", "--image-size", "500"], "multiple of the patch size 14, got 500"),
+    ("benchmarks/compile_time.py", ["--model", "gpt"], "invalid choice"),
 ])
 def test_bad_arguments(script, args, message):
     proc = run(script, *args)
