@@ -125,6 +125,8 @@ def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None, *, cali
         maps = plan_maps(setting)
     elif projecting:
         maps = fit_maps(model, setting, calibration)
+    if trainable_maps and not maps:
+        raise ValueError("trainable_maps=True trains projection maps, and this setting has none")
     for path, module in modules.items():
         for name in MAPS:
             if hasattr(module, name):

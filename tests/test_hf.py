@@ -289,6 +289,8 @@ def test_projection_needs_maps_that_fit():
         configure(model, PROJECTION)
     with pytest.raises(ValueError, match="calibration= fits projection maps"):
         configure(model, G2, calibration=[text_inputs()])
+    with pytest.raises(ValueError, match="trainable_maps=True trains projection maps"):
+        configure(model, G2, trainable_maps=True)
     plan = DistrPlan(PROJECTION.__dict__ | {"candidate_group_sizes": []})
     for i in range(3):
         site = distr_compile.guard.SiteDecision(f"model.layers.{i}.self_attn", "sdpa", "", 2, "", "",
