@@ -230,8 +230,10 @@ class _FittedParameters:
             warnings.warn(
                 f"distr: the projection maps of {', '.join(self.sites)} were fitted with the parameters this graph was "
                 "compiled with, and it now runs with other parameters (a graph reused across modules, as regional "
-                "compilation does for identical layers): those maps do not fit them. Compile the whole model, or use "
-                "a grouping without maps.", stacklevel=2)
+                "compilation does for identical layers): those maps do not fit them. Compile the whole model, use "
+                "a grouping without maps, or, for a transformers model, keep each layer's maps on its attention module "
+                "(distr_compile.configure(model, config, calibration=batches)) and compile the layers with Inductor.",
+                stacklevel=2)
         return self.compiled(list(args)) if getattr(self.compiled, "_boxed_call", False) else self.compiled(*args)
 
 
