@@ -221,11 +221,14 @@ class _FittedParameters:
 
     def __init__(self, compiled: Callable, example_inputs: list, sites: list[str]):
         self.compiled, self.sites = compiled, sites
+        # Called as the graph itself would be: with one list of inputs if it takes them boxed.
+        self._boxed_call = getattr(compiled, "_boxed_call", False)
         self.parameters = {i: x.data_ptr() for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)}
         self.warned = False
 
     def __call__(self, *args: Any) -> Any:
-        if not self.warned and any(args[i].data_ptr() != ptr for i, ptr in self.parameters.items()):
+        inputs = args[0] if self._boxed_call else args
+        if not self.warned and any(inputs[i].data_ptr() != ptr for i, ptr in self.parameters.items()):
             self.warned = True
             warnings.warn(
                 f"distr: the projection maps of {', '.join(self.sites)} were fitted with the parameters this graph was "
@@ -234,7 +237,7 @@ class _FittedParameters:
                 "a grouping without maps, or, for a transformers model, keep each layer's maps on its attention module "
                 "(distr_compile.configure(model, config, calibration=batches)) and compile the layers with Inductor.",
                 stacklevel=2)
-        return self.compiled(list(args)) if getattr(self.compiled, "_boxed_call", False) else self.compiled(*args)
+        return self.compiled(*args)
 
 
 class _Monitor:
