@@ -103,10 +103,11 @@ class BackendFault(Exception):
         self.stage, self.error, self.sites = stage, error, sites
 
 
-# Not faults: the user's errors, and the signals Inductor gives Dynamo (restart the analysis, fall
-# back to eager for this graph), which Dynamo handles itself.
-_NOT_FAULTS = (ConfigError, BackendFault, torch._dynamo.exc.TorchDynamoException,
-               *torch._dynamo.exc.exceptions_allowed_to_be_fallback)
+# Not faults: the user's errors, and Dynamo's own signals (restart the analysis), which Dynamo handles
+# itself. The fake-tensor errors Dynamo answers by running the whole graph eagerly ARE faults when our
+# work raises them (or Inductor does, on the graph we rewrote): the original graph is compiled with
+# Inductor instead, which is what backend="inductor" would run.
+_NOT_FAULTS = (ConfigError, BackendFault, torch._dynamo.exc.TorchDynamoException)
 
 
 @contextlib.contextmanager

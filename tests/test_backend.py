@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import UnsupportedOperatorException
 import torch.nn as nn
 
 import distr_compile
@@ -321,6 +322,28 @@ def test_a_fault_in_any_stage_compiles_the_graph_unchanged(fault, eager_backend,
     plan = distr_compile.plan_of(compiled)
     assert plan.sites == {} and {s.fault for s in plan.skipped.values()} == {stage}
     assert f"the backend failed on their graph ({stage})" in distr_compile.report(compiled)
+
+
+@pytest.mark.parametrize("stage", ["calibration", "Inductor on the rewritten graph"])
+def test_an_eager_fallback_signal_compiles_the_original_graph(stage, eager_backend, monkeypatch):
+    """A fake-tensor error that Dynamo answers by running the graph eagerly (no compile at all),
+    raised by our work or by Inductor on the rewritten graph, is a fault like any other: the graph
+    is compiled as it came, never left to eager."""
+    def unsupported(*args, **kwargs):
+        raise UnsupportedOperatorException(torch.ops.aten.add.Tensor)
+
+    if stage == "calibration":
+        monkeypatch.setattr(distr_compile.guard.probe, "run_probe", unsupported)
+    else:
+        run_graph = backend.compile_fx
+        monkeypatch.setattr(backend, "compile_fx", lambda gm, *a, **k: unsupported() if op_nodes([gm]) else
+                            run_graph(gm, *a, **k))
+    x = torch.randn(2, 4, 24, 32)
+    compiled = torch.compile(two_causal_attentions, backend="distr", options=GUARDED if stage == "calibration" else FORCED_G2)
+    with pytest.warns(UserWarning, match=f"{stage} failed \\(UnsupportedOperatorException"):
+        out = compiled(x)
+    assert torch.equal(out, two_causal_attentions(x))
+    assert len(eager_backend) == 1 and op_nodes(eager_backend) == []  # compiled, unchanged
 
 
 def test_a_fault_never_fails_the_compile_with_inductor(monkeypatch):
