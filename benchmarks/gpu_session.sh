@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_session.sh hf ARGS     # benchmarks/hf_eager.py ARGS: attn_implementation="distr"
 #                                             # in eager mode vs compiled, SmolLM2-135M's shape (no weights)
 #   bash benchmarks/gpu_session.sh hf-finetune ARGS  # examples/hf_finetune.py on the GPU (needs `weights`)
+#   bash benchmarks/gpu_session.sh host       # host time per eager op call vs SDPA (benchmarks/host_overhead.py)
 #   bash benchmarks/gpu_session.sh lowering   # which attention kernel Inductor emits for HF ViT
 #   bash benchmarks/gpu_session.sh sweep [ARGS]  # every forward autotune config's time per shape class
 # The device machine has no network: .whl holds the pure-Python wheels it lacks.
@@ -72,6 +73,8 @@ case $STEP in
     log python3 benchmarks/hf_eager.py "${@:2}" ;;
   hf-finetune)
     log python3 examples/hf_finetune.py --device cuda --model-path "$WEIGHTS" "${@:2}" ;;
+  host)
+    log python3 benchmarks/host_overhead.py "${@:2}" ;;
   lowering)
     log python3 benchmarks/sdpa_lowering.py "${@:2}" ;;
   sweep)
