@@ -96,9 +96,10 @@ def _autotune(enabled: bool):
 
 
 def fixed_config():
-    """Eager forward launches in this block take FIXED_CONFIG instead of autotuning. For the guard's
-    calibration runs: their speed does not matter, but autotuning them would add every config's
-    compile and timing (two kernels, each per shape key) to the first ``torch.compile`` call.
+    """Eager forward launches in this block take one config instead of autotuning (the autotune
+    space's first that fits, see ``_untuned_launch``). For the guard's calibration runs: their
+    speed does not matter, but autotuning them would add every config's compile and timing (two
+    kernels, each per shape key) to the first ``torch.compile`` call.
     Kernels traced into a compiled graph are always autotuned."""
     return _autotune(False)
 
@@ -285,6 +286,17 @@ def _keys_contiguous_kernel(K, OUT, stride_kb, stride_kh, stride_kn, stride_kd, 
     tl.store(OUT + pid_bh * D * len_k + offs_d[None, :] * len_k + offs_n[:, None], tile, mask=ok)
 
 
+def _untuned_launch(grouped: bool, block_m: int, D: int, DV: int) -> dict:
+    """Launch parameters without the autotuner: FIXED_CONFIG (query tile ``block_m``) when QUICK;
+    else (the guard's calibration runs) the autotune space's first config that fits, so that the
+    guard's later autotuned timing, and Inductor compiling the same kernel, find it compiled
+    (Triton caches by constexprs and launch options). Not Config.all_kwargs(): it holds num_ctas,
+    which wrap_triton refuses (torch 2.11, Triton 3.6)."""
+    config = FIXED_CONFIG if QUICK else _fit_shared_memory(_configs(grouped), {"D": D, "DV": DV})[0]
+    tile = {"BLOCK_M": block_m} if grouped or "BLOCK_M" not in config.kwargs else {}
+    return dict(config.kwargs, **tile, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def keys_contiguous(k: torch.Tensor) -> torch.Tensor:
     """k (B, H, Lk, D) as a view whose keys are contiguous (stride(2) == 1), as the grouped path's
     row gathers of K^T want. A tiled Triton transpose: ``k.transpose(2, 3).contiguous()`` ran at
@@ -317,7 +329,7 @@ def distr_forward(
     ``reference.representative_weights``), and DV == D; None for G = 1, where q/k may have a
     smaller head dim than v (the static path's reduced q', k')): returns (out (B, Hq, Lq, DV), lse).
     ``block_m`` is the grouping block for G > 1; for G = 1 the query tile is autotuned (it is
-    ``block_m`` only in untuned launches: the interpreter and the guard's calibration runs)."""
+    ``block_m`` only under the interpreter or ``DISTR_COMPILE_AUTOTUNE=0``)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[-1]
     nb = triton.cdiv(Lq, block_m)
@@ -332,10 +344,7 @@ def distr_forward(
         mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_ADD
         mask, mask_strides = attn_mask, attn_mask.stride()
     if QUICK or not (_AUTOTUNE.get() or torch.compiler.is_compiling()):
-        # not Config.all_kwargs(): it holds num_ctas, which wrap_triton refuses (torch 2.11, Triton 3.6)
-        kernel = _distr_fwd_kernel
-        launch = dict(FIXED_CONFIG.kwargs, BLOCK_M=block_m, num_warps=FIXED_CONFIG.num_warps,
-                      num_stages=FIXED_CONFIG.num_stages)
+        kernel, launch = _distr_fwd_kernel, _untuned_launch(group_size > 1, block_m, D, DV)
     elif group_size > 1:
         kernel, launch = _distr_fwd_grouped, {"BLOCK_M": block_m}
     else:
