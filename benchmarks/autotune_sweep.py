@@ -53,7 +53,7 @@ def main() -> None:
     for d, name, causal, L in itertools.product(args.dims, args.variants, args.causal, args.lengths):
         G, grouping = VARIANTS[name]
         ungrouped = G == 1 or grouping == "fixed"
-        # ungrouped: eager calls on Hopper tune the pointer and the TMA configs together ("auto")
+        # ungrouped: every memory path's space (pointer, TMA, both: DISTR_COMPILE_TMA=0 / 1 / auto)
         tuned = attention._distr_fwd_ungrouped.values() if ungrouped else [attention._distr_fwd_grouped]
         B = max(1, TOKENS // L)
         q, k, v = (torch.randn(B, HEADS, L, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))

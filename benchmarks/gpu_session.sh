@@ -12,7 +12,8 @@
 #                                             # (one per call: the carry limit is 64 MiB); join them
 #   bash benchmarks/gpu_session.sh models ARGS  # benchmarks/model.py ARGS (SmolLM2 rows need `weights`)
 #   bash benchmarks/gpu_session.sh zoo ARGS   # benchmarks/zoo.py ARGS (MiniLM from carried .weights/minilm)
-#   bash benchmarks/gpu_session.sh compile ARGS # compile time, cold and warm Triton cache
+#   bash benchmarks/gpu_session.sh compile ARGS # compile time, cold and warm Triton cache (--model llama bert vit,
+#                                             # --cold-only: see benchmarks/compile_time.py)
 #   bash benchmarks/gpu_session.sh adapt ARGS # the adaptation recipe (needs `weights`)
 #   bash benchmarks/gpu_session.sh adapts SECONDS "ARGS1" "ARGS2" ...  # several recipes at once, each
 #                                             # its own process (one alone leaves the GPU mostly idle),
@@ -20,6 +21,7 @@
 #   bash benchmarks/gpu_session.sh hf ARGS     # benchmarks/hf_eager.py ARGS: attn_implementation="distr"
 #                                             # in eager mode vs compiled, SmolLM2-135M's shape (no weights)
 #   bash benchmarks/gpu_session.sh hf-finetune ARGS  # examples/hf_finetune.py on the GPU (needs `weights`)
+#   bash benchmarks/gpu_session.sh host       # host time per eager op call vs SDPA (benchmarks/host_overhead.py)
 #   bash benchmarks/gpu_session.sh lowering   # which attention kernel Inductor emits for HF ViT
 #   bash benchmarks/gpu_session.sh sweep [ARGS]  # every forward autotune config's time per shape class
 # The device machine has no network: .whl holds the pure-Python wheels it lacks.
@@ -60,7 +62,7 @@ case $STEP in
   zoo)
     log python3 benchmarks/zoo.py --smollm2-dir "$WEIGHTS" --minilm-dir .weights/minilm --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   compile)
-    log python3 benchmarks/compile_time.py --device cuda --dtype bfloat16 --layers 8 --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
+    log python3 benchmarks/compile_time.py --device cuda --dtype bfloat16 --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   adapt)
     # checkpoints stay in /tmp/adapt (too large to come back; --resume on the same machine)
     log python3 examples/adapt.py --device cuda --model-path "$WEIGHTS" --out /tmp/adapt "${@:2}"
@@ -79,6 +81,8 @@ case $STEP in
     log python3 benchmarks/hf_eager.py "${@:2}" ;;
   hf-finetune)
     log python3 examples/hf_finetune.py --device cuda --model-path "$WEIGHTS" "${@:2}" ;;
+  host)
+    log python3 benchmarks/host_overhead.py "${@:2}" ;;
   lowering)
     log python3 benchmarks/sdpa_lowering.py "${@:2}" ;;
   sweep)

@@ -31,11 +31,10 @@ import torch
 import transformers
 
 import distr_compile
-from distr_compile import DistrConfig
+from distr_compile import DistrConfig, models
 from distr_compile.config import GROUPINGS
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192)
+SMOLLM2 = models.SMOLLM2_SHAPE
 SMOKE = dict(SMOLLM2, vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1)
 

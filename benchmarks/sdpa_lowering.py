@@ -9,7 +9,7 @@ torch build: for each case it compiles with Inductor (caches off) and prints the
 the post-grad graph (``_scaled_dot_product_cudnn_attention``, ``..._flash_attention``, or ``bmm``
 for the math path).
 
-    python benchmarks/sdpa_lowering.py                       # GPU: plain SDPA, HF ViT-base and BERT-base
+    python benchmarks/sdpa_lowering.py                       # GPU: plain SDPA, HF ViT-base, BERT-base, a decoder
     python benchmarks/sdpa_lowering.py --sizes 224 --why     # also the reasons SDPA gives with math off
     python benchmarks/sdpa_lowering.py --device cpu --sizes 28 --batch 1   # a quick check of the script
 """
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--bert-tokens", type=int, default=512, help="BERT-base sequence length (padded batch)")
     parser.add_argument("--layers", type=int, default=1, help="ViT-base / BERT-base layers (the lowering is per layer)")
+    parser.add_argument("--decoder", type=lambda s: tuple(map(int, s.split("x"))), nargs="*", default=[(4, 2048), (1, 8192)],
+                        help="SmolLM2-shaped decoder (9 / 3 heads of dim 64, random weights) cases as BATCHxTOKENS")
     parser.add_argument("--why", action="store_true",
                         help="then disable the math SDPA backend and print every warning of the failed selection")
     args = parser.parse_args()
@@ -83,6 +85,12 @@ def main() -> None:
     padded = models.padded_batch(args.batch, args.bert_tokens, bert.config.vocab_size, dev)
     for backend in ("inductor", "distr"):
         probe(f"HF BERT-base {args.bert_tokens} tokens, padding mask, backend={backend}", bert, backend=backend, **padded)
+    decoder = models.smollm2_shaped(args.layers).to(dev, dt)
+    for batch, tokens in args.decoder:
+        ids = torch.randint(0, decoder.config.vocab_size, (batch, tokens), device=dev)
+        for backend in ("inductor", "distr"):
+            probe(f"SmolLM2-shaped decoder, {batch} x {tokens} tokens, backend={backend}", decoder, backend=backend,
+                  input_ids=ids, use_cache=False)
 
     if args.why and dev.startswith("cuda"):
         torch.backends.cuda.enable_math_sdp(False)

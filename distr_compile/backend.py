@@ -15,6 +15,10 @@ a graph raises (matching, the mask rewrite, calibration and its kernel launches,
 rewrite, Inductor on the rewritten graph), the graph is compiled as it came, a warning names the
 stage and the error, and ``report`` shows the graph's sites kept exact with it. Errors that are
 the user's to fix (unknown options, a plan that does not fit the model) are raised.
+
+Each stage, and Inductor, logs its wall time at INFO on the ``distr_compile`` logger
+(``logging.getLogger("distr_compile").setLevel("INFO")`` shows them), so a slow first call can be
+told apart: the backend's own work or Inductor's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -42,6 +47,7 @@ from .passes import (
 )
 
 log = logging.getLogger("distr_compile")
+INDUCTOR = "Inductor"  # the stage name under which Inductor's compile time is logged (see _timed)
 
 
 def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[str, Any] | None = None,
@@ -61,7 +67,8 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
     except BackendFault as fault:
         _record(fault, gm, example_inputs, config)
         _restore(gm, original)
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        with _timed(INDUCTOR):
+            return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig, plan: DistrPlan | None,
@@ -96,16 +103,38 @@ class BackendFault(Exception):
         self.stage, self.error, self.sites = stage, error, sites
 
 
-# Not faults: the user's errors, and the signals Inductor gives Dynamo (restart the analysis, fall
-# back to eager for this graph), which Dynamo handles itself.
-_NOT_FAULTS = (ConfigError, BackendFault, torch._dynamo.exc.TorchDynamoException,
-               *torch._dynamo.exc.exceptions_allowed_to_be_fallback)
+# Not faults: the user's errors, and Dynamo's own signals (restart the analysis), which Dynamo handles
+# itself. The fake-tensor errors Dynamo answers by running the whole graph eagerly ARE faults when our
+# work raises them (or Inductor does, on the graph we rewrote): the original graph is compiled with
+# Inductor instead, which is what backend="inductor" would run.
+_NOT_FAULTS = (ConfigError, BackendFault, torch._dynamo.exc.TorchDynamoException)
 
 
 @contextlib.contextmanager
 def _stage(name: str, sites: Iterable[AttentionSite] = ()) -> Iterator[None]:
-    """A stage of the backend's own work: what it raises becomes a :class:`BackendFault`, except
-    what is not a fault (``_NOT_FAULTS``)."""
+    """A stage of the backend's own work: timed (:func:`_timed`), and what it raises becomes a
+    :class:`BackendFault` (:func:`_as_fault`)."""
+    with _timed(name), _as_fault(name, sites):
+        yield
+
+
+@contextlib.contextmanager
+def _timed(stage: str) -> Iterator[None]:
+    """Log the wall time of ``stage`` at INFO. The record carries ``distr_stage`` and ``seconds``
+    (``extra``), so a tool can add up the backend's own stages against Inductor's (``INDUCTOR``)
+    without parsing messages: benchmarks/compile_time.py does."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - start
+        log.info("distr: %s took %.3f s", stage, seconds, extra={"distr_stage": stage, "seconds": seconds})
+
+
+@contextlib.contextmanager
+def _as_fault(name: str, sites: Iterable[AttentionSite] = ()) -> Iterator[None]:
+    """What the block raises becomes a :class:`BackendFault` of stage ``name``, except what is not a
+    fault (``_NOT_FAULTS``)."""
     try:
         yield
     except _NOT_FAULTS:
@@ -180,7 +209,8 @@ def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[
         rewrite_attention(gm.graph, sites, configs, maps)
         gm.recompile()
     # Inductor failing on a graph we did not change is Inductor's error, as with backend="inductor".
-    with _stage("Inductor on the rewritten graph", sites) if configs or folded else contextlib.nullcontext():
+    changed = _as_fault("Inductor on the rewritten graph", sites) if configs or folded else contextlib.nullcontext()
+    with _timed(INDUCTOR), changed:
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
@@ -192,18 +222,23 @@ class _FittedParameters:
 
     def __init__(self, compiled: Callable, example_inputs: list, sites: list[str]):
         self.compiled, self.sites = compiled, sites
+        # Called as the graph itself would be: with one list of inputs if it takes them boxed.
+        self._boxed_call = getattr(compiled, "_boxed_call", False)
         self.parameters = {i: x.data_ptr() for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)}
         self.warned = False
 
     def __call__(self, *args: Any) -> Any:
-        if not self.warned and any(args[i].data_ptr() != ptr for i, ptr in self.parameters.items()):
+        inputs = args[0] if self._boxed_call else args
+        if not self.warned and any(inputs[i].data_ptr() != ptr for i, ptr in self.parameters.items()):
             self.warned = True
             warnings.warn(
                 f"distr: the projection maps of {', '.join(self.sites)} were fitted with the parameters this graph was "
                 "compiled with, and it now runs with other parameters (a graph reused across modules, as regional "
-                "compilation does for identical layers): those maps do not fit them. Compile the whole model, or use "
-                "a grouping without maps.", stacklevel=2)
-        return self.compiled(list(args)) if getattr(self.compiled, "_boxed_call", False) else self.compiled(*args)
+                "compilation does for identical layers): those maps do not fit them. Compile the whole model, use "
+                "a grouping without maps, or, for a transformers model, keep each layer's maps on its attention module "
+                "(distr_compile.configure(model, config, calibration=batches)) and compile the layers with Inductor.",
+                stacklevel=2)
+        return self.compiled(*args)
 
 
 class _Monitor:

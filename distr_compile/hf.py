@@ -12,7 +12,12 @@ the eager model. An unconfigured model computes exactly what "sdpa" computes, an
 Every submodule of a configured model holds a :class:`DistrLayer` (its path and config) in the
 attribute ``distr_layer``: the attention function receives the attention module and reads it there,
 so the setting travels with the model (``copy.deepcopy``, ``torch.compile``) and no global state
-maps modules to layers.
+maps modules to layers. A layer with ``grouping="projection"`` also holds its maps A and B, as
+tensors of the attention module (:data:`MAPS`): non-persistent buffers, or parameters when they are
+trained. Being the module's own tensors, they follow ``model.to()`` and ``copy.deepcopy``, stay out
+of ``state_dict`` (as buffers), and under ``torch.compile`` they are inputs of the traced graph like
+the layer's weights, so one graph compiled for identical layers (``layer.compile()``) runs each
+layer with its own maps.
 """
 
 from __future__ import annotations
@@ -24,14 +29,19 @@ import sys
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable, Iterable
 
+import torch
 import torch.nn as nn
 
 from .config import DistrConfig
 from .guard import EXACT, DistrPlan
+from .guard.calibration import call_batch
+from .projection import fit_projection, mask_bias
 
 LAYER_ATTRIBUTE = "distr_layer"
+MAPS = ("distr_projection_a", "distr_projection_b")  # the attention module's A and B, for grouping="projection"
+Maps = tuple[torch.Tensor, torch.Tensor]
 MODELING = "transformers.modeling_utils"  # where AttentionInterface lives (2-3 s to import)
 
 UNCONFIGURED = (
@@ -45,6 +55,11 @@ DROPOUT = (
     "is, as with backend='distr' (the kernels have no dropout). Set the model's attention dropout to 0 to train "
     "with the approximation in the loop."
 )
+NEEDS_MAPS = (
+    "grouping='projection' needs per-layer maps: fit them on your batches with "
+    "distr_compile.configure(model, DistrConfig(group_size=2, grouping='projection'), calibration=batches), "
+    "or pass a DistrPlan whose sites carry maps (plan_of a model compiled with grouping='projection', or DistrPlan.load)"
+)
 
 
 @dataclass(frozen=True)
@@ -53,14 +68,15 @@ class DistrLayer:
 
     ``path`` is the module's path in the configured model (a plan's site name); ``config`` is its
     DistrConfig (``group_size=1``: exact attention), or None when the plan applied has no decision
-    for the module (an error if it computes attention). A per-layer payload that a config cannot
-    hold (calibrated projections, say) belongs here as a further field."""
+    for the module (an error if it computes attention). The projection maps of a layer are not
+    here but tensors of the module (:data:`MAPS`), so that they move and compile with it."""
 
     path: str
     config: DistrConfig | None
 
 
-def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None) -> nn.Module:
+def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None, *, calibration: Iterable | None = None,
+              trainable_maps: bool = False) -> nn.Module:
     """Set what every attention layer of a transformers model computes, and select "distr" for it.
 
     ``setting``:
@@ -72,8 +88,21 @@ def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None) -> nn.M
       matched to the module of the same path (the names the backend gives when ``model`` itself is
       compiled, e.g. ``model.layers.3.self_attn``). A site name that is no module path of ``model``
       is an error, as is a layer the plan does not name when it computes attention: a plan applies
-      whole or not at all;
+      whole or not at all. Sites with ``grouping="projection"`` bring their maps;
     * None: remove the setting (exact attention, with a reminder).
+
+    ``grouping="projection"`` (exact attention on ``q A`` and ``k B``, rank-d/G maps per layer)
+    needs each layer's maps A (Hq, d, d/G) and B (Hkv, d, d/G): from a plan, or fitted here with
+    ``calibration``, an iterable of batches (dicts of keyword arguments, tuples of positional
+    ones, or tensors) that the model runs with exact attention while each layer's q and k (after
+    RoPE) are recorded; each layer's maps are then fitted on its q and k over all batches
+    (:func:`distr_compile.projection.fit_projection`). Calibrate on windows as long as those the
+    model will run: with RoPE, maps fitted on short windows do not fit later positions. The
+    batches must share one sequence length. The maps are stored on the attention modules as
+    non-persistent buffers (they follow ``model.to()`` and ``copy.deepcopy``, and stay out of
+    ``state_dict``), or as parameters with ``trainable_maps=True`` so that fine-tuning trains them
+    too (then they are in ``state_dict`` and ``model.parameters()``). Maps that do not fit a
+    layer's heads and head dim are an error.
 
     Unless ``setting`` is None, the model is switched to ``attn_implementation="distr"`` if it uses
     another (``model.set_attn_implementation``). Active attention dropout (training with
@@ -82,24 +111,43 @@ def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None) -> nn.M
     """
     if setting is not None and not isinstance(setting, (DistrConfig, DistrPlan)):
         raise TypeError(f"setting must be a DistrConfig, a DistrPlan or None, got {type(setting).__name__}")
+    projecting = isinstance(setting, DistrConfig) and setting.grouping == "projection" and not setting.exact
+    if projecting and calibration is None:
+        raise ValueError(NEEDS_MAPS)
+    if calibration is not None and not projecting:
+        raise ValueError("calibration= fits projection maps: it goes with a DistrConfig of grouping='projection' "
+                         f"and G > 1, got {setting!r}")
     modules = dict(model.named_modules())
-    configs = plan_configs(setting, modules, type(model).__name__) if isinstance(setting, DistrPlan) else {}
+    configs: dict[str, DistrConfig] = {}
+    maps: dict[str, Maps] = {}
+    if isinstance(setting, DistrPlan):
+        configs = plan_configs(setting, modules, type(model).__name__)
+        maps = plan_maps(setting)
+    elif projecting:
+        maps = fit_maps(model, setting, calibration)
+    if trainable_maps and not maps:
+        raise ValueError("trainable_maps=True trains projection maps, and this setting has none")
     for path, module in modules.items():
+        for name in MAPS:
+            if hasattr(module, name):
+                delattr(module, name)
         if setting is None:
             module.__dict__.pop(LAYER_ATTRIBUTE, None)
-        else:
-            config = setting if isinstance(setting, DistrConfig) else configs.get(path)
-            setattr(module, LAYER_ATTRIBUTE, DistrLayer(path, config))
+            continue
+        config = setting if isinstance(setting, DistrConfig) else configs.get(path)
+        setattr(module, LAYER_ATTRIBUTE, DistrLayer(path, config))
+        if path in maps:
+            attach_maps(module, path, config.group_size, maps[path], trainable_maps)
     if setting is not None:
         _select_distr(model)
     return model
 
 
 def plan_configs(plan: DistrPlan, modules: dict[str, nn.Module], model_name: str) -> dict[str, DistrConfig]:
-    """Each site's DistrConfig (its G with the plan's knobs; sites the backend left alone are
-    exact), checking that every site names a module."""
+    """Each site's DistrConfig (its G and grouping with the plan's knobs; sites the backend left
+    alone are exact), checking that every site names a module."""
     base = DistrConfig(**plan.config)
-    configs = {name: base.replace(group_size=d.group_size) for name, d in plan.sites.items()}
+    configs = {name: base.replace(group_size=d.group_size, grouping=d.grouping) for name, d in plan.sites.items()}
     configs |= {name: base.replace(group_size=EXACT) for name in plan.skipped}
     unknown = sorted(set(configs) - set(modules))
     if unknown:
@@ -109,6 +157,97 @@ def plan_configs(plan: DistrPlan, modules: dict[str, nn.Module], model_name: str
         raise ValueError(f"the plan names {len(unknown)} site(s) that are no module path of this {model_name}: "
                          f"{unknown[:5]}{hint}")
     return configs
+
+
+def plan_maps(plan: DistrPlan) -> dict[str, Maps]:
+    """The maps of the plan's projected sites, by site name; a projected site without maps is an error."""
+    missing = [name for name, d in plan.sites.items() if d.projected and d.maps is None]
+    if missing:
+        raise ValueError(f"the plan's sites {missing[:5]} use grouping='projection' without maps; {NEEDS_MAPS}")
+    return {name: d.maps for name, d in plan.sites.items() if d.projected}
+
+
+def fit_maps(model: nn.Module, config: DistrConfig, batches: Iterable) -> dict[str, Maps]:
+    """Each attention layer's projection maps at ``config.group_size``, by module path, fitted on
+    its q and k (after RoPE) as ``model`` computes them with exact attention on ``batches``."""
+    from .hf_attention import capturing
+
+    paths = {module: path for path, module in model.named_modules()}
+    with capturing(model) as calls:
+        for batch in batches:
+            call_batch(model, batch)
+    if not calls:
+        raise ValueError("no attention layer of the model ran on the calibration batches")
+    return {paths[module]: fit_layer(paths[module], layer_calls, config.group_size)
+            for module, layer_calls in calls.items()}
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What one attention call saw: q (B, Hq, Lq, d) and k (B, Hkv, Lk, d) as attention reads them
+    (after RoPE), SDPA's mask and causal flag, and the softmax scale."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool
+    scale: float | None
+
+
+def fit_layer(path: str, calls: list[AttentionCall], group_size: int) -> Maps:
+    """(A, B) fitted on one layer's calls, stacked along the batch (float32, autocast off)."""
+    if len({(c.q.shape[1:], c.k.shape[1:]) for c in calls}) > 1:
+        raise ValueError(f"the calibration batches reach {path!r} with q and k of different shapes "
+                         f"{sorted({(tuple(c.q.shape), tuple(c.k.shape)) for c in calls})}: give batches of one "
+                         "sequence length")
+    q, k = torch.cat([c.q for c in calls]), torch.cat([c.k for c in calls])
+    with torch.autocast(q.device.type, enabled=False):
+        return fit_projection(q, k, group_size, scale=calls[0].scale, **stacked_masks(calls))
+
+
+def stacked_masks(calls: list[AttentionCall]) -> dict[str, Any]:
+    """``fit_projection``'s mask arguments for the calls stacked along the batch: their common
+    ``is_causal`` when none has a mask, else one additive mask (B, 1, Lq, Lk) for all."""
+    if all(c.mask is None for c in calls) and len({c.is_causal for c in calls}) == 1:
+        return {"is_causal": calls[0].is_causal}
+    biases = [mask_bias(c.q.shape[-2], c.k.shape[-2], is_causal=c.is_causal, attn_mask=c.mask, device=c.q.device)
+              for c in calls]
+    return {"attn_mask": torch.cat([b.expand(c.q.shape[0], 1, *b.shape[-2:]) for b, c in zip(biases, calls)])}
+
+
+def attach_maps(module: nn.Module, path: str, group_size: int, maps: Maps, trainable: bool) -> None:
+    """Store ``maps`` on the attention ``module`` (float32, on its device) as non-persistent
+    buffers, or parameters when ``trainable``, after checking them against its heads and head dim."""
+    check_maps(module, path, group_size, maps)
+    device = next(module.parameters(), maps[0]).device
+    for name, m in zip(MAPS, maps):
+        m = m.detach().to(device, torch.float32, copy=True)
+        if trainable:
+            module.register_parameter(name, nn.Parameter(m))
+        else:
+            module.register_buffer(name, m, persistent=False)
+
+
+def check_maps(module: nn.Module, path: str, group_size: int, maps: Maps) -> None:
+    """A ValueError unless A is (Hq, d, d/G) and B (Hkv, d, d/G), with Hq, Hkv and d the module's
+    own where it declares them (``module.config``'s head counts, ``module.head_dim``)."""
+    a, b = maps
+    d = getattr(module, "head_dim", a.shape[-2])
+    hq = getattr(getattr(module, "config", None), "num_attention_heads", a.shape[0])
+    hkv = getattr(getattr(module, "config", None), "num_key_value_heads", b.shape[0])
+    want = ((hq, d, d // group_size), (hkv, d, d // group_size))
+    if (tuple(a.shape), tuple(b.shape)) != want or d % group_size:
+        raise ValueError(f"projection maps A {tuple(a.shape)}, B {tuple(b.shape)} do not fit {path!r} at "
+                         f"G={group_size}: expected A {want[0]}, B {want[1]} (heads, head dim, head dim / G)")
+
+
+def layer_maps(module: nn.Module, config: DistrConfig) -> Maps | None:
+    """The maps ``module``'s attention runs with: (A, B) for a projection, else None."""
+    if config.grouping != "projection":
+        return None
+    if not hasattr(module, MAPS[0]):
+        raise ValueError(f"attention at {getattr(module, LAYER_ATTRIBUTE).path!r} has no projection maps; {NEEDS_MAPS}")
+    return getattr(module, MAPS[0]), getattr(module, MAPS[1])
 
 
 def _select_distr(model: nn.Module) -> None:

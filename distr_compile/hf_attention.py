@@ -6,20 +6,26 @@ inference (``is_causal`` unless a mask is given or one query row is left), the s
 empty static cache's keys at prefill, the output transposed to (B, L, H, d). Where a layer is not
 approximated it IS the "sdpa" function, so those layers match "sdpa" bit for bit. Where it is,
 grouped-query attention reads the shared K/V heads in place (``enable_gqa``, never ``repeat_kv``)
-and ``distr_attention`` runs the Triton kernels forward and backward on CUDA.
+and ``distr_attention`` runs the Triton kernels forward and backward on CUDA. Calibrating
+projection maps runs the model with a recording variant of "sdpa" (:func:`capturing`).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Iterator
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .hf import layer_config
+from .hf import AttentionCall, layer_config, layer_maps
 from .ops import distr_attention
 
 NAME = "distr"
+CAPTURE = "distr_calibration"  # exact attention that records each layer's q and k (while fitting maps)
 
 
 def register() -> None:
@@ -27,6 +33,19 @@ def register() -> None:
     ``is_causal`` says it all): without a mask function transformers would pass no mask at all."""
     AttentionInterface.register(NAME, distr_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def causal_inputs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None,
+                  is_causal: bool | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(key, value, is_causal) as transformers' "sdpa" decides them: causal unless a mask is given
+    or one query row is left; at a prefill into an empty static cache, its first keys only."""
+    q_length = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = q_length > 1 and attention_mask is None and is_causal
+    if is_causal and key.shape[2] > q_length:
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    return key, value, is_causal
 
 
 def distr_attention_forward(
@@ -41,8 +60,8 @@ def distr_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention of one layer: q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d) -> ((B, Lq, Hq, d), None).
-    DistrAttention with the layer's configured DistrConfig (``distr_compile.configure``), else
-    exactly transformers' "sdpa"."""
+    DistrAttention with the layer's configured DistrConfig (``distr_compile.configure``) and, for a
+    projection, the layer's own maps; else exactly transformers' "sdpa"."""
     config = layer_config(module, dropout)
     if config is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -51,11 +70,30 @@ def distr_attention_forward(
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='distr' does not support {name}; configure this layer with "
                              "group_size=1 (exact attention)")
-    q_length = query.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = q_length > 1 and attention_mask is None and is_causal
-    if is_causal and key.shape[2] > q_length:  # prefill into an empty static cache: its first keys
-        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    key, value, is_causal = causal_inputs(module, query, key, value, attention_mask, is_causal)
     out = distr_attention(query, key, value, attention_mask, 0.0, is_causal, scaling,
-                          enable_gqa=query.shape[1] != key.shape[1], config=config)
+                          enable_gqa=query.shape[1] != key.shape[1], config=config, maps=layer_maps(module, config))
     return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def capturing(model: torch.nn.Module) -> Iterator[dict[torch.nn.Module, list[AttentionCall]]]:
+    """Within the block, ``model`` runs transformers' "sdpa" and records every attention call
+    (float32 copies of q and k, the mask, the causal flag and the scale) per attention module in
+    the dict it yields; its attention implementation is restored on exit."""
+    calls: dict[torch.nn.Module, list[AttentionCall]] = defaultdict(list)
+
+    def record(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        k, _, causal = causal_inputs(module, query, key, value, attention_mask, is_causal)
+        calls[module].append(AttentionCall(query.detach().float(), k.detach().float(), attention_mask, causal, scaling))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+
+    AttentionInterface.register(CAPTURE, record)
+    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(CAPTURE)
+    try:
+        yield calls
+    finally:
+        model.set_attn_implementation(previous)

@@ -145,6 +145,21 @@ def llama(layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0):
     return LlamaModel(config).eval()
 
 
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True,
+                     max_position_embeddings=8192)
+
+
+def smollm2_shaped(layers: int = 30, attn_implementation: str = "sdpa", seed: int = 0):
+    """A randomly initialised ``transformers`` LlamaForCausalLM (eval mode) of SmolLM2-135M's shape:
+    hidden 576, 9 query / 3 KV heads of dim 64; ``layers`` of its 30. For timing without the weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**(SMOLLM2_SHAPE | {"num_hidden_layers": layers}), attn_implementation=attn_implementation)
+    return LlamaForCausalLM(config).eval()
+
+
 def bert(layers: int = 12, attn_implementation: str = "sdpa", seed: int = 0):
     """A randomly initialised ``transformers`` BertModel of BERT-base's shape (hidden 768, 12 heads of
     dim 64, MLP 3072, no pooler, eval mode); ``layers`` of its 12."""

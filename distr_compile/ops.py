@@ -335,7 +335,10 @@ def distr_attention(
         q, k = project(q, k, *maps)
         scale = 1.0 / math.sqrt(maps[0].shape[-2]) if scale is None else scale  # of the original head dim
         config = config.replace(group_size=1)
-    if config.exact:
+    # Projected q, k have a smaller head dim than v: SDPA's flash kernel refuses that, our exact
+    # kernel takes it (as in a compiled graph, where the backend emits the op at G=1).
+    projected_on_kernel = maps is not None and dropout_p == 0.0 and uses_kernel(q, v, config)
+    if config.exact and not projected_on_kernel:
         canonicalize(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 1)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa

@@ -46,6 +46,20 @@ GPU run (bf16 autocast, fp32 master weights; the cuda preset: 6000 steps of 8 x 
 lr 1e-3; about 19 minutes with two runs sharing one H100, 5.2-5.4 steps/s each):
     python examples/adapt.py --device cuda --model-path <folder with SmolLM2 (GGUF or save_pretrained)> \
         --extra-train-text stdlib-docstrings
+
+``--grouping projection`` adapts a calibrated projection instead: each layer attends exactly on
+``q A`` and ``k B``, with rank-d/G maps of its own fitted on the original model's q and k (after
+RoPE) on ``--calibration-windows`` training windows of ``--seq-len`` tokens (2 on the CPU, 8 on
+CUDA), so the maps have seen every position the training and evaluation windows have. The maps
+live on the attention modules (``distr_compile.configure(model, config, calibration=...)``, the
+eager Hugging Face path) and the layers are compiled with Inductor, each running its own maps.
+The maps stay fixed while the weights adapt; ``--train-maps`` trains them too (they are then in
+the checkpoints; without it ``--resume`` fits them again on the original weights, the same
+windows giving the same maps). The guards at the end fit their own maps on the adapted weights.
+It has run on the CPU only (the smoke run below shows the pipeline works, not what it reaches);
+a GPU run, with and without ``--train-maps``:
+    python examples/adapt.py --steps 20 --seq-len 128 --grouping projection
+    python examples/adapt.py --device cuda --model-path <SmolLM2 folder> --grouping projection --steps 3000 [--train-maps]
 """
 
 from __future__ import annotations
@@ -62,15 +76,15 @@ from pathlib import Path
 
 import torch
 
-from distr_compile import calibrate, models
+from distr_compile import DistrConfig, calibrate, configure, models
 from distr_compile.config import GROUPINGS, REPRESENTATIVES
 from distr_compile.training import adaptation_options, distillation_loss, load_checkpoint, save_checkpoint
 
 PRESETS = {  # per device: what a run takes when the flag is not given
     "cpu": dict(steps=20, seq_len=128, batch_size=1, lr=5e-5, warmup=2, eval_windows=4, guard_batches=1,
-                save_every=0),
+                save_every=0, calibration_windows=2),
     "cuda": dict(steps=6000, seq_len=1024, batch_size=8, lr=1e-3, warmup=100, eval_windows=0, guard_batches=4,
-                 save_every=500),  # BENCHMARKS.md: lr 1e-3 beat 3e-4 to 3e-3; 7000 steps no better (H100)
+                 save_every=500, calibration_windows=8),  # BENCHMARKS.md: lr 1e-3 beat 3e-4 to 3e-3; 7000 steps no better (H100)
 }
 HELD_OUT = 0.1  # the last 10% of the token stream is never trained on
 
@@ -93,9 +107,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--block-m", type=int, default=64)
     parser.add_argument("--representative", choices=REPRESENTATIVES, default="mean",
                         help="what stands for each group of Q columns (DistrConfig.representative)")
-    parser.add_argument("--grouping", choices=[g for g in GROUPINGS if g != "projection"], default="fixed",
-                        help="how Q columns are grouped (DistrConfig.grouping); fixed: the same groups everywhere. "
-                             "Not projection: its maps are per layer, and the layers here share one compiled graph")
+    parser.add_argument("--grouping", choices=GROUPINGS, default="fixed",
+                        help="how Q columns are grouped (DistrConfig.grouping); fixed: the same groups everywhere; "
+                             "projection: per-layer maps fitted on the model's own q and k (calibration windows)")
+    parser.add_argument("--calibration-windows", type=int,
+                        help="--grouping projection: training windows the maps are fitted on")
+    parser.add_argument("--train-maps", action="store_true",
+                        help="--grouping projection: train the maps A and B with the weights")
     parser.add_argument("--tolerance", type=float, default=0.05, help="per-layer guard tolerance (rel. Frobenius)")
     parser.add_argument("--ppl-tolerance", type=float, default=0.05,
                         help="original-reference guard: allowed relative perplexity increase over the original")
@@ -108,7 +126,9 @@ def parse_args() -> argparse.Namespace:
                              "evaluation stays on held-out pydoc text")
     args = parser.parse_args()
     models.preset_arguments(parser, args, PRESETS, dict(steps=1, seq_len=16, batch_size=1, warmup=0, eval_windows=0,
-                                                         guard_batches=1, save_every=0))
+                                                         guard_batches=1, save_every=0, calibration_windows=1))
+    if args.train_maps and args.grouping != "projection":
+        parser.error("--train-maps trains projection maps: it needs --grouping projection")
     if args.eval_windows and args.guard_batches > args.eval_windows:
         parser.error(f"--guard-batches ({args.guard_batches}) must be <= --eval-windows ({args.eval_windows})")
     if not (args.lr > 0 and args.tolerance >= 0 and args.ppl_tolerance >= 0):
@@ -134,12 +154,10 @@ def main() -> None:
     eval_windows = windows(eval_ids, args.seq_len, args.eval_windows)
     guard_windows = eval_windows[: args.guard_batches]
     original = copy.deepcopy(model).eval().requires_grad_(False)
-    options = adaptation_options(**knobs(args))
-    for layer in model.model.layers:  # in place: parameter names (and checkpoints) stay plain
-        layer.compile(backend="distr", dynamic=True, options=options)
+    compile_layers(model, train_ids, args)
     amp = autocast(args.device)
     print(f"SmolLM2-135M, {len(train_ids)} training / {len(eval_ids)} held-out tokens, "
-          f"evaluating {len(eval_windows)} windows of {args.seq_len}; options {options}")
+          f"evaluating {len(eval_windows)} windows of {args.seq_len}; settings {knobs(args)}")
 
     results: dict[str, float] = {}
 
@@ -164,7 +182,8 @@ def main() -> None:
     train_s = time.perf_counter() - start
     measure("DistrAttention, after adaptation", model)
     adapted = copy.deepcopy(original)  # the adapted weights in an uncompiled (exact attention) model
-    adapted.load_state_dict(model.state_dict())
+    weights = model.state_dict()  # with --train-maps also the maps, which exact attention does not take
+    adapted.load_state_dict({name: weights[name] for name in adapted.state_dict()})
     measure("exact attention, adapted weights", adapted)
     guards = guard_counts(adapted, original, guard_windows, args, amp, out)
 
@@ -173,6 +192,27 @@ def main() -> None:
                "guard": guards, "args": vars(args), "training_loss": [round(x, 5) for x in losses]}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print_table(results, guards, len(losses), train_s)
+
+
+def compile_layers(model, train_ids: torch.Tensor, args: argparse.Namespace) -> None:
+    """Put DistrAttention in every layer and compile each decoder layer in place (parameter names,
+    and checkpoints, stay plain).
+
+    Fixed, LSH or random groupings: the layers are compiled with ``backend="distr"`` and the
+    adaptation options, which rewrite every attention to the op. The projection: the per-layer
+    maps are fitted on ``--calibration-windows`` training windows (the model's own q and k after
+    RoPE, at every position a window has) and stored on each attention module by
+    ``distr_compile.configure``, which selects ``attn_implementation="distr"``; the layers are then
+    compiled with Inductor, the maps being inputs of the one layer graph like the weights (the
+    distr backend would approximate the projected attention a second time)."""
+    if args.grouping != "projection":
+        backend, options = "distr", adaptation_options(**knobs(args))
+    else:
+        calibration = [lm_batch(w, args.device) for w in windows(train_ids, args.seq_len, args.calibration_windows)]
+        configure(model, DistrConfig(**knobs(args)), calibration=calibration, trainable_maps=args.train_maps)
+        backend, options = "inductor", None
+    for layer in model.model.layers:
+        layer.compile(backend=backend, dynamic=True, options=options)
 
 
 def knobs(args: argparse.Namespace) -> dict:

@@ -3,11 +3,14 @@ CUDA-graph mode, recompiles, and (GPU) the Triton kernel inside a compiled HF Ll
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import UnsupportedOperatorException
 import torch.nn as nn
 
 import distr_compile
@@ -321,6 +324,28 @@ def test_a_fault_in_any_stage_compiles_the_graph_unchanged(fault, eager_backend,
     assert f"the backend failed on their graph ({stage})" in distr_compile.report(compiled)
 
 
+@pytest.mark.parametrize("stage", ["calibration", "Inductor on the rewritten graph"])
+def test_an_eager_fallback_signal_compiles_the_original_graph(stage, eager_backend, monkeypatch):
+    """A fake-tensor error that Dynamo answers by running the graph eagerly (no compile at all),
+    raised by our work or by Inductor on the rewritten graph, is a fault like any other: the graph
+    is compiled as it came, never left to eager."""
+    def unsupported(*args, **kwargs):
+        raise UnsupportedOperatorException(torch.ops.aten.add.Tensor)
+
+    if stage == "calibration":
+        monkeypatch.setattr(distr_compile.guard.probe, "run_probe", unsupported)
+    else:
+        run_graph = backend.compile_fx
+        monkeypatch.setattr(backend, "compile_fx", lambda gm, *a, **k: unsupported() if op_nodes([gm]) else
+                            run_graph(gm, *a, **k))
+    x = torch.randn(2, 4, 24, 32)
+    compiled = torch.compile(two_causal_attentions, backend="distr", options=GUARDED if stage == "calibration" else FORCED_G2)
+    with pytest.warns(UserWarning, match=f"{stage} failed \\(UnsupportedOperatorException"):
+        out = compiled(x)
+    assert torch.equal(out, two_causal_attentions(x))
+    assert len(eager_backend) == 1 and op_nodes(eager_backend) == []  # compiled, unchanged
+
+
 def test_a_fault_never_fails_the_compile_with_inductor(monkeypatch):
     """Real Inductor: calibration fails, the model still compiles and computes what eager does."""
     monkeypatch.setattr(distr_compile.guard.probe, "run_probe", boom)
@@ -330,6 +355,27 @@ def test_a_fault_never_fails_the_compile_with_inductor(monkeypatch):
     compiled = torch.compile(model, backend="distr", options=GUARDED)
     with torch.no_grad(), pytest.warns(UserWarning, match="calibration failed"):
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_stage_times_are_logged(eager_backend, monkeypatch, caplog):
+    """Every stage logs its wall time at INFO, each under its own name: a calibration made 0.3 s
+    slower shows in the calibration record only, and the stages in their order."""
+    decide_graph = backend.decide_graph
+
+    def slow_decide_graph(*args, **kwargs):
+        time.sleep(0.3)
+        return decide_graph(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "decide_graph", slow_decide_graph)
+    compiled = torch.compile(two_causal_attentions, backend="distr", options=GUARDED)
+    with caplog.at_level(logging.INFO, logger="distr_compile"):
+        compiled(torch.randn(2, 4, 24, 32))
+    times = [(r.distr_stage, r.seconds) for r in caplog.records if hasattr(r, "distr_stage")]
+    assert [stage for stage, _ in times] == ["matching", "calibration", "mask rewrite", "rewrite", backend.INDUCTOR]
+    seconds = dict(times)
+    assert seconds["calibration"] >= 0.3
+    assert all(0 <= t < 0.3 for stage, t in times if stage != "calibration"), times
+    assert "distr: calibration took" in caplog.text
 
 
 def test_a_fault_in_the_runtime_monitor_turns_it_off(eager_backend, monkeypatch):

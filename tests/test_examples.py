@@ -65,6 +65,18 @@ def test_adapt_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_adapt_projection_with_trained_maps_runs(tmp_path):
+    """The calibrated projection recipe: per-layer maps fitted on training windows, adapted with
+    the weights (``--train-maps``: the checkpoint holds every layer's A and B)."""
+    proc = run("examples/adapt.py", "--grouping", "projection", "--train-maps", "--steps", "2", "--seq-len", "32",
+               "--eval-windows", "1", "--guard-batches", "1", "--calibration-windows", "1", "--out", str(tmp_path))
+    check_table(proc, "held-out", "DistrAttention, after adaptation", "end to end vs the original model")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    maps = [name for name in state["model"] if "distr_projection" in name]
+    assert state["step"] == 2 and len(maps) == 2 * 30
+
+
+@pytest.mark.slow
 def test_adapt_sigterm_saves_the_current_step(tmp_path):
     """SIGTERM mid-training (preemption, ``timeout``) leaves a checkpoint at the step reached, with
     that many losses, and exits with 128 + SIGTERM instead of losing the steps since the last save."""
@@ -103,9 +115,12 @@ def test_hf_finetune_runs():
     ("examples/quickstart.py", ["--sentences", "0"], "--sentences must be in [1, 64]"),
     ("examples/export_and_load.py", ["--tolerance", "-1"], "--tolerance must be >= 0"),
     ("examples/tree_decode.py", ["--new-tokens", "0"], "--new-tokens must be >= 1"),
+    ("examples/adapt.py", ["--train-maps"], "--train-maps trains projection maps: it needs --grouping projection"),
     ("examples/hf_finetune.py", ["--steps", "0"], "--steps must be >= 1"),
     ("examples/hf_finetune.py", ["--group-size", "3"], "group_size must be one of"),
     ("benchmarks/model.py", ["--device", "cpu", "--tokens", "8"], "--tokens must be >= 16"),
+    ("benchmarks/compile_time.py", ["--model", "vit", "--image-size", "500"], "multiple of the patch size 14, got 500"),
+    ("benchmarks/compile_time.py", ["--model", "gpt"], "invalid choice"),
 ])
 def test_bad_arguments(script, args, message):
     proc = run(script, *args)

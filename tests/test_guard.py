@@ -118,6 +118,23 @@ def test_speed_check_takes_the_fast_candidates(eager_backend, monkeypatch, tmp_p
     assert DistrPlan.load(plan.save(str(tmp_path / "plan.json"))).sites["layers.0"].times == {1: 1.0, 4: 0.5, 2: 2.0}
 
 
+def test_sites_over_the_tolerance_are_not_timed(eager_backend, monkeypatch):
+    """Timing autotunes and compiles kernels: a site whose every candidate is over the tolerance is
+    not timed (it stays exact for its error), while against the original model every site is."""
+    calls = []
+    monkeypatch.setattr(guard.speed, "site_times", lambda args, runs: calls.append(1) or {1: 1.0, 4: 0.5, 2: 0.5})
+    compiled, _ = run(synthetic(), inputs(), **{**GUARDED, "tolerance": 1e-5, "min_speedup": 1.05})
+    plan = distr_compile.plan_of(compiled)
+    exact_somewhere = {"layers.0", "layers.2"}  # duplicated query columns: some G has no error at all
+    for name, d in plan.sites.items():
+        assert bool(d.times) == (name in exact_somewhere), (name, d.times, d.reason)
+    assert len(calls) == 1  # the layers share one shape: one timing
+    over = {2: {"rel_fro": 0.9, "cosine": 0.1, "max_abs": 1.0}}
+    for reference, timed in (("exact", False), ("original", True)):  # against the original, every G is a candidate
+        config = distr_compile.DistrConfig(tolerance=0.1, guard_reference=reference, output_tolerance=1.0)
+        assert guard.probe.Calibrator(torch.fx.symbolic_trace(nn.Identity()), [], config).worth_timing(over) == timed
+
+
 def test_calibration_launches_kernels_without_autotuning(eager_backend, monkeypatch):
     """Calibration runs the Triton forward with one fixed config: autotuning there would add every
     config's compile and timing to the first torch.compile call (compile-time target: within 1.25x of inductor)."""
@@ -128,7 +145,8 @@ def test_calibration_launches_kernels_without_autotuning(eager_backend, monkeypa
     autotuned = []
     launch = ops.distr_forward
     monkeypatch.setattr(ops, "distr_forward", lambda *a: autotuned.append(attention._AUTOTUNE.get()) or launch(*a))
-    run(synthetic(), inputs(), **GUARDED)
+    attend = lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)  # noqa: E731
+    run(attend, torch.randn(2, 4, 24, 32), **GUARDED)  # head dim 32: the G=2 candidate takes the kernel
     assert autotuned and not any(autotuned)
 
 

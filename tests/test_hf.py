@@ -13,6 +13,7 @@ bit for bit here (the asserted 1e-5 leaves room for float32 rounding, e.g. a cau
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import warnings
@@ -204,3 +205,140 @@ def test_decoding_with_a_cache_and_removing_the_setting():
     assert not any(hasattr(m, LAYER_ATTRIBUTE) for m in model.modules())
     with pytest.warns(UserWarning, match="computes exact attention"):
         assert torch.equal(generate(), want)
+
+
+# --------------------------------------------------------------------------- projection maps
+
+PROJECTION = DistrConfig(group_size=2, grouping="projection")
+
+
+def projected_reference(model, maps: list, inputs: dict, monkeypatch) -> torch.Tensor:
+    """``model`` ("sdpa") with the i-th attention call on (q A_i, k B_i): layer i with ``maps[i]``."""
+    from distr_compile.projection import project
+
+    sdpa, todo = torch.nn.functional.scaled_dot_product_attention, list(maps)
+
+    def projected(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        a, b = todo.pop(0)
+        qp, kp = project(q, k, a, b.repeat_interleave(k.shape[1] // b.shape[0], dim=0))  # sdpa may repeat_kv
+        return sdpa(qp, kp, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", projected)
+        out = output(model, inputs)
+    assert not todo
+    return out
+
+
+def layer_maps(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.self_attn.distr_projection_a, layer.self_attn.distr_projection_b) for layer in model.model.layers]
+
+
+@pytest.fixture
+def calibrated():
+    """(tiny Llama with maps fitted on one batch, the same model with "sdpa" and no setting)."""
+    model, inputs = llama(), text_inputs()
+    reference = copy.deepcopy(model)
+    return configure(model, PROJECTION, calibration=[inputs]), reference
+
+
+def test_a_plan_with_projection_maps_equals_the_backend_projecting_always(eager_backend):
+    """The backend fits each site's maps on its first call; the eager model configured with its
+    plan runs every layer on the same maps and computes the same output."""
+    model, inputs = llama(), text_inputs()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="distr", options={"approximate": "always", "group_size": 2,
+                                                                    "grouping": "projection"})
+        want = output(compiled, inputs)
+        plan = plan_of(model)
+        got = output(configure(model, plan), inputs)
+    torch.testing.assert_close(got, want, **TOL)
+    for (a, b), site in zip(layer_maps(model), plan.sites.values()):
+        assert torch.equal(a, site.maps[0]) and torch.equal(b, site.maps[1])
+
+
+def test_each_layer_runs_its_own_maps_eager_and_under_regional_compilation(calibrated, monkeypatch):
+    """Fitted per layer, the maps differ between layers, and layer i attends with layer i's: eager,
+    and with every layer compiled on its own (one graph for the identical layers, whose maps are
+    graph inputs like their weights). Layer 0's maps in every layer give another output."""
+    model, reference = calibrated
+    inputs = text_inputs() | {"use_cache": False}  # a cache is indexed by layer: one graph per layer
+    maps = layer_maps(model)
+    assert [tuple(m.shape) for m in maps[0]] == [(4, 16, 8), (2, 16, 8)]
+    assert not torch.allclose(maps[0][0], maps[1][0]) and not torch.allclose(maps[1][1], maps[2][1])
+    want = projected_reference(reference, maps, inputs, monkeypatch)
+    assert not torch.allclose(projected_reference(reference, [maps[0]] * 3, inputs, monkeypatch), want, **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(output(model, inputs), want, **TOL)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    for layer in model.model.layers:
+        layer.compile(backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(output(model, inputs), want, **TOL)
+    assert len(graphs) == 1
+
+
+def test_projection_needs_maps_that_fit():
+    model = llama()
+    with pytest.raises(ValueError, match="needs per-layer maps"):
+        configure(model, PROJECTION)
+    with pytest.raises(ValueError, match="calibration= fits projection maps"):
+        configure(model, G2, calibration=[text_inputs()])
+    with pytest.raises(ValueError, match="trainable_maps=True trains projection maps"):
+        configure(model, G2, trainable_maps=True)
+    plan = DistrPlan(PROJECTION.__dict__ | {"candidate_group_sizes": []})
+    for i in range(3):
+        site = distr_compile.guard.SiteDecision(f"model.layers.{i}.self_attn", "sdpa", "", 2, "", "",
+                                                grouping="projection")
+        plan.sites[site.name] = site
+    with pytest.raises(ValueError, match="without maps"):
+        configure(model, plan)
+    for site in plan.sites.values():
+        site.maps = torch.randn(4, 16, 8), torch.randn(4, 16, 8)  # B per query head: GQA has 2 KV heads
+    with pytest.raises(ValueError, match=r"expected A \(4, 16, 8\), B \(2, 16, 8\)"):
+        configure(model, plan)
+    for site in plan.sites.values():
+        site.maps = torch.randn(4, 16, 8), torch.randn(2, 16, 8)
+    configure(model, plan)
+    with torch.no_grad():
+        output(model, text_inputs())
+
+
+def test_gradients_reach_the_weights_and_trainable_maps():
+    """Fixed maps are buffers (no gradient, not in ``parameters()``); with ``trainable_maps`` they
+    are parameters, in ``state_dict``, and the loss's gradient reaches them."""
+    inputs = text_inputs() | {"labels": text_inputs()["input_ids"]}
+    for trainable in (False, True):
+        model = configure(llama().train(), PROJECTION, calibration=[text_inputs()], trainable_maps=trainable)
+        model(**inputs).loss.backward()
+        named = dict(model.named_parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in named.values())
+        projection = [name for name in named if "distr_projection" in name]
+        assert len(projection) == (6 if trainable else 0)
+        assert any("distr_projection" in key for key in model.state_dict()) == trainable
+
+
+def test_maps_travel_with_the_module(calibrated, monkeypatch):
+    """``model.to(float64)`` casts the maps with the weights, ``copy.deepcopy`` copies them,
+    ``state_dict`` leaves them out, and removing the setting removes them."""
+    model, reference = calibrated
+    inputs = text_inputs()
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    copied = copy.deepcopy(model)
+    assert copied.model.layers[1].self_attn.distr_projection_a.data_ptr() != layer_maps(model)[1][0].data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(output(copied, inputs), output(model, inputs), atol=0, rtol=0)
+    model.to(torch.float64)
+    reference.to(torch.float64)
+    maps = layer_maps(model)
+    assert all(m.dtype == torch.float64 for pair in maps for m in pair)
+    with torch.no_grad():
+        got = output(model, inputs)
+    torch.testing.assert_close(got, projected_reference(reference, maps, inputs, monkeypatch), atol=1e-10, rtol=1e-10)
+    configure(model, None)
+    assert not any("distr_projection" in name for name, _ in model.named_buffers())

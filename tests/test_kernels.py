@@ -117,6 +117,23 @@ def test_forward_fixed_config(monkeypatch, causal):
         check_forward(1, 2, 1, 40, 40, 64, torch.float16, 2, 16, causal=causal)
 
 
+def test_untuned_launches_take_the_autotune_space_first_config(monkeypatch):
+    """Off the interpreter, calibration launches use the first config of the autotune space that
+    fits in shared memory (so the guard's timing and Inductor find that kernel compiled), with the
+    grouping block as query tile where the kernel groups; head dim 256 falls back to the small
+    config. The interpreter keeps FIXED_CONFIG."""
+    monkeypatch.setattr(attention, "QUICK", False)
+    monkeypatch.delenv("DISTR_COMPILE_AUTOTUNE", raising=False)
+    options = lambda c: {"num_warps": c.num_warps, "num_stages": c.num_stages}  # noqa: E731
+    first_grouped, first_exact = attention._configs(True)[0], attention._configs(False)[0]
+    assert attention._untuned_launch(True, 32, 64, 64) == {**first_grouped.kwargs, "BLOCK_M": 32, **options(first_grouped)}
+    assert attention._untuned_launch(False, 32, 32, 64) == {**first_exact.kwargs, **options(first_exact)}
+    small = attention.FIXED_TILED_CONFIG
+    assert attention._untuned_launch(False, 64, 256, 256) == {**small.kwargs, **options(small)}
+    monkeypatch.setattr(attention, "QUICK", True)
+    fixed = attention.FIXED_CONFIG
+    assert attention._untuned_launch(False, 32, 64, 64) == {**fixed.kwargs, "BLOCK_M": 32, **options(fixed)}
+
 # ---- TMA loads: the ungrouped forward through tensor descriptors ----------------------------
 
 TMA_CASES = {

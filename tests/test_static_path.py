@@ -175,6 +175,33 @@ def test_projection_through_the_op_is_attention_on_the_mapped_inputs():
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
 
 
+def test_projection_runs_the_exact_kernel_where_kernels_run(monkeypatch):
+    """Where the kernels run (CUDA, half precision; here forced, under the interpreter), the
+    projected q', k' (head dim E/G, v's E) go to our exact kernel, as in a compiled graph, and not
+    to SDPA, whose flash kernel refuses unequal head dims; forward and backward match the
+    reference."""
+    from distr_compile.projection import fit_projection, projected_attention
+
+    monkeypatch.setattr(ops, "uses_kernel", lambda q, v, config: config.exact)
+    launched = []
+    launch = ops.distr_forward
+    monkeypatch.setattr(ops, "distr_forward", lambda *args: launched.append(args[0].shape) or launch(*args))
+    q, k, v = make_inputs(1, 4, 2, 40, 40, 32, torch.float32)
+    a, b = fit_projection(q, k, 2, method="weighted", is_causal=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = distr_attention(*leaves, is_causal=True, enable_gqa=True, config=DistrConfig(grouping="projection"),
+                          maps=(a, b))
+    assert launched == [torch.Size([1, 4, 40, 16])]
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = projected_attention(*ref_leaves, a, b, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_projection_needs_maps_of_the_right_shape():
     q, k, v = make_inputs(1, 4, 2, 9, 9, 32, torch.float32)
     projection = DistrConfig(grouping="projection", group_size=4)

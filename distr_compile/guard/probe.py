@@ -7,9 +7,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -66,12 +67,15 @@ class SiteProbe(fx.Interpreter):
     measured (the runtime monitor's cheap sample; not for projections, whose maps cover every
     head). With ``timings`` (a cache shared across probes, keyed by the site's input shapes,
     strides, flags and candidates: layers alike are timed once) each site's exact SDPA and
-    candidates are also timed (:func:`speed.site_times`) into ``self.times[name]``.
+    candidates are also timed (:func:`speed.site_times`) into ``self.times[name]``, where
+    ``worth_timing`` says the site's errors leave a candidate to time (timing autotunes and
+    compiles kernels: no use where every candidate is over the tolerance anyway).
     """
 
     def __init__(self, gm: fx.GraphModule, candidates: Mapping[str, Iterable[DistrConfig]],
                  propagate: Mapping[str, DistrConfig] | None = None, sample_heads: bool = False,
-                 timings: dict[tuple, dict[int, float]] | None = None, maps: dict[str, dict[int, Maps]] | None = None):
+                 timings: dict[tuple, dict[int, float]] | None = None, maps: dict[str, dict[int, Maps]] | None = None,
+                 worth_timing: Callable[[Mapping[int, Mapping[str, float]]], bool] = lambda errors: True):
         super().__init__(gm, garbage_collect_values=True)
         self.candidates = {name: list(cfgs) for name, cfgs in candidates.items()}
         if sample_heads and any(c.grouping == "projection" for cfgs in self.candidates.values() for c in cfgs):
@@ -79,6 +83,7 @@ class SiteProbe(fx.Interpreter):
         self.propagate = dict(propagate or {})
         self.sample_heads = sample_heads
         self.timings = timings
+        self.worth_timing = worth_timing
         self.maps = {} if maps is None else maps
         self.errors: dict[str, dict[int, dict[str, float]]] = {}
         self.times: dict[str, dict[int, float]] = {}
@@ -88,7 +93,7 @@ class SiteProbe(fx.Interpreter):
         if name is None or n.target is not _OP:
             return super().run_node(n)
         args, _ = self.fetch_args_kwargs_from_env(n)
-        exact = _OP(*args[:7], EXACT, *args[8:])
+        exact = exact_attention(args)
         if self.candidates.get(name):
             self._measure(name, args, exact[0], self.candidates[name])
         if name in self.propagate:
@@ -104,7 +109,7 @@ class SiteProbe(fx.Interpreter):
         for cfg in candidates:
             got = self.approximate(name, measured, cfg)[0]
             per_g[cfg.group_size] = _worst(per_g.get(cfg.group_size), measure(got, ref))
-        if self.timings is not None:
+        if self.timings is not None and self.worth_timing(per_g):
             self.times[name] = self._time(name, args, candidates)
 
     def approximate(self, name: str, args: tuple, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +129,16 @@ class SiteProbe(fx.Interpreter):
             runs = {cfg.group_size: functools.partial(self.approximate, name, args, cfg) for cfg in candidates}
             self.timings[key] = speed.site_times(args[:7], runs)
         return self.timings[key]
+
+
+def exact_attention(args: tuple) -> tuple[torch.Tensor, None]:
+    """A site's exact output from the op's arguments, as the compiled model computes it where the
+    site stays exact: SDPA (not our exact kernel, which would cost a Triton compile the compiled
+    model may never use). The op's log-sum-exp is None: the rewrite reads only the output."""
+    q, k, v, mask, is_causal, scale, enable_gqa = args[:7]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                         enable_gqa=enable_gqa)
+    return out, None
 
 
 def _first_kv_group(args: tuple) -> tuple:
@@ -222,11 +237,16 @@ class Calibrator:
         self.times = {} if times is None else times
         self.maps = {} if maps is None else maps
         self.timings = {} if config.min_speedup > 0 else None
+        # Against the original model every measured G is a candidate, whatever its own error.
+        self.worth_timing = lambda errors: config.guard_reference == "original" or any(
+            metric_error(m, config.metric) <= config.tolerance for m in errors.values())
 
     def __call__(self, inputs: list) -> Any:
-        """Measure every site on ``inputs``; time the sites not yet timed (the first call's)."""
+        """Measure every site on ``inputs``; time the sites not yet timed (the first call's) where a
+        candidate is within the tolerance (or any, against the original model)."""
         untimed = {name for name in self.candidates if name not in self.times}
-        probe = SiteProbe(self.probe_gm, self.candidates, timings=self.timings if untimed else None, maps=self.maps)
+        probe = SiteProbe(self.probe_gm, self.candidates, timings=self.timings if untimed else None, maps=self.maps,
+                          worth_timing=self.worth_timing)
         out = run_probe(probe, inputs)
         for name, per_g in probe.errors.items():
             merged = self.errors.setdefault(name, {})

@@ -20,7 +20,9 @@ load masks. K arrives as (BLOCK_N, D) tiles, transposed in the dot. Descriptors 
 addresses, so only eager launches take this path (a traced graph, which ``torch.compile`` and
 ``torch.export`` build, keeps the pointer loads), on Hopper or newer (or the interpreter), for
 tensors TMA can address (d contiguous, 16-byte aligned base and strides); ``tma_loads`` and
-DISTR_COMPILE_TMA choose between the paths.
+DISTR_COMPILE_TMA choose between the paths. It is opt-in (``DISTR_COMPILE_TMA=auto`` or ``1``):
+checked for correctness under the Triton interpreter and for an sm_90 build, not yet run or timed
+on a GPU.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def _fit_shared_memory(configs, named_args, **kwargs):
 
 _AUTOTUNE = contextvars.ContextVar("distr_compile_autotune", default=True)
 TMA_MODES = ("0", "1", "auto")
-_TMA = contextvars.ContextVar("distr_compile_tma", default=os.environ.get("DISTR_COMPILE_TMA", "auto"))
+_TMA = contextvars.ContextVar("distr_compile_tma", default=os.environ.get("DISTR_COMPILE_TMA", "0"))
 if _TMA.get() not in TMA_MODES:
     raise ValueError(f"DISTR_COMPILE_TMA={_TMA.get()!r}: expected one of {TMA_MODES}")
 
@@ -135,9 +137,10 @@ def _autotune(enabled: bool):
 
 
 def fixed_config():
-    """Eager forward launches in this block take FIXED_CONFIG instead of autotuning. For the guard's
-    calibration runs: their speed does not matter, but autotuning them would add every config's
-    compile and timing (two kernels, each per shape key) to the first ``torch.compile`` call.
+    """Eager forward launches in this block take one config instead of autotuning (the autotune
+    space's first that fits, see ``_untuned_launch``). For the guard's calibration runs: their
+    speed does not matter, but autotuning them would add every config's compile and timing (two
+    kernels, each per shape key) to the first ``torch.compile`` call.
     Kernels traced into a compiled graph are always autotuned."""
     return _autotune(False)
 
@@ -153,7 +156,8 @@ def autotuned():
 
 @contextlib.contextmanager
 def tma_loads(mode: str):
-    """The ungrouped forward's memory path in this block (default: DISTR_COMPILE_TMA, else "auto"):
+    """The ungrouped forward's memory path in this block (default: DISTR_COMPILE_TMA, else "0":
+    pointer loads, until the TMA path is measured on a GPU):
     "auto" lets the eager autotuner pick among the pointer and the TMA configs, "1" takes TMA
     alone (also in untuned launches: the interpreter, DISTR_COMPILE_AUTOTUNE=0, ``fixed_config``),
     "0" pointer loads alone. TMA applies only where the module docstring says; elsewhere every
@@ -360,6 +364,17 @@ def _keys_contiguous_kernel(K, OUT, stride_kb, stride_kh, stride_kn, stride_kd, 
     tl.store(OUT + pid_bh * D * len_k + offs_d[None, :] * len_k + offs_n[:, None], tile, mask=ok)
 
 
+def _untuned_launch(grouped: bool, block_m: int, D: int, DV: int) -> dict:
+    """Launch parameters without the autotuner: FIXED_CONFIG (query tile ``block_m``) when QUICK;
+    else (the guard's calibration runs) the autotune space's first config that fits, so that the
+    guard's later autotuned timing, and Inductor compiling the same kernel, find it compiled
+    (Triton caches by constexprs and launch options). Not Config.all_kwargs(): it holds num_ctas,
+    which wrap_triton refuses (torch 2.11, Triton 3.6)."""
+    config = FIXED_CONFIG if QUICK else _fit_shared_memory(_configs(grouped), {"D": D, "DV": DV})[0]
+    tile = {"BLOCK_M": block_m} if grouped or "BLOCK_M" not in config.kwargs else {}
+    return dict(config.kwargs, **tile, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def keys_contiguous(k: torch.Tensor) -> torch.Tensor:
     """k (B, H, Lk, D) as a view whose keys are contiguous (stride(2) == 1), as the grouped path's
     row gathers of K^T want. A tiled Triton transpose: ``k.transpose(2, 3).contiguous()`` ran at
@@ -416,8 +431,8 @@ def distr_forward(
     ``reference.representative_weights``), and DV == D; None for G = 1, where q/k may have a
     smaller head dim than v (the static path's reduced q', k')): returns (out (B, Hq, Lq, DV), lse).
     ``block_m`` is the grouping block for G > 1; for G = 1 the query tile is autotuned (it is
-    ``block_m`` only in untuned launches: the interpreter and the guard's calibration runs), and
-    so is the memory path, pointer or TMA (see ``tma_loads``)."""
+    ``block_m`` only under the interpreter or ``DISTR_COMPILE_AUTOTUNE=0``), and so is the memory
+    path, pointer or TMA (see ``tma_loads``)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[-1]
     nb = triton.cdiv(Lq, block_m)
@@ -434,16 +449,15 @@ def distr_forward(
     fixed = QUICK or not (_AUTOTUNE.get() or torch.compiler.is_compiling())
     loads = _TMA.get()  # TMA where it applies: always for "1", for "auto" as the autotuner's choice
     tma = group_size == 1 and (loads == "1" or loads == "auto" and not fixed) and _tma_ready(q, k, v, out)
-    descriptors = _tma_descriptors(q, k, v, out, block_m, FIXED_CONFIG.kwargs["BLOCK_N"]) if tma else (q, k, v, out)
     if fixed:
-        # not Config.all_kwargs(): it holds num_ctas, which wrap_triton refuses (torch 2.11, Triton 3.6)
-        kernel = _distr_fwd_kernel
-        launch = dict(FIXED_CONFIG.kwargs, BLOCK_M=block_m, TMA=tma, num_warps=FIXED_CONFIG.num_warps,
-                      num_stages=FIXED_CONFIG.num_stages)
+        kernel, launch = _distr_fwd_kernel, _untuned_launch(group_size > 1, block_m, D, DV) | {"TMA": tma}
     elif group_size > 1:
         kernel, launch = _distr_fwd_grouped, {"BLOCK_M": block_m, "TMA": False}
     else:
         kernel, launch = _distr_fwd_ungrouped[loads if tma else "0"], {}
+    # TMA tiles: the launch's when untuned; an autotuned TMA config's pre-hook re-tiles them
+    tiles = (launch["BLOCK_M"], launch["BLOCK_N"]) if fixed else (block_m, FIXED_CONFIG.kwargs["BLOCK_N"])
+    descriptors = _tma_descriptors(q, k, v, out, *tiles) if tma else (q, k, v, out)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
     torch.library.wrap_triton(kernel)[grid](
         q, k, v, q if perm is None else perm, q if weights is None else weights, mask, out, lse, *descriptors,
