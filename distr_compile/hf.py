@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .config import DistrConfig
-from .guard import EXACT, DistrPlan
+from .guard import EXACT, DistrPlan, SiteDecision, plan_config
 from .guard.calibration import call_batch
 from .projection import fit_projection, mask_bias
 
@@ -102,7 +102,8 @@ def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None, *, cali
     non-persistent buffers (they follow ``model.to()`` and ``copy.deepcopy``, and stay out of
     ``state_dict``), or as parameters with ``trainable_maps=True`` so that fine-tuning trains them
     too (then they are in ``state_dict`` and ``model.parameters()``). Maps that do not fit a
-    layer's heads and head dim are an error.
+    layer's heads and head dim are an error. :func:`configured_plan` gives the fitted (or
+    trained) maps as a plan to save and apply to another copy of the model.
 
     Unless ``setting`` is None, the model is switched to ``attn_implementation="distr"`` if it uses
     another (``model.set_attn_implementation``). Active attention dropout (training with
@@ -141,6 +142,27 @@ def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None, *, cali
     if setting is not None:
         _select_distr(model)
     return model
+
+
+def configured_plan(model: nn.Module) -> DistrPlan:
+    """The calibrated projection of a model configured by :func:`configure` (with ``calibration``,
+    or maps trained since), as a plan: one site per attention layer holding maps, with its G, maps
+    and the config's knobs. ``plan.save(path)`` writes it (the maps as safetensors beside the JSON);
+    ``configure(other_copy, DistrPlan.load(path))`` applies it again without refitting."""
+    sites, config = {}, None
+    for path, module in model.named_modules():
+        layer: DistrLayer | None = getattr(module, LAYER_ATTRIBUTE, None)
+        if layer is None or layer.config is None or not hasattr(module, MAPS[0]):
+            continue
+        a, b = (getattr(module, name).detach() for name in MAPS)
+        config = config or layer.config
+        sites[path] = SiteDecision(path, "attn_implementation='distr'", f"A{tuple(a.shape)} B{tuple(b.shape)}",
+                                   layer.config.group_size, "calibrated projection maps", "configured",
+                                   grouping="projection", maps=(a, b))
+    if not sites:
+        raise ValueError("no attention layer of this model holds projection maps: configure it with a DistrConfig of "
+                         "grouping='projection' and calibration=batches first")
+    return DistrPlan(plan_config(config), sites)
 
 
 def plan_configs(plan: DistrPlan, modules: dict[str, nn.Module], model_name: str) -> dict[str, DistrConfig]:

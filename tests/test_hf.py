@@ -283,6 +283,22 @@ def test_each_layer_runs_its_own_maps_eager_and_under_regional_compilation(calib
     assert len(graphs) == 1
 
 
+def test_fitted_maps_saved_as_a_plan_configure_another_copy(calibrated, tmp_path):
+    """configured_plan turns the fitted (or trained) maps into a plan: saved (JSON + safetensors)
+    and loaded, it configures a fresh copy of the model with the same maps, without refitting."""
+    from distr_compile.hf import configured_plan
+
+    model, reference = calibrated
+    path = configured_plan(model).save(str(tmp_path / "plan.json"))
+    fresh = configure(reference, DistrPlan.load(path))
+    for got, want in zip(layer_maps(fresh), layer_maps(model)):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with torch.no_grad():
+        torch.testing.assert_close(output(fresh, text_inputs()), output(model, text_inputs()), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="holds projection maps"):
+        configured_plan(configure(llama(), G2))
+
+
 def test_projection_needs_maps_that_fit():
     model = llama()
     with pytest.raises(ValueError, match="needs per-layer maps"):
