@@ -99,11 +99,9 @@ def static_maps(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[
     B sums them; A weights them by their representative weights (1/G for "mean", exact in
     half precision; per head from the keys for "lstsq"), so that q' k'^T equals q_tilde k^T."""
     D, G = q.shape[-1], config.group_size
-    if type(q) is torch.Tensor and config.representative == "mean":  # eager: no per-call eye/repeat/divide
-        return _mean_maps(D, G, q.device, q.dtype)
+    if config.representative == "mean":  # eager calls reuse them: no per-call eye/repeat/divide
+        return (_cached_mean_maps if type(q) is torch.Tensor else _mean_maps)(D, G, q.device, q.dtype)
     member = _group_sums(D, G, q.device, q.dtype)
-    if config.representative == "mean":
-        return member / G, member
     B, H = q.shape[:2]
     weights = reference.representative_weights(k, torch.arange(D, device=q.device).expand(B, H, 1, D), config)
     return (weights.view(B, H, D, 1) * member).to(q.dtype), member
@@ -114,16 +112,21 @@ def _group_sums(D: int, G: int, device: torch.device, dtype: torch.dtype) -> tor
     return torch.eye(D // G, device=device, dtype=dtype).repeat_interleave(G, dim=0)
 
 
-@functools.lru_cache(maxsize=64)
 def _mean_maps(D: int, G: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """"mean" maps of real (eager) tensors, built once per head dim, G, device and dtype: three small
-    launches fewer per forward and per backward (host time dominates small eager calls). Traced
-    calls (fake or functional tensors) build them in the graph instead. Built outside inference
-    mode (a cached inference tensor could not meet autograd later), and finished before use (the
-    first call's stream need not be the next one's)."""
+    """A and B of the "mean" representative: each group's columns averaged, and summed."""
+    member = _group_sums(D, G, device, dtype)
+    return member / G, member
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_mean_maps(D: int, G: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_mean_maps` for real (eager) tensors, built once per head dim, G, device and dtype:
+    three small launches fewer per forward and per backward (host time dominates small eager
+    calls). Traced calls (fake or functional tensors) build them in the graph instead. Built
+    outside inference mode (a cached inference tensor could not meet autograd later), and finished
+    before use (the first call's stream need not be the next one's)."""
     with torch.inference_mode(False):
-        member = _group_sums(D, G, device, dtype)
-        maps = member / G, member
+        maps = _mean_maps(D, G, device, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return maps
