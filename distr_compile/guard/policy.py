@@ -14,15 +14,11 @@ from .. import speed
 from ..config import DistrConfig
 from ..passes import AttentionSite
 from .plan import SiteDecision
-from .probe import EXACT, Calibrator, Maps, SiteProbe, measure, metric_error, probe_module, run_probe
+from .probe import (
+    EXACT, Calibrator, Maps, SiteProbe, measure, metric_error, probe_module, run_probe, within_tolerance,
+)
 
 log = logging.getLogger("distr_compile")
-
-
-def within_tolerance(errors: Mapping[int, Mapping[str, float]], config: DistrConfig) -> list[int]:
-    """The measured candidate G whose error is within ``tolerance``, cheapest (largest) first."""
-    return [g for g in config.candidates
-            if g in errors and metric_error(errors[g], config.metric) <= config.tolerance]
 
 
 def acceptable(errors: Mapping[int, Mapping[str, float]], times: Mapping[int, float],

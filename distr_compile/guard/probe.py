@@ -43,6 +43,12 @@ def metric_error(metrics: Mapping[str, float], metric: str) -> float:
     return 1.0 - metrics["cosine"] if metric == "cosine" else metrics[metric]
 
 
+def within_tolerance(errors: Mapping[int, Mapping[str, float]], config: DistrConfig) -> list[int]:
+    """The measured candidate G whose error is within ``tolerance``, cheapest (largest) first."""
+    return [g for g in config.candidates
+            if g in errors and metric_error(errors[g], config.metric) <= config.tolerance]
+
+
 def _worst(a: Mapping[str, float] | None, b: Mapping[str, float]) -> dict[str, float]:
     if a is None:
         return dict(b)
@@ -238,8 +244,7 @@ class Calibrator:
         self.maps = {} if maps is None else maps
         self.timings = {} if config.min_speedup > 0 else None
         # Against the original model every measured G is a candidate, whatever its own error.
-        self.worth_timing = lambda errors: config.guard_reference == "original" or any(
-            metric_error(m, config.metric) <= config.tolerance for m in errors.values())
+        self.worth_timing = lambda errors: config.guard_reference == "original" or bool(within_tolerance(errors, config))
 
     def __call__(self, inputs: list) -> Any:
         """Measure every site on ``inputs``; time the sites not yet timed (the first call's) where a
