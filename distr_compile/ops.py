@@ -54,6 +54,7 @@ from .kernels.grouping import lsh_group
 SCHEMA_VERSION = 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+AUTOCAST_DEVICES = ("cpu", "cuda")  # where the op (and distr_attention) follow autocast, as SDPA does
 
 
 def uses_kernel(q: torch.Tensor, v: torch.Tensor, config: DistrConfig) -> bool:
@@ -343,6 +344,12 @@ def attention_backward(
 _LIB = torch.library.Library("distr", "FRAGMENT")
 
 
+def _autocast(device_type: str, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """SDPA's autocast rule: floating tensors on ``device_type`` in the region's autocast dtype."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.device.type == device_type else t
+            for t in tensors]
+
 
 def _register_autocast(device_type: str) -> None:
     """Autocast rule: like SDPA, cast q, k, v and a floating mask to the region's autocast dtype
@@ -354,20 +361,15 @@ def _register_autocast(device_type: str) -> None:
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
     op = torch.ops.distr.attention.default
 
-    def cast(t):
-        if t is None or not t.is_floating_point() or t.device.type != device_type:
-            return t
-        return t.to(torch.get_autocast_dtype(device_type))
-
     @op.py_impl(getattr(torch._C.DispatchKey, key))  # the dispatcher seen by tracing (compile, export)
     def autocast_attention(q, k, v, attn_mask, *args):
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return op(cast(q), cast(k), cast(v), cast(attn_mask), *args)
+            return op(*_autocast(device_type, q, k, v, attn_mask), *args)
 
     _LIB.impl("attention", lambda _, *args: autocast_attention(*args), key, with_keyset=True)
 
 
-for _device_type in ("cpu", "cuda"):
+for _device_type in AUTOCAST_DEVICES:
     _register_autocast(_device_type)
 
 
@@ -399,6 +401,10 @@ def distr_attention(
     every output row it reaches, like SDPA's math backend.
     """
     config = DistrConfig() if config is None else config
+    device_type = q.device.type if isinstance(q, torch.Tensor) else ""  # a non-tensor q: canonicalize says so
+    if device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        # SDPA's rule, before any check: rotary-embedded fp32 q, k beside a bf16 v are fine in a region
+        q, k, v, attn_mask = _autocast(device_type, q, k, v, attn_mask)
     if (maps is not None) != (config.grouping == "projection" and not config.exact):
         raise ValueError("maps=(A, B) go with grouping='projection' and G > 1, and that grouping needs them "
                          f"(got grouping={config.grouping!r}, G={config.group_size}, maps {'given' if maps else 'missing'}); "

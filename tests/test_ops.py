@@ -199,3 +199,28 @@ def test_autocast_casts_inputs_like_sdpa(compiled):
     torch.testing.assert_close(out, call(q.bfloat16(), k.bfloat16(), v, mask.bfloat16()))
     out.float().sum().backward()
     assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config, maps", [
+    (DistrConfig(group_size=1), None),
+    (DistrConfig(group_size=2, grouping="fixed"), None),
+    (DistrConfig(group_size=2, grouping="projection"), (torch.randn(2, 32, 16), torch.randn(2, 32, 16))),
+], ids=["exact", "fixed", "projection"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_entry_point_autocasts_like_sdpa(config, maps, compiled):
+    """``distr_attention`` takes what SDPA takes inside an autocast region (fp32 q/k after rotary
+    embeddings, a bf16 v): every path, the projection's (whose maps stay fp32) included, eager and
+    traced in one graph."""
+    q, k = torch.randn(1, 2, 33, 32), torch.randn(1, 2, 33, 32)
+    v = torch.randn(1, 2, 33, 32).bfloat16()
+    call = lambda q, k, v: distr_attention(q, k, v, is_causal=True, config=config, maps=maps)
+    torch._dynamo.reset()  # one compile per case: the knobs stay constants, as the backend emits them
+    call = torch.compile(call, backend="aot_eager", fullgraph=True) if compiled else call
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(q.requires_grad_(), k, v)
+    assert out.dtype == torch.bfloat16
+    expected = distr_attention(q.detach().bfloat16(), k.bfloat16(), v, is_causal=True, config=config,
+                               maps=None if maps is None else tuple(m.bfloat16() for m in maps))
+    torch.testing.assert_close(out, expected)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
