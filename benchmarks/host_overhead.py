@@ -11,11 +11,14 @@ SmolLM2-135M's attention (8 x 1024 tokens, 9 query / 3 KV heads of dim 64, causa
 * ``op G=1`` and ``op fixed G=2``: ``distr_attention`` forward, and forward+backward.
 
     python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py --profile "op G=1 f+b"   # also where that call's host time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from typing import Callable
 
@@ -77,6 +80,8 @@ def cases(batch: int, hq: int, hkv: int, length: int, dim: int) -> dict[str, Cal
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--profile", nargs="*", default=[], metavar="CALL",
+                        help="calls (names as printed) to profile at the SmolLM2 shape: top functions by own and cumulative time")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (it measures host time around GPU launches)")
@@ -88,6 +93,14 @@ def main() -> None:
             print(rows[-1], flush=True)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16")
     print(tabulate(rows, headers=["shape", "call", "host us / call", "wall us / call"]))
+    calls = cases(*SHAPES["SmolLM2 step (8, 9/3, 1024, 64)"])
+    for name in args.profile:
+        per_call_us(calls[name], 1)  # warm: autotuning and compiles out of the profile
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [calls[name]() for _ in range(args.calls)])
+        print(f"\n{name}, {args.calls} calls at the SmolLM2 shape, by own and by cumulative time:")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":
