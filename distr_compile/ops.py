@@ -35,7 +35,6 @@ q.shape[:-1]: the natural-log log-sum-exp of each query row (-inf for a fully ma
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import math
 import os
@@ -144,21 +143,22 @@ def static_qk(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[to
     return q @ a, k @ b
 
 
-_CUDNN = contextvars.ContextVar("distr_compile_cudnn", default=os.environ.get("DISTR_COMPILE_CUDNN", "1"))
-if _CUDNN.get() not in ("0", "1"):
-    raise ValueError(f"DISTR_COMPILE_CUDNN={_CUDNN.get()!r}: expected 0 or 1")
+_CUDNN = {"mode": os.environ.get("DISTR_COMPILE_CUDNN", "1")}  # process-wide: autograd runs backwards on its own threads
+if _CUDNN["mode"] not in ("0", "1"):
+    raise ValueError(f"DISTR_COMPILE_CUDNN={_CUDNN['mode']!r}: expected 0 or 1")
 
 
 @contextlib.contextmanager
 def cudnn_exact(enabled: bool):
     """Whether exact attention inside the op (G = 1 and the static path) may run on cuDNN in this
-    block (default: DISTR_COMPILE_CUDNN, else on). Off, it always runs our Triton kernel: for
-    benchmarks and tests of that kernel. A compiled graph keeps the choice made when it was traced."""
-    token = _CUDNN.set("1" if enabled else "0")
+    block (default: DISTR_COMPILE_CUDNN, else on), for every thread: the eager backward runs on
+    autograd's device threads. Off, it always runs our Triton kernel: for benchmarks and tests of
+    that kernel. A compiled graph keeps the choice made when it was traced."""
+    previous, _CUDNN["mode"] = _CUDNN["mode"], "1" if enabled else "0"
     try:
         yield
     finally:
-        _CUDNN.reset(token)
+        _CUDNN["mode"] = previous
 
 
 def cudnn_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -168,7 +168,7 @@ def cudnn_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     PyTorch's own check for its cuDNN backend passes (enabled, dtype, head dims, strides, GQA,
     GPU). cuDNN takes a Q/K head dim below V's, which SDPA's flash kernel refuses: the static
     path's q', k' reach it too."""
-    if _CUDNN.get() == "0" or attn_mask is not None or not q.is_cuda or not torch.backends.cuda.cudnn_sdp_enabled():
+    if _CUDNN["mode"] == "0" or attn_mask is not None or not q.is_cuda or not torch.backends.cuda.cudnn_sdp_enabled():
         return False
     if not all(isinstance(n, int) for t in (q, k, v) for n in t.shape):
         return False
