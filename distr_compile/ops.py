@@ -41,6 +41,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_int
 
 from . import reference
 from .config import DistrConfig
@@ -240,9 +241,16 @@ def kernel_backward(c: Canonical, config: DistrConfig, is_causal: bool, scale: f
                           config.group_size, config.block_m, grad_lse=grad_lse)
 
 
+def _config(*knobs: int | str | torch.SymInt) -> DistrConfig:
+    """The op's knobs as a (validated, frozen) DistrConfig, built once per distinct set. A knob that
+    Dynamo made symbolic (one compiled caller passing several configs) is specialised to its value:
+    each config gets its own graph, as when the knobs are constants."""
+    return _cached_config(*(guard_int(k) if isinstance(k, torch.SymInt) else k for k in knobs))
+
+
 @functools.lru_cache(maxsize=256)
-def _config(group_size: int, block_m: int, num_hyperplanes: int, representative: str, grouping: str, seed: int) -> DistrConfig:
-    """The op's knobs as a (validated, frozen) DistrConfig, built once per distinct set."""
+def _cached_config(group_size: int, block_m: int, num_hyperplanes: int, representative: str, grouping: str,
+                   seed: int) -> DistrConfig:
     return DistrConfig(group_size, block_m, num_hyperplanes, representative, grouping, seed)
 
 
@@ -263,7 +271,7 @@ def attention(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     config = _config(group_size, block_m, num_hyperplanes, representative, grouping, seed)
-    c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, group_size)
+    c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
     if uses_kernel(c.q, c.v, config):
         out, lse = kernel_forward(c, config, is_causal, scale)
     else:
@@ -335,7 +343,7 @@ def attention_backward(
     ``wrap_triton`` outside an op, every call built a new autotuner and re-tuned every config (on an
     H200 an eager G=2 backward took 1.6 s instead of milliseconds)."""
     config = _config(group_size, block_m, num_hyperplanes, representative, grouping, seed)
-    c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, group_size)
+    c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
     dq, dk, dv = kernel_backward(c, config, is_causal, scale, c.flatten(out), c.flatten(lse), c.flatten(grad_out),
                                  None if grad_lse is None else c.flatten(grad_lse))
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)

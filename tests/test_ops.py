@@ -224,3 +224,20 @@ def test_entry_point_autocasts_like_sdpa(config, maps, compiled):
     torch.testing.assert_close(out, expected)
     out.float().sum().backward()
     assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+
+
+def test_one_compiled_caller_takes_several_configs():
+    """A compiled function called with several configs: Dynamo makes the changing int knob
+    symbolic on the second call; the op specialises it, so each config gets its own graph and
+    eager's output, forward and backward."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 33, 32, requires_grad=True)
+    call = lambda config: distr_attention(q, q, q, is_causal=True, config=config)
+    compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
+    for g in (1, 2, 4, 2):
+        config = DistrConfig(group_size=g, grouping="fixed")
+        out = compiled(config)
+        (grad,) = torch.autograd.grad(out.sum(), q)
+        expected = call(config)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), q)[0])
