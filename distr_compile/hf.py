@@ -128,6 +128,11 @@ def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None, *, cali
         maps = fit_maps(model, setting, calibration)
     if trainable_maps and not maps:
         raise ValueError("trainable_maps=True trains projection maps, and this setting has none")
+    chosen = {path: setting if isinstance(setting, DistrConfig) else configs.get(path) for path in modules}
+    if setting is not None:  # every check before the first change: a failing call leaves the model as it was
+        _check_selectable(model)
+        for path, module in modules.items():
+            check_layer(module, path, chosen[path], maps.get(path))
     for path, module in modules.items():
         for name in MAPS:
             if hasattr(module, name):
@@ -135,10 +140,9 @@ def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None, *, cali
         if setting is None:
             module.__dict__.pop(LAYER_ATTRIBUTE, None)
             continue
-        config = setting if isinstance(setting, DistrConfig) else configs.get(path)
-        setattr(module, LAYER_ATTRIBUTE, DistrLayer(path, config))
+        setattr(module, LAYER_ATTRIBUTE, DistrLayer(path, chosen[path]))
         if path in maps:
-            attach_maps(module, path, config.group_size, maps[path], trainable_maps)
+            attach_maps(module, maps[path], trainable_maps)
     if setting is not None:
         _select_distr(model)
     return model
@@ -237,10 +241,9 @@ def stacked_masks(calls: list[AttentionCall]) -> dict[str, Any]:
     return {"attn_mask": torch.cat([b.expand(c.q.shape[0], 1, *b.shape[-2:]) for b, c in zip(biases, calls)])}
 
 
-def attach_maps(module: nn.Module, path: str, group_size: int, maps: Maps, trainable: bool) -> None:
+def attach_maps(module: nn.Module, maps: Maps, trainable: bool) -> None:
     """Store ``maps`` on the attention ``module`` (float32, on its device) as non-persistent
-    buffers, or parameters when ``trainable``, after checking them against its heads and head dim."""
-    check_maps(module, path, group_size, maps)
+    buffers, or parameters when ``trainable`` (checked by :func:`check_layer` first)."""
     device = next(module.parameters(), maps[0]).device
     for name, m in zip(MAPS, maps):
         m = m.detach().to(device, torch.float32, copy=True)
@@ -248,6 +251,16 @@ def attach_maps(module: nn.Module, path: str, group_size: int, maps: Maps, train
             module.register_parameter(name, nn.Parameter(m))
         else:
             module.register_buffer(name, m, persistent=False)
+
+
+def check_layer(module: nn.Module, path: str, config: DistrConfig | None, maps: Maps | None) -> None:
+    """A ValueError unless ``config``'s G divides the head dim of ``module`` (where it declares
+    one) and its maps, if any, fit it."""
+    d = getattr(module, "head_dim", None)
+    if config is not None and isinstance(d, int) and d % config.group_size:
+        raise ValueError(f"{path!r} has head dim {d}, not divisible by group_size {config.group_size}")
+    if maps is not None:
+        check_maps(module, path, config.group_size, maps)
 
 
 def check_maps(module: nn.Module, path: str, group_size: int, maps: Maps) -> None:
@@ -272,12 +285,18 @@ def layer_maps(module: nn.Module, config: DistrConfig) -> Maps | None:
     return getattr(module, MAPS[0]), getattr(module, MAPS[1])
 
 
-def _select_distr(model: nn.Module) -> None:
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "distr":
-        return
-    if not callable(getattr(model, "set_attn_implementation", None)):
+def _uses_distr(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "distr"
+
+
+def _check_selectable(model: nn.Module) -> None:
+    if not _uses_distr(model) and not callable(getattr(model, "set_attn_implementation", None)):
         raise TypeError(f"configure needs a transformers model (set_attn_implementation), got {type(model).__name__}")
-    model.set_attn_implementation("distr")
+
+
+def _select_distr(model: nn.Module) -> None:
+    if not _uses_distr(model):
+        model.set_attn_implementation("distr")
 
 
 def layer_config(module: nn.Module, dropout: float) -> DistrConfig | None:

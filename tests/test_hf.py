@@ -24,7 +24,7 @@ import transformers as tf
 
 import distr_compile
 from distr_compile import DistrConfig, DistrPlan, configure, plan_of
-from distr_compile.hf import DROPOUT, LAYER_ATTRIBUTE, UNCONFIGURED, say_once
+from distr_compile.hf import DROPOUT, LAYER_ATTRIBUTE, MAPS, UNCONFIGURED, say_once
 
 B, L, VOCAB = 2, 20, 128
 G2 = DistrConfig(group_size=2)
@@ -323,6 +323,33 @@ def test_projection_needs_maps_that_fit():
     configure(model, plan)
     with torch.no_grad():
         output(model, text_inputs())
+
+
+def test_a_failing_configure_leaves_the_model_as_it_was():
+    """Every check runs before the first change: a plan whose maps do not fit one layer, a G that
+    does not divide the head dim, or a module that is no transformers model leave the earlier
+    setting (or none) in place."""
+    model = configure(llama(), G2)
+    with torch.no_grad():
+        before = output(model, text_inputs())
+    plan = DistrPlan(PROJECTION.__dict__ | {"candidate_group_sizes": []})
+    for i in range(3):
+        maps = (torch.randn(4, 16, 8), torch.randn(2 if i < 2 else 4, 16, 8))  # the last layer's B does not fit
+        site = distr_compile.guard.SiteDecision(f"model.layers.{i}.self_attn", "sdpa", "", 2, "", "",
+                                                grouping="projection", maps=maps)
+        plan.sites[site.name] = site
+    with pytest.raises(ValueError, match="model.layers.2.self_attn"):
+        configure(model, plan)
+    with pytest.raises(ValueError, match="head dim 12, not divisible by group_size 8"):
+        configure(llama(head_dim=12), DistrConfig(group_size=8, grouping="fixed"))
+    assert all(layer.self_attn.distr_layer.config == G2 and not hasattr(layer.self_attn, MAPS[0])
+               for layer in model.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(output(model, text_inputs()), before, atol=0, rtol=0)
+    linear = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="transformers model"):
+        configure(linear, G2)
+    assert not hasattr(linear, "distr_layer")
 
 
 def test_gradients_reach_the_weights_and_trainable_maps():
