@@ -1,8 +1,9 @@
 """Input checking and the canonical (B, H, L, E) view shared by the op, the kernels and the oracle.
 
 The public calling convention is SDPA's: q (..., Hq, Lq, E), k (..., Hkv, Lk, E),
-v (..., Hkv, Lk, Ev), a mask broadcastable to (..., Hq, Lq, Lk). Leading batch dims are flattened
-into one; inputs of rank 2 or 3 get unit batch/head dims. Every bad input fails here, before any
+v (..., Hkv, Lk, Ev), a mask broadcastable to (..., Hq, Lq, Lk). Leading dims broadcast as in SDPA
+(batch dims always, head dims without ``enable_gqa``) and are then flattened into one batch dim;
+inputs of rank 2 or 3 get unit batch/head dims. Every bad input fails here, before any
 kernel runs, with a message naming the problem.
 """
 
@@ -18,13 +19,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 @dataclass
 class Canonical:
     """q, k, v as (B, H, L, E) and the mask as (B, Hq, Lq, Lk) (a broadcasting view), plus the
-    leading shape needed to give outputs back in the caller's layout."""
+    leading shape needed to give outputs back in the caller's layout and the shapes q, k, v were
+    broadcast to (their gradients sum back over the broadcast dims)."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     attn_mask: torch.Tensor | None
     lead_shape: torch.Size
+    shapes: tuple[torch.Size, torch.Size, torch.Size]
 
     def restore(self, out: torch.Tensor) -> torch.Tensor:
         """(B, H, L, X) or (B, H, L) back to the caller's leading dims."""
@@ -34,6 +37,12 @@ class Canonical:
         """The inverse of ``restore``: a tensor in the caller's leading dims (an output, or a
         gradient on one) as (B, H, L, X) or (B, H, L)."""
         return t.reshape(*self.q.shape[:3], *t.shape[len(self.lead_shape) + 1:])
+
+    def unbroadcast(self, grads: tuple[torch.Tensor, ...],
+                    inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Canonical gradients (dq, dk, dv) in the callers' shapes: reshaped, and summed over the
+        dims an input was broadcast along."""
+        return tuple(g.reshape(full).sum_to_size(t.shape) for g, full, t in zip(grads, self.shapes, inputs))
 
 
 def _to_4d(x: torch.Tensor) -> torch.Tensor:
@@ -73,17 +82,11 @@ def canonicalize(
         raise ValueError(f"k and v must have the same length, got {k.shape[-2]} and {v.shape[-2]}")
     if k.shape[-2] == 0:
         raise ValueError("k and v have no keys (length 0)")
-    if q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(
-            f"batch dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
+    q, k, v = _broadcast(q, k, v, enable_gqa)
     hq = q.shape[-3] if q.dim() >= 3 else 1
     hkv = k.shape[-3] if k.dim() >= 3 else 1
-    if enable_gqa:
-        if hq % hkv:
-            raise ValueError(f"enable_gqa needs query heads ({hq}) divisible by key/value heads ({hkv})")
-    elif hq != hkv:
-        raise ValueError(f"q has {hq} heads but k/v have {hkv}; pass enable_gqa=True for grouped-query attention")
+    if enable_gqa and hq % hkv:
+        raise ValueError(f"enable_gqa needs query heads ({hq}) divisible by key/value heads ({hkv})")
     if q.shape[-1] % group_size:
         raise ValueError(f"head dim {q.shape[-1]} is not divisible by group_size {group_size}")
     if not 0.0 <= dropout_p < 1.0:
@@ -108,4 +111,22 @@ def canonicalize(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., Hq, Lq, Lk) = {tuple(target)}"
             ) from None
         mask = _to_4d(mask)
-    return Canonical(_to_4d(q), _to_4d(k), _to_4d(v), mask, lead_shape)
+    return Canonical(_to_4d(q), _to_4d(k), _to_4d(v), mask, lead_shape, (q.shape, k.shape, v.shape))
+
+
+def _broadcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v expanded (views) to common leading dims, as SDPA broadcasts them: the batch dims,
+    and the head dim too unless ``enable_gqa`` (then k and v share their head count)."""
+    fixed = 3 if enable_gqa and q.dim() >= 3 else 2  # the trailing dims each keeps its own
+    if fixed == 3 and k.shape[-3] != v.shape[-3]:
+        raise ValueError(f"k and v must have the same number of heads, got {k.shape[-3]} and {v.shape[-3]}")
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-fixed], k.shape[:-fixed], v.shape[:-fixed])
+    except RuntimeError:
+        if fixed == 2 and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+            raise ValueError(f"q has {q.shape[-3]} heads but k/v have {k.shape[-3]}; pass enable_gqa=True for "
+                             "grouped-query attention") from None
+        what = "batch dims" if fixed == 3 else "batch and head dims"
+        raise ValueError(f"{what} do not broadcast: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}") from None
+    return tuple(t if t.shape[:-fixed] == lead else t.expand(*lead, *t.shape[-fixed:]) for t in (q, k, v))

@@ -287,7 +287,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # an unused lse gets None, not a zero tensor to read
 
 
-def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+def _first_order(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None) -> tuple:
     """Gradient of the approximate function with the grouping and the representatives' weights
     held fixed (recomputed: they are deterministic functions of q and k). Triton kernels (P
     recomputed from the saved lse, as in FlashAttention-2) where the forward ran them and the mask
@@ -313,6 +313,24 @@ def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
         needed = [t for t, w in zip(inputs, wants) if w]
         found = iter(torch.autograd.grad(outputs, needed, grads, allow_unused=True))
     return (*(next(found) if w else None for w in wants), *([None] * len(ctx.args)))
+
+
+def _backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None) -> tuple:
+    """:func:`_first_order`; under ``create_graph=True`` its gradients carry a node that raises if
+    differentiated again: the op has no second derivative, and gradients without a graph would
+    make one silently zero (e.g. a gradient penalty through an approximated site)."""
+    with torch.no_grad():
+        grads = _first_order(ctx, grad_out, grad_lse)
+    if not torch.is_grad_enabled():
+        return grads
+    present = [g.detach().requires_grad_() for g in grads if g is not None]
+    if not present:
+        return grads
+    guarded = torch._C._functions.DelayedError(
+        b"distr::attention has no second derivative (double backward); keep exact attention "
+        b"(group_size=1) where you differentiate twice", len(present))(*present)
+    guarded = iter(guarded if isinstance(guarded, tuple) else (guarded,))
+    return tuple(None if g is None else next(guarded) for g in grads)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -346,17 +364,18 @@ def attention_backward(
     c = canonicalize(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, config.group_size)
     dq, dk, dv = kernel_backward(c, config, is_causal, scale, c.flatten(out), c.flatten(lse), c.flatten(grad_out),
                                  None if grad_lse is None else c.flatten(grad_lse))
-    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+    return c.unbroadcast((dq, dk, dv), (q, k, v))
 
 
 _LIB = torch.library.Library("distr", "FRAGMENT")
 
 
 def _autocast(device_type: str, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """SDPA's autocast rule: floating tensors on ``device_type`` in the region's autocast dtype."""
+    """SDPA's autocast rule: floating tensors on ``device_type`` in the region's autocast dtype,
+    except float64 ones, which autocast leaves alone."""
     dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.device.type == device_type else t
-            for t in tensors]
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type else t for t in tensors]
 
 
 def _register_autocast(device_type: str) -> None:
@@ -409,6 +428,11 @@ def distr_attention(
     every output row it reaches, like SDPA's math backend.
     """
     config = DistrConfig() if config is None else config
+    if not isinstance(config, DistrConfig):
+        raise TypeError(f"config must be a DistrConfig, got {type(config).__name__}")
+    if maps is not None and not (isinstance(maps, (tuple, list)) and len(maps) == 2
+                                 and all(isinstance(m, torch.Tensor) for m in maps)):
+        raise TypeError("maps must be a pair of tensors (A, B)")
     device_type = q.device.type if isinstance(q, torch.Tensor) else ""  # a non-tensor q: canonicalize says so
     if device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         # SDPA's rule, before any check: rotary-embedded fp32 q, k beside a bf16 v are fine in a region

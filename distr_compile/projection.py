@@ -190,7 +190,7 @@ def project(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
         if tuple(m.shape) != want:
             raise ValueError(f"projection map {name} has shape {tuple(m.shape)}, expected {want} (heads, head dim, "
                              f"rank) for q {tuple(q.shape)}, k {tuple(k.shape)}")
-    return q @ a.to(q), k @ b.to(k)
+    return (q @ a.to(q)).reshape(*q.shape[:-1], r), (k @ b.to(k)).reshape(*k.shape[:-1], r)  # rank 2 stays 2
 
 
 def projected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,

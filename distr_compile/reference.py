@@ -80,9 +80,10 @@ def group_columns(q: torch.Tensor, config: DistrConfig) -> torch.Tensor:
                          "distr_attention(..., maps=(A, B))")
     if config.grouping == "fixed":
         return torch.arange(D, device=q.device).expand(B, H, nb, D).contiguous()
-    if config.grouping == "random":
-        index = torch.arange(B * H * nb * D, device=q.device, dtype=torch.int64).view(B, H, nb, D)
-        return hash_uniform(config.seed, index).argsort(-1)
+    if config.grouping == "random":  # a function of (head, block, column): not of the batch or the length
+        head = _mix32(torch.arange(H, device=q.device, dtype=torch.int64)).view(H, 1, 1)
+        index = head ^ torch.arange(nb * D, device=q.device, dtype=torch.int64).view(1, nb, D)
+        return hash_uniform(config.seed, index).argsort(-1).expand(B, H, nb, D).contiguous()
     planes = hyperplanes(config.num_hyperplanes, config.block_m, config.seed, q.device)
     weights = planes[:, torch.arange(L, device=q.device) % config.block_m]  # (R, L): each row's plane entries
     rows = torch.einsum("rm,bhmd->bhmrd", weights, q.detach().float())  # R x q in fp32: fine for the oracle
@@ -161,7 +162,7 @@ def visible_key_gram(k: torch.Tensor, block_m: int, nb: int,
     flat = chunks.flatten(0, 2)
     gram = (torch.bmm(flat.transpose(1, 2), flat, out_dtype=dtype) if half else flat.transpose(1, 2) @ flat)
     sums = chunks.sum(-2, dtype=dtype)  # (B, Hkv, nc, D)
-    gram = gram.view(B, Hkv, -1, D, D)
+    gram = gram.view(B, Hkv, chunks.shape[2], D, D)
     if query_length is not None:  # prefix sums over the key blocks: query block b sees key blocks 0..b
         gram, sums = gram.cumsum_(2), sums.cumsum_(2)
         if gram.shape[2] < nb:  # query blocks past the last key see every key

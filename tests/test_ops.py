@@ -71,6 +71,72 @@ def test_any_rank(shape):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("config", [DistrConfig(group_size=1), DistrConfig(group_size=2, grouping="fixed", block_m=16),
+                                    DistrConfig(group_size=2, block_m=16)], ids=["exact", "fixed", "lsh"])
+def test_leading_dims_broadcast_like_sdpa(config, gqa):
+    """Batch dims broadcast (and head dims without GQA), as in SDPA: the same result and gradients
+    as on explicitly expanded inputs, the gradients summed back to each input's shape."""
+    q = torch.randn(2, 3, 4, 9, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 3, 1 if not gqa else 2, 11, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = distr_attention(q, k, v, config=config, enable_gqa=gqa)
+    expanded = [t.expand(2, 3, t.shape[2] if gqa else 4, 11, 16) for t in (k, v)]
+    expected = distr_attention(q, *expanded, config=config, enable_gqa=gqa)
+    torch.testing.assert_close(out, expected)
+    if config.exact:
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa))
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (q, k, v))):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+
+
+def test_second_derivative_is_an_error_not_a_silent_zero():
+    """Under create_graph=True the first derivative is right, and differentiating it again
+    raises: the op has no second derivative (SDPA's math backend has one)."""
+    q, k, v = qkv(grad=True)
+    fixed = DistrConfig(group_size=2, grouping="fixed", block_m=16)
+    out = distr_attention(q, k, v, enable_gqa=True, config=fixed)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    (once,) = torch.autograd.grad(distr_attention(q, k, v, enable_gqa=True, config=fixed).square().sum(), q)
+    torch.testing.assert_close(gq, once)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        gq.square().sum().backward()
+
+
+def test_autocast_leaves_float64_alone_like_sdpa():
+    q, k, v = qkv()
+    for config in (DistrConfig(group_size=1), CFG):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = distr_attention(q, k, v, enable_gqa=True, config=config)
+            op_out = torch.ops.distr.attention(*op_args(q, k, v, gqa=True, config=config))[0]
+        want = distr_attention(q, k, v, enable_gqa=True, config=config)
+        assert out.dtype == op_out.dtype == torch.float64
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(op_out, want)
+
+
+def test_random_grouping_depends_on_the_sequence_not_its_batch():
+    q, k, v = qkv()
+    config = DistrConfig(group_size=2, grouping="random", block_m=16)
+    whole = distr_attention(q, k, v, enable_gqa=True, config=config)
+    torch.testing.assert_close(whole[1:], distr_attention(q[1:], k[1:], v[1:], enable_gqa=True, config=config))
+
+
+@pytest.mark.parametrize("representative", ["mean", "lstsq", "lstsq-visible"])
+def test_empty_batch(representative):
+    q, k, v = qkv(B=0)
+    config = DistrConfig(group_size=2, representative=representative, block_m=16)
+    assert distr_attention(q, k, v, is_causal=True, enable_gqa=True, config=config).shape == q.shape
+
+
+def test_projection_of_unbatched_inputs():
+    q, k, v = (torch.randn(L, 16, dtype=torch.float64) for L in (5, 7, 7))
+    a, b = torch.randn(1, 16, 8, dtype=torch.float64), torch.randn(1, 16, 8, dtype=torch.float64)
+    out = distr_attention(q, k, v, config=DistrConfig(group_size=2, grouping="projection"), maps=(a, b))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q @ a[0], k @ b[0], v, scale=16 ** -0.5))
+
+
 def test_lse_output_and_shapes():
     q, k, v = qkv()
     out, lse = torch.ops.distr.attention(*op_args(q, k, v, gqa=True))
@@ -152,6 +218,10 @@ def test_export_keeps_the_op():
               k=torch.randn(2, 2, 23, 12, dtype=torch.float64)), "not divisible by group_size"),
         (dict(dropout_p=1.0), "dropout_p"),
         (dict(q=torch.randn(2, 4, 19, 16, dtype=torch.float64, device="meta")), "one device"),
+        (dict(k=torch.randn(3, 2, 23, 16, dtype=torch.float64), v=torch.randn(3, 2, 23, 16, dtype=torch.float64)),
+         "batch dims do not broadcast"),
+        (dict(config={"group_size": 2}), "config must be a DistrConfig"),
+        (dict(config=DistrConfig(group_size=2, grouping="projection"), maps=(1, 2)), "pair of tensors"),
     ],
 )
 def test_bad_input_errors(change, message):

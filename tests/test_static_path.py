@@ -311,3 +311,24 @@ def test_exact_path_stays_on_our_kernel_off_cuda_and_with_masks():
     result = subprocess.run([sys.executable, "-c", "import distr_compile"], capture_output=True, text=True,
                             env=os.environ | {"DISTR_COMPILE_CUDNN": "yes"})
     assert result.returncode != 0 and "DISTR_COMPILE_CUDNN='yes': expected 0 or 1" in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [DistrConfig(group_size=1), DistrConfig(group_size=2, grouping="fixed"),
+                                    DistrConfig(group_size=2, grouping="random")], ids=["exact", "fixed", "grouped"])
+def test_broadcast_batch_on_the_kernels_gpu(config):
+    """k and v of batch 1 broadcast over q's batch on the kernel paths (cuDNN or ours, and the
+    grouped kernel): the kernels' backward sums dk, dv back over the broadcast batch."""
+    q = torch.randn(3, 4, 200, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 4, 200, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    out = torch.ops.distr.attention(q, k, v, None, True, None, False, config.group_size, config.block_m,
+                                    config.num_hyperplanes, config.representative, config.grouping, config.seed)[0]
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expanded = [leaves[0], *(t.expand(3, -1, -1, -1) for t in leaves[1:])]
+    c = canonicalize(*expanded, None, 0.0, True, None, False, config.group_size)
+    want_out = reference.distr_attention(c.q, c.k, c.v, None, True, None, config)[0]
+    wants = torch.autograd.grad(want_out.square().sum(), leaves)
+    assert rel_err(out, want_out) < 1e-2
+    for name, got, want in zip("qkv", grads, wants):
+        assert got.shape == want.shape and rel_err(got, want) < 2e-2, f"d{name}: {rel_err(got, want):.2e}"
