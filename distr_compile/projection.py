@@ -154,6 +154,8 @@ def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method:
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be (B, H, L, d), got shapes {tuple(q.shape)} and {tuple(k.shape)}")
     d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
     if d % group_size or hq % hkv:
         raise ValueError(f"head dim {d} must be divisible by G={group_size}, and {hq} query heads by {hkv} KV heads")

@@ -116,6 +116,8 @@ def test_rejects_bad_arguments():
         fit_projection(q, k, 2, method="svd")
     with pytest.raises(ValueError, match="divisible"):
         fit_projection(q, k, 3)
+    with pytest.raises(ValueError, match=r"must be \(B, H, L, d\)"):
+        fit_projection(q[0], k[0], 2)
 
 
 # ---- grouping="projection" through the backend: maps fitted on the first call, saved with the plan --
