@@ -132,7 +132,8 @@ def rewrite_exported(
     if projected:
         raise ConfigError(f"export does not take grouping='projection' sites yet ({projected}): compile with "
                           "torch.compile(backend='distr') instead")
-    approximated = {name: config.replace(group_size=d.group_size) for name, d in decisions.items() if d.approximated}
+    approximated = {name: config.replace(group_size=d.group_size, grouping=d.grouping)
+                    for name, d in decisions.items() if d.approximated}
     if not approximated:
         return program
     chosen = [site for site in sites if site.name in approximated]

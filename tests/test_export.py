@@ -140,6 +140,18 @@ def test_plan_decides_per_site(tmp_path, as_path):
     assert list(node.meta["nn_module_stack"].values())[-1][0] == "model.layers.1.self_attn"
 
 
+def test_plan_grouping_is_kept(tmp_path):
+    """A site takes the grouping its plan decided, as under torch.compile with the same plan."""
+    model = llama()
+    plan = calibrate(model, [(ids(),)], tolerance=10.0, min_speedup=0, grouping="fixed")
+    assert {d.grouping for d in plan.sites.values()} == {"fixed"}
+    with torch.no_grad():
+        exported = export(model, (ids(),), plan=plan).module()(ids())
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="distr", options={"plan": plan.save(str(tmp_path / "plan.json"))})(ids())
+    torch.testing.assert_close(exported, compiled)
+
+
 @pytest.mark.parametrize("lengths", [(2, 63, 21), (65, 1024, 300)], ids=["one-block", "many-blocks"])
 def test_dynamic_shapes_stay_dynamic(lengths):
     """Batch and sequence stay dynamic, inside one query block (L < block_m = 64) or across any
