@@ -90,6 +90,17 @@ def test_decisions_come_out_as_designed(eager_backend):
     assert [n.args[7] for n in op_nodes(eager_backend)] == [4, 2]
 
 
+def test_guard_calibrates_with_a_dynamic_sequence_length(eager_backend):
+    """Dynamo passes a dynamic dimension to the graph as a symbolic size; calibration runs on its value."""
+    x = inputs()
+    torch._dynamo.mark_dynamic(x, 1)
+    compiled, _ = run(synthetic(), x, **GUARDED)
+    plan = distr_compile.plan_of(compiled)
+    assert {n: d.group_size for n, d in plan.sites.items()} == {
+        "layers.0": 4, "layers.1": 1, "layers.2": 2, "layers.3": 1,
+    }
+
+
 def test_guarded_keeps_sites_exact_where_the_approximation_is_slower(eager_backend):
     """On the CPU the approximation (the PyTorch reference) measures slower than SDPA: every site
     stays exact for that reason, however loose the tolerance, and the report shows both times."""

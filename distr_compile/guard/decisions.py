@@ -11,7 +11,7 @@ from ..passes import AttentionSite
 from .fit import fit_maps
 from .plan import DistrPlan, SiteDecision
 from .policy import decide_sites
-from .probe import EXACT, divides_head_dim, projection_shapes
+from .probe import EXACT, head_dim_problem, projection_shapes
 from .store import STORE, Owner, owners
 
 
@@ -77,11 +77,10 @@ def _valid(site: AttentionSite, decision: SiteDecision) -> SiteDecision | None:
     projection, the site has the shapes maps need, else None (recalibrate) or, when forced, exact
     with the reason."""
     g = decision.group_size
-    if not divides_head_dim(site, g):
-        problem = f"head dim not divisible by G={g}"
-    elif decision.projected and projection_shapes(site, g) is None:
+    problem = head_dim_problem(site, g)
+    if problem is None and decision.projected and projection_shapes(site, g) is None:
         problem = f"grouping='projection' needs q and k of shape (B, H, L, E) with static H and E, got {site.shapes}"
-    else:
+    if problem is None:
         return decision
     return _decision(site, EXACT, problem, "forced") if decision.source == "forced" else None
 

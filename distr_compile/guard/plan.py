@@ -15,7 +15,7 @@ import torch
 
 from ..config import GROUP_SIZES, ConfigError, DistrConfig
 from ..passes import AttentionSite, SkippedSite
-from .probe import EXACT, divides_head_dim, metric_error, projection_shapes
+from .probe import EXACT, head_dim_problem, metric_error, projection_shapes
 
 PLAN_VERSION = 1
 
@@ -144,10 +144,7 @@ def _group_size_fits(site: AttentionSite, decision: SiteDecision) -> str | None:
     g = decision.group_size
     if g not in GROUP_SIZES:
         return f"G={g!r} is not one of {list(GROUP_SIZES)}"
-    if not divides_head_dim(site, g):
-        q = site.q.meta.get("example_value")
-        return f"G={g} does not divide the head dim ({'unknown' if q is None else q.shape[-1]})"
-    return None
+    return head_dim_problem(site, g)
 
 
 def _maps_fit(site: AttentionSite, decision: SiteDecision) -> str | None:

@@ -175,17 +175,37 @@ def run_probe(probe: SiteProbe, inputs: list) -> Any:
     restored, and every non-parameter input cloned (so in-place updates of buffers or caches in
     the graph are not applied twice). Kernels run with one fixed config (see
     :func:`kernels.attention.fixed_config`): autotuning them here would only slow the compile."""
-    inputs = [x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else x
-              for x in inputs]
+    inputs = [_probe_input(x) for x in inputs]
     devices = [x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda][:1]
     with torch.no_grad(), torch.random.fork_rng(devices=devices), fixed_config():
         return probe.run(*inputs)
 
 
+def _probe_input(x: Any) -> Any:
+    """A non-parameter tensor cloned; a symbolic size (a dynamic dimension Dynamo passes as a graph
+    input) replaced by the value it has on these inputs."""
+    if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter):
+        return x.clone()
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) and x.node.hint is not None:
+        return x.node.hint
+    return x
+
+
 def divides_head_dim(site: AttentionSite, g: int) -> bool:
     """Whether G divides the site's head dim (known at compile time)."""
+    return head_dim_problem(site, g) is None
+
+
+def head_dim_problem(site: AttentionSite, g: int) -> str | None:
+    """Why G cannot split the site's head dim at compile time, or None if it can."""
     q = site.q.meta.get("example_value")
-    return q is not None and statically_known_true(q.shape[-1] % g == 0)
+    if q is None:
+        return "the head dim is unknown at compile time"
+    if statically_known_true(q.shape[-1] % g == 0):
+        return None
+    if isinstance(q.shape[-1], torch.SymInt):
+        return f"the head dim is dynamic ({q.shape[-1]}): G={g} must divide a head dim known at compile time"
+    return f"G={g} does not divide the head dim ({q.shape[-1]})"
 
 
 def runs(site: AttentionSite, config: DistrConfig) -> bool:
