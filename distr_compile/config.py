@@ -138,6 +138,8 @@ class DistrConfig:
         if self.guard_reference == "original" and self.output_tolerance is None:
             raise ValueError("guard_reference='original' needs output_tolerance (how far the model's outputs "
                              "may be from the original model's)")
+        if not isinstance(self.candidate_group_sizes, (list, tuple)):
+            raise ValueError(f"candidate_group_sizes must be a list of G values, got {self.candidate_group_sizes!r}")
         object.__setattr__(self, "candidate_group_sizes", tuple(self.candidate_group_sizes))
         for g in self.candidate_group_sizes:
             _check_choice("candidate_group_sizes entry", g, GROUP_SIZES)
@@ -147,6 +149,8 @@ class DistrConfig:
             _check_choice("mode", self.mode, MODES)
         if self.plan is not None and not isinstance(self.plan, str):
             raise TypeError(f"plan must be a path (str), got {type(self.plan).__name__}")
+        if self.plan == "":
+            raise ValueError("plan must be the path of a saved plan, got an empty string")
 
     @property
     def candidates(self) -> tuple[int, ...]:
@@ -167,6 +171,8 @@ class DistrConfig:
         """Build a config from a ``torch.compile(..., options=...)`` dict; unknown keys are an error."""
         options = dict(options or {})
         if isinstance(options.get("group_size"), (list, tuple)):
+            if not options["group_size"]:
+                raise ConfigError("group_size: an empty list; give a G value or a list of candidates such as [4, 2]")
             options["candidate_group_sizes"] = tuple(options["group_size"])
             options["group_size"] = max(options["candidate_group_sizes"], default=cls.group_size)
         valid = [f.name for f in dataclasses.fields(cls)]
@@ -177,5 +183,6 @@ class DistrConfig:
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if isinstance(value, bool) or value not in choices:
+    """``value`` is one of ``choices`` and of their type (``2.0`` is not the G value ``2``)."""
+    if value not in choices or type(value) not in {type(c) for c in choices}:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import distr_compile
 import distr_compile.guard as guard
 from distr_compile import DistrConfig, DistrPlan, distr_attention
+from distr_compile.config import ConfigError
 
 from test_passes import op_nodes
 
@@ -275,6 +276,19 @@ def test_runtime_monitor_demotes_on_drift(eager_backend, caplog):
     assert any("demoted" in r.getMessage() for r in caplog.records)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(random, random, random))
     assert len(eager_backend) == 2 and [len(op_nodes([g])) for g in eager_backend] == [1, 0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[]", "not a plan .a JSON list"),
+    ("{", r"not a plan \(invalid JSON"),
+    ('{"version": 1}', r"a malformed plan \(KeyError: 'sites'\)"),
+    ('{"version": 0, "sites": []}', "plan version 0, expected 1"),
+], ids=["list", "truncated", "no-sites", "old-version"])
+def test_loading_a_file_that_is_not_a_plan_names_it(tmp_path, text, message):
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}: {message}"):
+        DistrPlan.load(str(path))
 
 
 def test_plan_json_round_trip_and_reuse(eager_backend, tmp_path, monkeypatch):

@@ -241,6 +241,11 @@ def test_bad_input_errors(change, message):
         (dict(num_hyperplanes=0), "num_hyperplanes"),
         (dict(seed=-1), "seed"),
         (dict(group_sizes=2), "unknown DistrConfig option"),
+        (dict(group_size=2.0), "group_size must be one of"),
+        (dict(block_m=64.0), "block_m must be one of"),
+        (dict(group_size=[]), "empty list"),
+        (dict(candidate_group_sizes=4), "candidate_group_sizes must be a list"),
+        (dict(plan=""), "empty string"),
     ],
 )
 def test_config_errors(options, message):

@@ -94,20 +94,31 @@ class DistrPlan:
 
     @classmethod
     def load(cls, path: str) -> "DistrPlan":
-        """Read a plan written by :meth:`save`, with the maps of its projection sites."""
+        """Read a plan written by :meth:`save`, with the maps of its projection sites. A file that is
+        not such a plan is a :class:`ConfigError` naming the file and what is wrong with it."""
         with open(path) as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not a plan (invalid JSON: {e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: not a plan (a JSON {type(data).__name__}, not an object)")
         if data.get("version") != PLAN_VERSION:
             raise ConfigError(f"{path}: plan version {data.get('version')!r}, expected {PLAN_VERSION}")
-        sites = {}
-        for d in data["sites"]:
-            d["errors"] = {int(g): m for g, m in d["errors"].items()}
-            d["times"] = {int(g): t for g, t in d.get("times", {}).items()}  # plans from before speed checks
-            d.setdefault("grouping", data["config"]["grouping"])  # plans from before per-site groupings
-            sites[d["name"]] = SiteDecision(**d)
+        try:
+            sites = {}
+            for d in data["sites"]:
+                d["errors"] = {int(g): m for g, m in d["errors"].items()}
+                d["times"] = {int(g): t for g, t in d.get("times", {}).items()}  # plans from before speed checks
+                d.setdefault("grouping", data["config"]["grouping"])  # plans from before per-site groupings
+                sites[d["name"]] = SiteDecision(**d)
+            skipped = {s["name"]: SkippedSite(**s) for s in data["skipped"]}
+            plan = cls(data["config"], sites, skipped, data.get("output_error"))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ConfigError(f"{path}: a malformed plan ({type(e).__name__}: {e}); save plans with "
+                              "DistrPlan.save") from None
         _load_maps(path, [d for d in sites.values() if d.projected])
-        skipped = {s["name"]: SkippedSite(**s) for s in data["skipped"]}
-        return cls(data["config"], sites, skipped, data.get("output_error"))
+        return plan
 
     def decisions_for(self, sites: list[AttentionSite]) -> dict[str, SiteDecision]:
         """Copies of this plan's decisions for ``sites`` (one graph's), checked against them.
