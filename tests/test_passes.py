@@ -281,6 +281,71 @@ def test_mask_over_the_size_limit_stays_a_mask_and_is_logged(monkeypatch, caplog
     assert "is not evaluated" in caplog.text
 
 
+def window_written_in_place(q):
+    mask = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril()
+    mask.triu_(-2)  # a sliding window: each query sees itself and 2 keys back
+    return mask
+
+
+def padding_set_in_place(q):
+    mask = torch.zeros(q.shape[0], 1, 1, q.shape[-2])
+    mask[1, ..., 5:] = float("-inf")  # additive: the second sequence's last keys are padding
+    return mask
+
+
+def filled_through_a_view(q):
+    mask = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool)
+    mask[:, 4:].fill_(False)
+    return mask
+
+
+def written_as_out(q):
+    mask = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool)
+    torch.tril(torch.ones_like(mask), out=mask)
+    return mask
+
+
+WRITTEN_MASKS = [window_written_in_place, padding_set_in_place, filled_through_a_view, written_as_out]
+
+
+@pytest.mark.parametrize("make_mask", WRITTEN_MASKS, ids=lambda f: f.__name__)
+def test_mask_written_in_place_is_not_a_constant(make_mask, eager_backend):
+    """A mask built from constants but then written in place (directly, through a view, as
+    ``out=``) is not the value its ancestors compute: it reaches SDPA as it is (not folded to
+    is_causal, not dropped as all-attend), and the compiled model equals the eager one."""
+
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=make_mask(q))
+
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    (site,) = sites_of(fn, q, k, v)
+    assert site.attn_mask is not None and not site.is_causal and site.pattern == "sdpa"
+    torch.testing.assert_close(torch.compile(fn, backend="distr")(q, k, v), fn(q, k, v), rtol=0, atol=0)
+
+
+def causal_tril_in_place(q):
+    return torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril_()
+
+
+def causal_copied_elsewhere(q):
+    mask = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril()
+    torch.zeros_like(mask).copy_(mask)  # writes the copy, not the mask
+    return mask
+
+
+@pytest.mark.parametrize("make_mask", [causal_tril_in_place, causal_copied_elsewhere], ids=lambda f: f.__name__)
+def test_constant_mask_with_in_place_ops_of_its_own_still_folds(make_mask):
+    """Writes that are part of computing the mask (``tril_`` on a fresh tensor), or that go to
+    another tensor, leave it a constant: the causal pattern still becomes is_causal."""
+
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=make_mask(q))
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    (site,) = sites_of(fn, q, k, v)
+    assert site.is_causal and site.attn_mask is None
+
+
 def explicit_attention(q, k, v):
     return torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
 

@@ -18,12 +18,15 @@ For sites that stay SDPA, :func:`additive_row` then turns such a bool row into t
 additive row, which SDPA's fastest CUDA kernel (cuDNN) takes.
 
 A node is a constant only when no placeholder (input, parameter, buffer, symbolic size) and no
-``get_attr`` is among its ancestors, and no random or uninitialised op; its value is then computed
-once, here. A fill value qualifies on the same terms.
+``get_attr`` is among its ancestors, no random or uninitialised op, and no op outside those
+ancestors writes to their memory (``mask.triu_(-2)``, ``m[1, ..., 5:] = -inf``, ``out=m``, through a
+view or not): its value is then computed once, here, by replaying the ancestors. A fill value
+qualifies on the same terms.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 from typing import NamedTuple
@@ -31,12 +34,20 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
 
 MAX_ELEMENTS = 1 << 28  # larger masks are not evaluated (256M booleans, e.g. B=4 at 8k tokens)
 log = logging.getLogger("distr_compile")
 _UNSAFE = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty", "poisson")
 _AND_FUNCS = {operator.and_, torch.logical_and, torch.bitwise_and}
 _AND_METHODS = {"__and__", "__rand__", "logical_and", "bitwise_and"}
+# Python's in-place operators: ``m += 1`` is ``operator.iadd`` in a Dynamo graph, ``m[i] = x`` is
+# ``operator.setitem``.
+_INPLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow",
+                                             "lshift", "rshift", "and", "or", "xor")} | {"__setitem__"}
+_INPLACE_OPERATORS = {getattr(operator, name.strip("_")) for name in _INPLACE_DUNDERS}
+_OPERATORS = {f for f in vars(operator).values() if callable(f)}
 
 
 class SimplerMask(NamedTuple):
@@ -182,8 +193,88 @@ def _constant_ancestors(node: fx.Node) -> list[fx.Node] | None:
             if parent not in seen:
                 seen.add(parent)
                 todo.append(parent)
+    if _written_elsewhere(seen):
+        return None
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     return sorted(seen, key=order.__getitem__)
+
+
+def _written_elsewhere(closure: set[fx.Node]) -> bool:
+    """Whether a node outside ``closure`` may write to the memory of a node in it, directly or
+    through a view (any user whose example value shares a storage with it). Writes by nodes in the
+    closure are fine: evaluating it replays them in order. A node whose value was not recorded
+    counts as a write, since its aliases cannot be told."""
+    storages = set()
+    for n in closure:
+        if (found := _storages(n)) is None:
+            return True
+        storages |= found
+    aliases, todo = set(closure), list(closure)
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user in closure or user.op == "output":
+                continue
+            if n in _written(user) or (found := _storages(user)) is None:
+                return True
+            if found & storages and user not in aliases:
+                aliases.add(user)
+                todo.append(user)
+    return False
+
+
+def _storages(node: fx.Node) -> set[StorageWeakRef] | None:
+    """The storages of the tensors in ``node``'s example value, None if it has none recorded."""
+    for key in ("example_value", "val"):
+        if key in node.meta:
+            leaves = tree_leaves(node.meta[key])
+            return {StorageWeakRef(t.untyped_storage()) for t in leaves if isinstance(t, torch.Tensor)}
+    return None
+
+
+def _written(node: fx.Node) -> list[fx.Node]:
+    """The inputs ``node`` may write to: its ``out=`` and, if it works in place, its first input;
+    for an ATen op, the arguments its schema marks as written; every input of a submodule."""
+    if node.op == "call_module":
+        return node.all_input_nodes
+    target = node.target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        schemas = ([target._schema] if isinstance(target, torch._ops.OpOverload)  # a packet: any of its overloads
+                   else [getattr(target, overload)._schema for overload in target.overloads()])
+        return _nodes([node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                       for schema in schemas for i, arg in enumerate(schema.arguments)
+                       if arg.alias_info is not None and arg.alias_info.is_write])
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    return _nodes((first if _in_place(node) else None, node.kwargs.get("out")))
+
+
+def _in_place(node: fx.Node) -> bool:
+    """Whether a call writes to its first input, by PyTorch's conventions: a name ending in ``_``
+    (``mask.triu_(-2)``, ``torch.relu_``), an in-place operator or setitem, ``inplace=True``."""
+    target = node.target
+    if target in _OPERATORS:  # operator.and_ is ``a & b``: the suffix means nothing there
+        return target in _INPLACE_OPERATORS
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or name in _INPLACE_DUNDERS or _inplace_flag(node)
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    """Whether a Python function is called with ``inplace`` set (``F.relu(x, inplace=True)``,
+    ``F.dropout(x, 0.1, False, True)``)."""
+    if node.op != "call_function":
+        return False
+    try:
+        arguments = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+    except (TypeError, ValueError):  # a builtin without a signature, or not a call it accepts
+        arguments = node.kwargs
+    return arguments.get("inplace", False) is not False
+
+
+def _nodes(arg) -> list[fx.Node]:
+    """The nodes in a (nested) argument."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(arg, found.append)
+    return found
 
 
 def _evaluate(nodes: list[fx.Node], out: fx.Node) -> torch.Tensor:
