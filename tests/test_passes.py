@@ -8,6 +8,7 @@ not Inductor. tests/test_backend.py compiles a few models with Inductor for real
 from __future__ import annotations
 
 import math
+import operator
 
 import pytest
 import torch
@@ -266,6 +267,25 @@ def test_mask_terms_that_mask_something_stay():
     q, k, v = (torch.randn(2, 2, 12, 16) for _ in range(3))
     (site,) = sites_of(attend, q, k, v, torch.rand(2, 12) > 0.2, torch.rand(2, 12) > 0.2)
     assert tuple(site.attn_mask.meta["example_value"].shape) == (2, 1, 12, 12)
+
+
+def test_mask_term_written_after_the_and_is_not_read_instead(eager_backend):
+    """``keep & all-True`` holds ``keep`` as it was at the ``&``: when ``keep`` is written in place
+    afterwards, the mask is peeled down to the ``&`` and no further (not to ``keep``), and the
+    compiled model equals the eager one."""
+
+    def attend(q, k, v, keep):
+        keep = keep.clone()
+        mask = (keep & torch.ones((), dtype=torch.bool)).expand(2, 1, 12, 12)
+        keep[:, :3] = False
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(2, 2, 12, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    keep = torch.ones(12, 12, dtype=torch.bool)
+    (site,) = sites_of(attend, q, k, v, keep)
+    assert site.attn_mask.target is operator.and_
+    torch.testing.assert_close(torch.compile(attend, backend="distr")(q, k, v, keep), attend(q, k, v, keep),
+                               rtol=0, atol=0)
 
 
 def test_mask_over_the_size_limit_stays_a_mask_and_is_logged(monkeypatch, caplog):

@@ -11,8 +11,9 @@ finds the exact simpler form:
 * a constant mask equal to SDPA's ``is_causal`` pattern becomes ``is_causal=True``;
 * otherwise, for a bool mask, ``expand``, a same-dtype ``to`` and ``&`` with a constant all-True
   operand are peeled off while the rest still broadcasts to the original shape: HF's padding mask
-  reaches the kernel as the (B, 1, 1, Lk) row it was made from (SDPA broadcasts masks). Additive
-  masks are not peeled: one may be a learned bias whose gradient has the expanded shape.
+  reaches the kernel as the (B, 1, 1, Lk) row it was made from (SDPA broadcasts masks), unless
+  something writes to that row in place. Additive masks are not peeled: one may be a learned bias
+  whose gradient has the expanded shape.
 
 For sites that stay SDPA, :func:`additive_row` then turns such a bool row into the equivalent
 additive row, which SDPA's fastest CUDA kernel (cuDNN) takes.
@@ -118,12 +119,13 @@ def _is_neutral(value: torch.Tensor) -> bool:
 def _peel(mask: fx.Node, value: torch.Tensor) -> fx.Node:
     """The innermost ancestor of ``mask`` reached through ``expand``, same-dtype ``to`` and ``&`` with
     a constant all-True operand, that has ``mask``'s dtype and device and broadcasts to its shape
-    (so SDPA computes the same with it)."""
+    (so SDPA computes the same with it), and whose memory no other node writes to (SDPA reads it
+    later than ``&`` did)."""
     node = mask
     while (inner := _peel_one(node)) is not None:
         have = _example(inner)
         if (have is None or have.dtype != value.dtype or have.device != value.device
-                or _broadcast(have.shape, value.shape) != tuple(value.shape)):
+                or _broadcast(have.shape, value.shape) != tuple(value.shape) or _written_elsewhere({inner})):
             break
         node = inner
     return node
@@ -199,27 +201,27 @@ def _constant_ancestors(node: fx.Node) -> list[fx.Node] | None:
     return sorted(seen, key=order.__getitem__)
 
 
-def _written_elsewhere(closure: set[fx.Node]) -> bool:
-    """Whether a node outside ``closure`` may write to the memory of a node in it, directly or
-    through a view (any user whose example value shares a storage with it). Writes by nodes in the
-    closure are fine: evaluating it replays them in order. A node whose value was not recorded
-    counts as a write, since its aliases cannot be told."""
+def _written_elsewhere(nodes: set[fx.Node]) -> bool:
+    """Whether a node outside ``nodes`` may write to the memory of one of them: to it or to an alias
+    (a neighbour in the graph, input or user, whose example value shares a storage with it, and so
+    on). Writes by ``nodes`` themselves are fine: a closure evaluated replays them in order. A
+    neighbour whose value was not recorded counts as a write, since its aliases cannot be told."""
     storages = set()
-    for n in closure:
+    for n in nodes:
         if (found := _storages(n)) is None:
             return True
         storages |= found
-    aliases, todo = set(closure), list(closure)
+    aliases, todo = set(nodes), list(nodes)
     while todo:
         n = todo.pop()
-        for user in n.users:
-            if user in closure or user.op == "output":
+        for other in (*n.all_input_nodes, *n.users):
+            if other in nodes or other.op == "output":
                 continue
-            if n in _written(user) or (found := _storages(user)) is None:
+            if n in _written(other) or (found := _storages(other)) is None:
                 return True
-            if found & storages and user not in aliases:
-                aliases.add(user)
-                todo.append(user)
+            if found & storages and other not in aliases:
+                aliases.add(other)
+                todo.append(other)
     return False
 
 
