@@ -7,7 +7,8 @@ or a causal mask; or softmax(q k^T) v with the scale as a multiply, a divide, a 
 0-dim tensor, k^T by transpose, permute, ``.mT`` or einsum, a mask added or filled in (masked_fill
 or where, with -inf, finfo.min or a constant 0-dim tensor) before or after the scale, the softmax
 with or without float casts, GQA copies of K/V (repeat_interleave or Hugging Face's
-expand/reshape) and inactive dropout. The passes run on Dynamo's graph directly (no Inductor).
+expand/reshape) and inactive dropout, with arguments given by position or by keyword. The passes
+run on Dynamo's graph directly (no Inductor).
 
 G=1 through the op is exact attention computed by the reference: scores, max and sum in float32,
 in another order than the spelled-out ops. It agrees with them to float32 rounding (~1e-7
@@ -63,9 +64,13 @@ def masked(s: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor, spelling: st
     return {
         "none": lambda: s,
         "additive": lambda: s + bias,
+        "add-kwargs": lambda: torch.add(input=s, other=bias),
         "masked_fill-inf": lambda: s.masked_fill(~keep, inf),
+        "masked_fill-kwargs": lambda: s.masked_fill(mask=~keep, value=inf),
+        "torch.masked_fill-kwargs": lambda: torch.masked_fill(input=s, mask=~keep, value=inf),
         "where-inf": lambda: torch.where(keep, s, inf),
         "where-inf-first": lambda: torch.where(~keep, inf, s),
+        "where-kwargs": lambda: torch.where(condition=keep, input=s, other=inf),
         "where-tensor-inf": lambda: torch.where(keep, s, torch.tensor(inf)),
         "masked_fill-full-inf": lambda: s.masked_fill(~keep, torch.full((), inf)),
         "masked_fill-finfo-min": lambda: s.masked_fill(~keep, torch.finfo(s.dtype).min),
@@ -75,7 +80,7 @@ def masked(s: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor, spelling: st
 
 def scaled(s: torch.Tensor, spelling: str) -> torch.Tensor:
     return {"mul": lambda: s * SCALE, "div": lambda: s / (1 / SCALE), "tensor": lambda: s * torch.tensor(SCALE),
-            "prescale": lambda: s, "none": lambda: s}[spelling]()
+            "mul-kwargs": lambda: torch.mul(input=s, other=SCALE), "prescale": lambda: s, "none": lambda: s}[spelling]()
 
 
 def repeated(x: torch.Tensor, spelling: str) -> torch.Tensor:
@@ -83,19 +88,32 @@ def repeated(x: torch.Tensor, spelling: str) -> torch.Tensor:
     n = HEADS // KV_HEADS
     if spelling == "repeat_interleave":
         return x.repeat_interleave(n, dim=1)
+    if spelling == "repeat_interleave-kwargs":
+        return torch.repeat_interleave(input=x, repeats=n, dim=1)
     b, h, t, d = x.shape
+    if spelling == "expand-reshape-kwargs":
+        return torch.reshape(input=x.unsqueeze(dim=2).expand(b, h, n, t, d), shape=(b, h * n, t, d))
     return x[:, :, None, :, :].expand(b, h, n, t, d).reshape(b, h * n, t, d)
 
 
-def explicit_site(rng: random.Random) -> Attend:
-    k_t = rng.choice(["transpose", "transpose23", "permute", "mT", "einsum"])
-    scale = rng.choice(["mul", "div", "tensor", "prescale", "none"])
-    mask = rng.choice(["none", "additive", "masked_fill-inf", "where-inf", "where-inf-first", "where-tensor-inf",
-                       "masked_fill-full-inf", "masked_fill-finfo-min", "masked_fill-finfo-min-tensor"])
-    mask_first = scale in ("mul", "div") and rng.random() < 0.5  # a positive constant scale scales the mask too
-    softmax = rng.choice(["F", "torch", "method", "float-cast", "dtype-arg"])
-    gqa = rng.choice(["none", "repeat_interleave", "expand-reshape"])
-    dropout = rng.choice(["none", "p=0", "eval"])
+SPELLINGS = {
+    "k_t": ["transpose", "transpose23", "permute", "mT", "einsum"],
+    "scale": ["mul", "div", "tensor", "mul-kwargs", "prescale", "none"],
+    "mask": ["none", "additive", "add-kwargs", "masked_fill-inf", "masked_fill-kwargs", "torch.masked_fill-kwargs",
+             "where-inf", "where-inf-first", "where-kwargs", "where-tensor-inf", "masked_fill-full-inf",
+             "masked_fill-finfo-min", "masked_fill-finfo-min-tensor"],
+    "softmax": ["F", "torch", "method", "float-cast", "dtype-arg", "F-kwargs", "float-cast-kwargs"],
+    "gqa": ["none", "repeat_interleave", "repeat_interleave-kwargs", "expand-reshape", "expand-reshape-kwargs"],
+    "dropout": ["none", "p=0", "eval", "F-kwargs", "torch-kwargs"],
+}
+
+
+def explicit_site(rng: random.Random, **fixed: str) -> Attend:
+    """A softmax(q k^T) v site of random spellings, except those ``fixed`` names (by SPELLINGS key)."""
+    k_t, scale, mask, softmax, gqa, dropout = (fixed.get(part) or rng.choice(options)
+                                               for part, options in SPELLINGS.items())
+    # a positive constant scale scales the mask too
+    mask_first = scale in ("mul", "div", "mul-kwargs") and rng.random() < 0.5
 
     def attend(q, k, v, k_shared, v_shared, keep, bias):
         if gqa != "none":
@@ -106,9 +124,12 @@ def explicit_site(rng: random.Random) -> Attend:
         s = scaled(masked(s, keep, bias, mask), scale) if mask_first else masked(scaled(s, scale), keep, bias, mask)
         p = {"F": lambda: F.softmax(s, dim=-1), "torch": lambda: torch.softmax(s, -1), "method": lambda: s.softmax(-1),
              "float-cast": lambda: F.softmax(s.float(), dim=-1).type_as(q),
-             "dtype-arg": lambda: F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)}[softmax]()
-        if dropout != "none":
-            p = F.dropout(p, 0.0) if dropout == "p=0" else F.dropout(p, 0.5, training=False)
+             "dtype-arg": lambda: F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype),
+             "F-kwargs": lambda: F.softmax(input=s, dim=-1),
+             "float-cast-kwargs": lambda: F.softmax(s.float(), dim=-1).type_as(other=q)}[softmax]()
+        p = {"none": lambda: p, "p=0": lambda: F.dropout(p, 0.0), "eval": lambda: F.dropout(p, 0.5, training=False),
+             "F-kwargs": lambda: F.dropout(input=p, p=0.0),
+             "torch-kwargs": lambda: torch.dropout(input=p, p=0.5, train=False)}[dropout]()
         return torch.einsum("bhqk,bhkd->bhqd", p, v) if k_t == "einsum" else p @ v
     return attend
 
@@ -135,7 +156,23 @@ def inputs() -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("seed", range(CASES))
 def test_random_spelling_is_found_and_rewritten_exactly(seed):
-    fn, length = chain(seed)
+    assert_found_and_rewritten_exactly(*chain(seed))
+
+
+KEYWORD_SPELLINGS = [(part, spelling) for part, options in SPELLINGS.items() for spelling in options
+                     if spelling.endswith("kwargs")]
+
+
+@pytest.mark.parametrize("part, spelling", KEYWORD_SPELLINGS)
+def test_keyword_spelling_is_found_and_rewritten_exactly(part, spelling):
+    """Every spelling with arguments by keyword (``masked_fill(mask=..., value=...)``), in a site
+    otherwise drawn at random: it reads as its positional twin."""
+    assert_found_and_rewritten_exactly(explicit_site(random.Random(0), **{part: spelling}), 1)
+
+
+def assert_found_and_rewritten_exactly(fn: Callable, length: int) -> None:
+    """The matcher finds ``length`` sites in ``fn`` and skips none; at G=1 the rewrite computes what
+    ``fn`` does."""
     gm, example_inputs = attention_graph(fn, *inputs())
     expected = fn(*inputs())
     sites, skipped = find_attention(gm.graph)

@@ -196,8 +196,7 @@ def _match_softmax(node: fx.Node) -> AttentionSite:
 
 
 def _softmax_input(node: fx.Node) -> fx.Node:
-    x = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    x, dim = _args(node, "input", "dim")
     rank = _rank(x)
     if not isinstance(dim, int) or rank is None or dim not in (-1, rank - 1):
         raise _NoMatch
@@ -218,7 +217,7 @@ def _walk_scores(x: fx.Node, site: AttentionSite) -> fx.Node:
             x = x.args[0]
         elif _is_call(x, _MUL_FUNCS, {"mul", "__mul__"}) or _is_call(x, _DIV_FUNCS, {"div", "__truediv__"}):
             kind = "div" if _is_call(x, _DIV_FUNCS, {"div", "__truediv__"}) else "mul"
-            a, b = x.args[0], x.args[1]
+            a, b = _args(x, "input", "other")
             if kind == "div" and x.kwargs.get("rounding_mode") is not None:
                 raise _NoMatch
             if _is_scalar(b):
@@ -229,13 +228,13 @@ def _walk_scores(x: fx.Node, site: AttentionSite) -> fx.Node:
                 x = b
             else:
                 raise _NoMatch
-        elif _is_call(x, _ADD_FUNCS, {"add", "__add__"}) and len(x.args) == 2 and not x.kwargs:
+        elif _is_call(x, _ADD_FUNCS, {"add", "__add__"}) and set(x.kwargs) <= {"input", "other"}:  # no alpha=, out=
             x = _split_add(x, ops)
         elif _is_call(x, {torch.masked_fill}, {"masked_fill"}):
-            ops.append(("fill", x.args[1], x.args[2], True))
-            x = x.args[0]
-        elif _is_call(x, _WHERE_FUNCS, set()) and len(x.args) == 3:
-            cond, a, b = x.args
+            x, mask, value = _args(x, "input", "mask", "value")
+            ops.append(("fill", mask, value, True))
+        elif _is_call(x, _WHERE_FUNCS, set()):
+            cond, a, b = _args(x, "condition", "input", "other")
             if _leads_to_scores(a):
                 ops.append(("fill", cond, b, False))
                 x = a
@@ -252,7 +251,7 @@ def _walk_scores(x: fx.Node, site: AttentionSite) -> fx.Node:
 
 
 def _split_add(x: fx.Node, ops: list) -> fx.Node:
-    a, b = x.args
+    a, b = _args(x, "input", "other")
     if isinstance(a, fx.Node) and isinstance(b, fx.Node) and _rank(a) is not None and _rank(b) is not None:
         scores, mask = (a, b) if _leads_to_scores(a) else (b, a)
         if _same_shape(scores, x) and _is_floating(mask):
@@ -270,7 +269,7 @@ def _leads_to_scores(x) -> bool:
         if not (_is_cast(x) or _is_call(x, _MUL_FUNCS | _DIV_FUNCS | _ADD_FUNCS | {torch.masked_fill},
                                          {"mul", "div", "add", "masked_fill", "__mul__", "__truediv__", "__add__"})):
             return False
-        x = next((a for a in x.args if isinstance(a, fx.Node) and not _is_scalar(a)), None)
+        x = next((a for a in _args(x, "input", "other") if isinstance(a, fx.Node) and not _is_scalar(a)), None)
     return False
 
 
@@ -335,7 +334,7 @@ def _walk_weights(softmax: fx.Node, site: AttentionSite) -> tuple[fx.Node, fx.No
         if _is_cast(user) and user.args[0] is x:
             site.erase.append(user)
             x = user
-        elif _is_call(user, _DROPOUT_FUNCS, set()) and user.args[0] is x:
+        elif _is_call(user, _DROPOUT_FUNCS, set()) and _args(user, "input")[0] is x:
             _check_dropout_inactive(user)
             site.erase.append(user)
             x = user
@@ -447,15 +446,13 @@ def _repeated_heads(x: fx.Node) -> tuple[fx.Node, object] | None:
     if not isinstance(x, fx.Node) or len(x.users) != 1 or _rank(x) != 4:
         return None
     if _is_call(x, {torch.repeat_interleave}, {"repeat_interleave"}):
-        src = x.args[0]
-        repeats = x.args[1] if len(x.args) > 1 else x.kwargs.get("repeats")
-        dim = x.args[2] if len(x.args) > 2 else x.kwargs.get("dim")
+        src, repeats, dim = _args(x, "input", "repeats", "dim")
         if isinstance(repeats, int) and dim in (1, -3) and _rank(src) == 4 and not x.kwargs.get("output_size"):
             return src, repeats
         return None
     if not _is_call(x, {torch.reshape}, {"reshape", "view"}):
         return None
-    expand = x.args[0]
+    (expand,) = _args(x, "input")
     if not (_is_call(expand, set(), {"expand"}) and len(expand.users) == 1 and _rank(expand) == 5):
         return None
     unsq = expand.args[0]
@@ -474,10 +471,10 @@ def _repeated_heads(x: fx.Node) -> tuple[fx.Node, object] | None:
 
 
 def _unsqueezed_at_2(u: fx.Node) -> fx.Node | None:
-    src = u.args[0] if u.args else None
+    src, dim = _args(u, "input", "dim")
     if not isinstance(src, fx.Node) or _rank(src) != 4:
         return None
-    if _is_call(u, {torch.unsqueeze}, {"unsqueeze"}) and u.args[1] in (2, -3):
+    if _is_call(u, {torch.unsqueeze}, {"unsqueeze"}) and dim in (2, -3):
         return src
     if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], tuple):
         index = u.args[1]
@@ -526,6 +523,12 @@ def _module_id(node: fx.Node) -> int | None:
 # -------------------------------------------------------------------------------- helpers
 
 
+def _args(node: fx.Node, *names: str) -> tuple:
+    """The call's first ``len(names)`` arguments, each given by position or by keyword: ``names``
+    are its parameters in order (a method's ``self`` is always positional); None for one not given."""
+    return tuple(node.args[i] if i < len(node.args) else node.kwargs.get(name) for i, name in enumerate(names))
+
+
 def _is_call(node, funcs: set, methods: set) -> bool:
     if not isinstance(node, fx.Node):
         return False
@@ -572,7 +575,7 @@ def _is_cast(node: fx.Node) -> bool:
     if node.op != "call_method" or node.target not in _CAST_METHODS:
         return False
     if node.target == "type_as":
-        return _is_floating(node.args[1])
+        return _is_floating(_args(node, "self", "other")[1])
     if node.target in ("to", "type"):
         dtype = node.args[1] if len(node.args) == 2 else node.kwargs.get("dtype")
         return isinstance(dtype, torch.dtype) and dtype.is_floating_point and set(node.kwargs) <= {"dtype"}
