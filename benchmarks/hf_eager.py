@@ -111,7 +111,8 @@ def median_ms(step: Callable[[], torch.Tensor], params: list[torch.Tensor], devi
     if device.type == "cuda":
         import triton
 
-        return triton.testing.do_bench(step, warmup=5, rep=50, grad_to_none=params, return_mode="median")
+        # a step takes 30-150 ms: rep=3000 times 20-100 of them (rep=50 timed a single step)
+        return triton.testing.do_bench(step, warmup=500, rep=3000, grad_to_none=params, return_mode="median")
     times = []
     for _ in range(5):
         start = time.perf_counter()
