@@ -218,18 +218,19 @@ class _FittedParameters:
     """A compiled graph whose projection maps were fitted with the parameters it was compiled with.
     Warns once when it is called with other parameters: regional compilation
     (``layer.compile()`` on each of a model's identical layers) reuses one graph for every layer,
-    so the first layer's maps would serve all of them."""
+    so the first layer's maps would serve all of them.
+
+    Like every wrapper here it is called as Dynamo calls what a backend returns: with the graph's
+    inputs as positional arguments. (Inductor's callable says ``_boxed_call`` all the same: AOT
+    autograd's unboxed wrapper copies the attribute from the boxed function it wraps.)"""
 
     def __init__(self, compiled: Callable, example_inputs: list, sites: list[str]):
         self.compiled, self.sites = compiled, sites
-        # Called as the graph itself would be: with one list of inputs if it takes them boxed.
-        self._boxed_call = getattr(compiled, "_boxed_call", False)
         self.parameters = {i: x.data_ptr() for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)}
         self.warned = False
 
     def __call__(self, *args: Any) -> Any:
-        inputs = args[0] if self._boxed_call else args
-        if not self.warned and any(inputs[i].data_ptr() != ptr for i, ptr in self.parameters.items()):
+        if not self.warned and any(args[i].data_ptr() != ptr for i, ptr in self.parameters.items()):
             self.warned = True
             warnings.warn(
                 f"distr: the projection maps of {', '.join(self.sites)} were fitted with the parameters this graph was "
@@ -255,17 +256,16 @@ class _Monitor:
         self.active = True
 
     def __call__(self, *args: Any) -> Any:
-        args = list(args)
         self.calls += 1
         if self.active and self.calls % self.config.monitor_every == 0:
             try:
-                self._check(args)
+                self._check(list(args))
             except Exception as error:  # a bug of ours must not fail the user's call
                 warnings.warn(f"distr: the runtime monitor failed ({type(error).__name__}: {error}); it is off for "
                               "this graph, which runs on as compiled. This is a bug in distr-compile: please report it.",
                               stacklevel=2)
                 self.active = False
-        return self.compiled(args) if getattr(self.compiled, "_boxed_call", False) else self.compiled(*args)
+        return self.compiled(*args)
 
     def _check(self, args: list) -> None:
         approx = {n: self.config.replace(group_size=d.group_size, grouping=d.grouping)

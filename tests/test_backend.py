@@ -389,3 +389,22 @@ def test_a_fault_in_the_runtime_monitor_turns_it_off(eager_backend, monkeypatch)
             first = compiled(x)  # call 1: the check fails; the call still returns
         second = compiled(x)  # the monitor is off: no second warning, same graph
     assert torch.equal(first, second) and len(eager_backend) == 1
+
+
+def test_runtime_monitor_with_inductor_checks_and_demotes():
+    """Real Inductor (whose callable Dynamo calls with positional arguments): the calls between
+    checks run the compiled graph; a check that finds the site over the tolerance recompiles it
+    exact, and from then on the model computes SDPA."""
+    def attention(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = torch.randn(3, 1, 2, 32, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    compiled = torch.compile(attention, backend="distr", options={**FORCED_G2, "monitor_every": 2, "tolerance": 0.0})
+    with torch.no_grad():
+        approximated = compiled(q, k, v)  # call 1: no check due
+        exact = compiled(q, k, v)  # call 2: the check demotes the site
+        torch.testing.assert_close(compiled(q, k, v), exact)
+    assert not torch.allclose(approximated, attention(q, k, v), atol=1e-3)
+    torch.testing.assert_close(exact, attention(q, k, v))
+    (decision,) = distr_compile.plan_of(compiled).sites.values()
+    assert decision.source == "monitor" and not decision.approximated

@@ -225,6 +225,26 @@ def test_graph_reused_for_other_parameters_warns(eager_backend):
             compiled(input_ids=ids, use_cache=False)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_graph_reused_for_other_parameters_warns_with_inductor(batch):
+    """Real Inductor, whose callable Dynamo calls with positional arguments: the layer the graph
+    was compiled for runs without the warning (whatever its batch size), a second layer reusing
+    the graph warns."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    first, second = CausalSelfAttention(), CausalSelfAttention()
+    for layer in (first, second):
+        layer.compile(backend="distr", options=PROJECTED)
+    x = randn(batch, 24, 32)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*projection maps")
+            first(x)
+            first(x)
+        with pytest.warns(UserWarning, match="fitted with the parameters this graph was compiled with"):
+            second(x)
+
+
 def test_backend_projection_trains(eager_backend):
     """Gradients flow through the projected q, k into the weights (the maps stay fixed)."""
     model, compiled, x = compiled_attention()
