@@ -54,12 +54,16 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
                   mode: str | None = None) -> Callable:
     """Compile a Dynamo graph with DistrAttention in place of attention where the guard allows.
 
-    ``options`` are :class:`DistrConfig` fields (unknown keys are an error); ``mode`` is
+    ``options`` are :class:`DistrConfig` fields (unknown keys are an error; a plan's own settings
+    apply with it, see :meth:`DistrPlan.settings`); ``mode`` is
     torch.compile's mode (or ``options["mode"]``), passed on to Inductor (``"reduce-overhead"``
     uses CUDA graphs).
     """
-    config = DistrConfig.from_options(options)
+    given = DistrConfig.fields_of(options)
+    config = DistrConfig(**given)
     plan = DistrPlan.load(config.plan) if config.plan else None
+    if plan is not None:
+        config = plan.settings(config, given)
     patches = _inductor_patches(mode or config.mode)
     original = copy.deepcopy(gm.graph)
     try:

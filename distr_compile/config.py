@@ -93,7 +93,10 @@ class DistrConfig:
         monitor_every: if > 0, every N calls the runtime monitor rechecks a sample of heads of
             each approximated site and demotes a site whose error drifted over ``tolerance``
             (disabled, with a warning, under CUDA graphs).
-        plan: path of a saved ``DistrPlan`` (JSON): its decisions are used instead of calibrating.
+        plan: path of a saved ``DistrPlan`` (JSON): its decisions are used instead of calibrating,
+            with the settings it was made with (``guard.PLAN_SETTINGS``: the op knobs, so each
+            site computes what was measured, and the guard's); an option that sets one of them
+            differently is an error.
         mode: torch.compile's ``mode`` for Inductor, given here because torch.compile refuses
             ``mode`` and ``options`` together (e.g. ``{"mode": "reduce-overhead", "group_size": 4}``).
     """
@@ -169,6 +172,12 @@ class DistrConfig:
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "DistrConfig":
         """Build a config from a ``torch.compile(..., options=...)`` dict; unknown keys are an error."""
+        return cls(**cls.fields_of(options))
+
+    @classmethod
+    def fields_of(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The fields a ``torch.compile(..., options=...)`` dict sets (``group_size`` as a list sets
+        ``candidate_group_sizes`` too): what the user chose, as against the defaults."""
         options = dict(options or {})
         if isinstance(options.get("group_size"), (list, tuple)):
             if not options["group_size"]:
@@ -179,7 +188,7 @@ class DistrConfig:
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ConfigError(f"unknown DistrConfig option(s) {unknown}; valid options are {valid}")
-        return cls(**options)
+        return options
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

@@ -493,3 +493,25 @@ def test_sites_missing_from_the_plan_are_warned_about_one_by_one(eager_backend, 
         run(synthetic(), inputs(), **{**GUARDED, "plan": path})
     missing = sorted(str(w.message) for w in caught if "not in the plan" in str(w.message))
     assert len(missing) == 2 and "layers.1" in missing[0] and "layers.3" in missing[1]
+
+
+KNOBS = {"group_size": 2, "grouping": "random", "block_m": 16, "representative": "sample", "seed": 3}
+
+
+def test_a_plan_applies_the_settings_it_was_made_with(eager_backend, tmp_path):
+    """Compiled with a plan alone, every site computes what calibration measured (the plan's op
+    knobs, not the defaults) and the report judges by the plan's tolerance; an option that agrees
+    with the plan is fine, one that does not is an error."""
+    model = synthetic()
+    path = distr_compile.calibrate(model, [inputs()], tolerance=10.0, min_speedup=0, **KNOBS).save(
+        str(tmp_path / "plan.json"))
+    _, measured = run(model, inputs(), approximate="always", **KNOBS)
+    torch._dynamo.reset()
+    compiled, out = run(model, inputs(), plan=path)
+    torch.testing.assert_close(out, measured, atol=0, rtol=0)
+    assert distr_compile.plan_of(compiled).tolerance == 10.0
+    torch._dynamo.reset()
+    run(model, inputs(), plan=path, block_m=16)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"options block_m=64 \(the plan's: 16\), seed=0 \(the plan's: 3\) differ"):
+        run(model, inputs(), plan=path, block_m=64, seed=0)

@@ -16,7 +16,7 @@ Zero-shot, DistrAttention errs 0.3-1.0 (relative Frobenius) on pretrained models
 from .. import speed  # noqa: F401  (guard.speed: the timing the probe calls, patched by tests)
 from .calibration import calibrate, call_batch
 from .decisions import decide_graph, has_real_inputs
-from .plan import SITE_CHECKS, DistrPlan, SiteDecision, plan_config
+from .plan import PLAN_SETTINGS, SITE_CHECKS, DistrPlan, SiteDecision, plan_config
 from .policy import (
     acceptable, against_original, decide, decide_sites, demote_until_within, end_to_end, within_tolerance,
 )
@@ -27,7 +27,7 @@ from .report import report
 from .store import STORE, DecisionStore, Owner, owners, plan_of, remember_graph
 
 __all__ = [
-    "EXACT", "SITE_CHECKS", "STORE", "Calibrator", "DecisionStore", "DistrPlan", "Owner", "SiteDecision", "SiteProbe",
+    "EXACT", "PLAN_SETTINGS", "SITE_CHECKS", "STORE", "Calibrator", "DecisionStore", "DistrPlan", "Owner", "SiteDecision", "SiteProbe",
     "acceptable", "against_original", "calibrate", "call_batch", "decide", "decide_graph", "decide_sites",
     "demote_until_within", "divides_head_dim", "end_to_end", "has_real_inputs", "measure", "metric_error", "op_knobs",
     "owners", "plan_config", "plan_of", "probe_module", "remember_graph", "report", "run_probe", "within_tolerance",

@@ -9,7 +9,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -18,6 +18,11 @@ from ..passes import AttentionSite, SkippedSite
 from .probe import EXACT, head_dim_problem, metric_error, projection_shapes
 
 PLAN_VERSION = 1
+# The settings a plan's decisions were made and measured with, which a compile applying the plan
+# takes from it (:meth:`DistrPlan.settings`): the op knobs and the guard's. Not ``approximate`` and
+# ``monitor_every``: what the backend does with this compile, not how the plan was made.
+PLAN_SETTINGS = ("group_size", "block_m", "num_hyperplanes", "representative", "grouping", "seed", "tolerance",
+                 "metric", "min_speedup", "candidate_group_sizes", "output_tolerance", "guard_reference")
 
 
 @dataclass
@@ -141,6 +146,21 @@ class DistrPlan:
             if site.name not in self.sites:
                 warnings.warn(f"distr: site {site.name} is not in the plan: it is decided without it", stacklevel=2)
         return {site.name: copy.copy(self.sites[site.name]) for site in known}
+
+    def settings(self, config: DistrConfig, given: Iterable[str] = ()) -> DistrConfig:
+        """``config`` with the settings this plan was made with (:data:`PLAN_SETTINGS`): the op
+        knobs, so each approximated site computes what calibration measured, and the guard's, so
+        the sites the plan does not name are decided as its own were and the report and the
+        runtime monitor judge by its tolerance. One of ``given`` (the fields the user set) that
+        differs from the plan's is a :class:`ConfigError`: either the plan's measurements or the
+        user's choice would silently not hold. A setting the plan predates keeps ``config``'s."""
+        planned = config.replace(**{k: v for k, v in self.config.items() if k in PLAN_SETTINGS})
+        conflicts = [f"{k}={getattr(config, k)!r} (the plan's: {getattr(planned, k)!r})"
+                     for k in PLAN_SETTINGS if k in given and getattr(config, k) != getattr(planned, k)]
+        if conflicts:
+            raise ConfigError(f"options {', '.join(conflicts)} differ from the settings the plan was made with, "
+                              "which it applies: leave them out, or calibrate a plan with them")
+        return planned
 
     @property
     def tolerance(self) -> float:
