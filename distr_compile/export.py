@@ -21,6 +21,7 @@ registers the op) and AOTInductor, which compiles the op's Triton kernels into t
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import types
@@ -115,9 +116,14 @@ def rewrite_exported(
     ``args``/``kwargs`` are real inputs to calibrate on; by default the program's own example
     inputs. Dynamic dimensions of ``program`` stay dynamic. A program without an approximated
     site is returned as is. Pass the program before ``run_decompositions()``: decomposed
-    attention is no longer recognised and is left alone.
+    attention is no longer recognised and is left alone. With a plan, the settings it was made
+    with apply, as in the backend (:meth:`DistrPlan.settings`; of a :class:`DistrConfig`, the
+    fields other than the defaults count as set).
     """
-    config = _as_config(config)
+    config, given = _as_config(config)
+    plan = _as_plan(config.plan if plan is None else plan)
+    if plan is not None:
+        config = plan.settings(config, given)
     if args is None and kwargs is None:
         if program.example_inputs is None:
             raise ValueError("rewrite_exported: this program has no example inputs; pass args/kwargs to calibrate on")
@@ -127,7 +133,7 @@ def rewrite_exported(
     _to_dynamo_spelling(module.graph)
     flat_inputs = torch.fx._pytree.tree_flatten_spec((args, kwargs), program.call_spec.in_spec)
     sites, _ = find_attention(module.graph)
-    decisions = decide_graph(module, flat_inputs, sites, config, _as_plan(config.plan if plan is None else plan))
+    decisions = decide_graph(module, flat_inputs, sites, config, plan)
     projected = [name for name, d in decisions.items() if d.projected]
     if projected:
         raise ConfigError(f"export does not take grouping='projection' sites yet ({projected}): compile with "
@@ -144,11 +150,16 @@ def rewrite_exported(
     return _reexport(module, _dynamic_shapes(program, module), args, kwargs)
 
 
-def _as_config(config: DistrConfig | Mapping[str, Any] | None) -> DistrConfig:
-    if config is None or isinstance(config, DistrConfig):
-        return config or DistrConfig()
+def _as_config(config: DistrConfig | Mapping[str, Any] | None) -> tuple[DistrConfig, set[str]]:
+    """The config and the fields the user set (an options dict's, a DistrConfig's other than the
+    defaults), which a plan's settings must not contradict (:meth:`DistrPlan.settings`)."""
+    if config is None:
+        return DistrConfig(), set()
+    if isinstance(config, DistrConfig):
+        return config, {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
     if isinstance(config, Mapping):
-        return DistrConfig.from_options(config)
+        given = DistrConfig.fields_of(config)
+        return DistrConfig(**given), set(given)
     raise TypeError(f"config must be a DistrConfig or a dict of its options, got {type(config).__name__}")
 
 

@@ -18,6 +18,7 @@ from zoo import CASES, B, L, sdpa_as_distr
 
 import distr_compile
 from distr_compile import DistrConfig, calibrate, distr_attention
+from distr_compile.config import ConfigError
 from distr_compile.export import export, rewrite_exported
 
 OP = torch.ops.distr.attention.default
@@ -148,8 +149,27 @@ def test_plan_grouping_is_kept(tmp_path):
     with torch.no_grad():
         exported = export(model, (ids(),), plan=plan).module()(ids())
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="distr", options={"plan": plan.save(str(tmp_path / "plan.json"))})(ids())
+        path = plan.save(str(tmp_path / "plan.json"))
+        compiled = torch.compile(model, backend="distr", options={"plan": path})(ids())
     torch.testing.assert_close(exported, compiled)
+
+
+class Attention(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_a_plan_applies_the_settings_it_was_made_with():
+    """The program computes what calibration measured: the plan's op knobs, not the defaults; a
+    config that contradicts them is an error."""
+    q, k, v = (torch.randn(2, 2, 24, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    knobs = {"group_size": 2, "grouping": "random", "block_m": 16, "representative": "sample", "seed": 3}
+    plan = calibrate(Attention(), [(q, k, v)], tolerance=10.0, min_speedup=0, **knobs)
+    program = export(Attention(), (q, k, v), plan=plan)
+    torch.testing.assert_close(program.module()(q, k, v), distr_attention(q, k, v, config=DistrConfig(**knobs)),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"block_m=32 \(the plan's: 16\)"):
+        export(Attention(), (q, k, v), plan=plan, config=DistrConfig(block_m=32))
 
 
 @pytest.mark.parametrize("lengths", [(2, 63, 21), (65, 1024, 300)], ids=["one-block", "many-blocks"])
