@@ -41,6 +41,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from .config import ConfigError, DistrConfig
 from .guard import (
     EXACT, DistrPlan, SiteDecision, SiteProbe, decide_graph, metric_error, probe_module, remember_graph, run_probe,
+    site_names, sites_on,
 )
 from .passes import (
     AttentionSite, SkippedSite, drop_maps, find_attention, register_maps, rewrite_attention, use_simpler_masks,
@@ -82,7 +83,7 @@ def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig
     (``original``: an untouched copy of the graph, for the monitor). A failing stage
     (:func:`_stage`) raises :class:`BackendFault`."""
     with _stage("matching"):
-        sites, skipped = find_attention(gm.graph)
+        sites, skipped = find_attention(gm.graph, site_names())
     for s in skipped:
         log.info("left alone: %s (%s): %s", s.name, s.pattern, s.reason)
     remember_graph(example_inputs, skipped, config)
@@ -93,7 +94,7 @@ def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig
         if patches.get("triton.cudagraphs") or torch._inductor.config.triton.cudagraphs:
             warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=2)
         else:
-            compiled = _Monitor(fx.GraphModule(gm, original), decisions, config, patches, compiled)
+            compiled = _Monitor(fx.GraphModule(gm, original), sites, decisions, config, patches, compiled)
     projected = [name for name, d in decisions.items() if d.projected]
     return _FittedParameters(compiled, example_inputs, projected) if projected else compiled
 
@@ -251,11 +252,12 @@ class _Monitor:
     call's real inputs (the heads reading KV head 0 only) and, if one drifted over the
     tolerance, demote it to exact and recompile the graph. Projection sites are not rechecked."""
 
-    def __init__(self, original: fx.GraphModule, decisions: dict[str, SiteDecision], config: DistrConfig,
-                 patches: dict, compiled: Callable):
+    def __init__(self, original: fx.GraphModule, sites: list[AttentionSite], decisions: dict[str, SiteDecision],
+                 config: DistrConfig, patches: dict, compiled: Callable):
         self.original, self.decisions, self.config, self.patches = original, decisions, config, patches
+        self.sites = sites_on(original.graph, sites)
         self.compiled = compiled
-        self.probe = probe_module(original)
+        self.probe = probe_module(original, self.sites)
         self.calls = 0
         self.active = True
 
@@ -286,9 +288,9 @@ class _Monitor:
         if not drifted:
             return
         gm = fx.GraphModule(self.original, copy.deepcopy(self.original.graph))
-        sites, _ = find_attention(gm.graph)
         exact = {n: dataclasses.replace(self.decisions[n], group_size=EXACT) for n in drifted}
-        self.compiled = _compile(gm, sites, {**self.decisions, **exact}, list(args), self.config, self.patches)
+        self.compiled = _compile(gm, sites_on(gm.graph, self.sites), {**self.decisions, **exact}, list(args),
+                                 self.config, self.patches)
         for name, reason in drifted.items():  # the stored decisions change once the exact graph is in place
             d = self.decisions[name]
             d.group_size, d.source, d.reason = EXACT, "monitor", reason

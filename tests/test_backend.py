@@ -12,10 +12,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import UnsupportedOperatorException
 import torch.nn as nn
+import torch.nn.functional as F
 
 import distr_compile
 import distr_compile.backend as backend
 from distr_compile import DistrConfig
+from distr_compile.passes import SITE_META
 
 from test_passes import op_nodes, tiny_hf_llama
 from zoo import CASES, NanoGPTCausalSelfAttention, call, sdpa_as_distr
@@ -114,6 +116,73 @@ def test_graph_break_sites_in_both_graphs(eager_backend):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
     assert len(eager_backend) == 2 and len(op_nodes(eager_backend)) == 2
     assert sorted(distr_compile.plan_of(compiled).sites) == ["a", "b"]
+
+
+def two_attentions_split_by_a_graph_break(q, k, v, q2, k2):
+    a = F.scaled_dot_product_attention(q, k, v)
+    torch._dynamo.graph_break()
+    return a, F.scaled_dot_product_attention(q2, k2, v)
+
+
+def split_attention_inputs(length: int) -> tuple[torch.Tensor, ...]:
+    """q with paired columns, on which G=2 "fixed" is exact; the second site's q2 is not."""
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(1, 2, length, 8, generator=g).repeat_interleave(2, dim=-1)
+    return q, *torch.randn(4, 1, 2, length, 16, generator=g).unbind(0)
+
+
+def test_sites_of_different_graphs_have_their_own_names_and_decisions(eager_backend, monkeypatch, tmp_path):
+    """Both sites are root code, one each side of a graph break: the second graph's is
+    ``<root>#1``, decided on its own (over the tolerance: exact). A recompile for a new length
+    finds both under the same names (their decisions are reused), and a saved plan applies by
+    them to another compile without calibrating."""
+    fn, inputs = two_attentions_split_by_a_graph_break, split_attention_inputs(32)
+    options = {"approximate": "guarded", "grouping": "fixed", "min_speedup": 0}
+    compiled = torch.compile(fn, backend="distr", dynamic=False, options=options)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs)[1], fn(*inputs)[1])
+    plan = distr_compile.plan_of(compiled)
+    assert {n: d.group_size for n, d in plan.sites.items()} == {"<root>": 2, "<root>#1": 1}
+
+    monkeypatch.setattr(distr_compile.guard.decisions, "decide_sites", boom)
+    with torch.no_grad():
+        compiled(*split_attention_inputs(40))
+    assert len(eager_backend) == 4, "the new length must recompile both graphs"
+    assert distr_compile.plan_of(compiled).sites == plan.sites
+
+    path = plan.save(str(tmp_path / "plan.json"))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend="distr", options={"plan": path})(*inputs)
+    assert [n.meta[SITE_META] for n in op_nodes(eager_backend[4:])] == ["<root>"]
+
+
+class SplitAttention(nn.Module):
+    def forward(self, q, k, v):
+        a = F.scaled_dot_product_attention(q, k, v)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(a, k, v)
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = SplitAttention()
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v)
+
+
+def test_a_graph_break_inside_a_module_gives_its_sites_distinct_names(eager_backend):
+    """Both sites are in one module, in two graphs; calibrate names them as the backend does, so
+    its plans apply."""
+    q, k, v = torch.randn(3, 1, 2, 24, 16).unbind(0)
+    compiled = torch.compile(Outer(), backend="distr", options=FORCED_G2)
+    with torch.no_grad():
+        compiled(q, k, v)
+    names = list(distr_compile.plan_of(compiled).sites)
+    assert len(eager_backend) == 2 and len(set(names)) == 2, names
+    assert list(distr_compile.calibrate(Outer(), [(q, k, v)]).sites) == names
 
 
 def test_cpu_default_keeps_exact_attention(eager_backend):

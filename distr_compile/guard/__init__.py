@@ -21,14 +21,15 @@ from .policy import (
     acceptable, against_original, decide, decide_sites, demote_until_within, end_to_end, within_tolerance,
 )
 from .probe import (
-    EXACT, Calibrator, SiteProbe, divides_head_dim, measure, metric_error, op_knobs, probe_module, run_probe,
+    EXACT, Calibrator, SiteProbe, divides_head_dim, measure, metric_error, op_knobs, probe_module, run_probe, sites_on,
 )
 from .report import report
-from .store import STORE, DecisionStore, Owner, owners, plan_of, remember_graph
+from .store import STORE, DecisionStore, Owner, owners, plan_of, remember_graph, site_names
 
 __all__ = [
-    "EXACT", "PLAN_SETTINGS", "SITE_CHECKS", "STORE", "Calibrator", "DecisionStore", "DistrPlan", "Owner", "SiteDecision", "SiteProbe",
-    "acceptable", "against_original", "calibrate", "call_batch", "decide", "decide_graph", "decide_sites",
-    "demote_until_within", "divides_head_dim", "end_to_end", "has_real_inputs", "measure", "metric_error", "op_knobs",
-    "owners", "plan_config", "plan_of", "probe_module", "remember_graph", "report", "run_probe", "within_tolerance",
+    "EXACT", "PLAN_SETTINGS", "SITE_CHECKS", "STORE", "Calibrator", "DecisionStore", "DistrPlan", "Owner",
+    "SiteDecision", "SiteProbe", "acceptable", "against_original", "calibrate", "call_batch", "decide", "decide_graph",
+    "decide_sites", "demote_until_within", "divides_head_dim", "end_to_end", "has_real_inputs", "measure",
+    "metric_error", "op_knobs", "owners", "plan_config", "plan_of", "probe_module", "remember_graph", "report",
+    "run_probe", "site_names", "sites_on", "within_tolerance",
 ]

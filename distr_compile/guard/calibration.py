@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from ..config import DistrConfig
-from ..passes import AttentionSite, SkippedSite, find_attention
+from ..passes import AttentionSite, SiteNames, SkippedSite, find_attention
 from .plan import DistrPlan, plan_config
 from .policy import against_original, attach_maps, decide_site, end_to_end, relative_output_error
 from .probe import Calibrator, Maps, SiteProbe, run_probe
@@ -42,14 +42,15 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     errors: dict[str, dict[int, dict[str, float]]] = {}
     times: dict[str, dict[int, float]] = {}
     maps: dict[str, dict[int, Maps]] = {}
-    graphs: list[tuple[fx.GraphModule, list[AttentionSite], list[SkippedSite], list, list[list]]] = []
+    graphs: list[tuple[Calibrator, list[AttentionSite], list[SkippedSite], list, list[list]]] = []
     replay: dict[str, dict[str, DistrConfig]] = {}  # set: the traced model runs with these sites approximated
+    names = SiteNames()  # every graph of the model in one namespace, as the backend names them
 
     def measuring_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
-        sites, skipped = find_attention(gm.graph)
+        sites, skipped = find_attention(gm.graph, names)
         calibrator = Calibrator(gm, sites, config, errors, times, maps)
         seen: list[list] = []
-        graphs.append((gm, sites, skipped, example_inputs, seen))
+        graphs.append((calibrator, sites, skipped, example_inputs, seen))
 
         def run(*args):
             if "sites" in replay:
@@ -63,11 +64,11 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     for batch in _progress(batches, "distr calibration"):
         call_batch(traced, batch)
     plan = DistrPlan(plan_config(config))
-    for gm, sites, skipped, example_inputs, seen in graphs:
+    for calibrator, sites, skipped, example_inputs, seen in graphs:
         for site in sites:
             plan.sites.setdefault(site.name, decide_site(site, errors, times, config))
         if seen:
-            end_to_end(gm, seen, {s.name: plan.sites[s.name] for s in sites}, config, maps)
+            end_to_end(calibrator, seen, {s.name: plan.sites[s.name] for s in sites}, config)
     if original is not None:
         def run_with(approx: dict[str, DistrConfig]) -> list:
             replay["sites"] = approx
@@ -77,7 +78,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
         plan.output_error = against_original(run_with, references, plan.sites, config,
                                              output_error or relative_output_error)
     attach_maps(plan.sites, maps)
-    for gm, sites, skipped, example_inputs, seen in graphs:
+    for _, sites, skipped, example_inputs, seen in graphs:
         for s in skipped:
             plan.skipped[s.name] = s
             STORE.put(owners(s.module_id, example_inputs), s, config)

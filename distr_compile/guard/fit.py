@@ -28,7 +28,7 @@ def fit_maps(gm: fx.GraphModule, example_inputs: list, sites: list[AttentionSite
             d = decisions[name]
             d.group_size, d.reason = EXACT, "grouping='projection': no real example inputs to fit the maps on"
         return
-    probe = SiteProbe(probe_module(gm, todo), {}, propagate=todo)
+    probe = SiteProbe(probe_module(gm, [s for s in sites if s.name in todo]), {}, propagate=todo)
     run_probe(probe, list(example_inputs))
     for name, config in todo.items():
         decisions[name].maps = probe.maps[name][config.group_size]

@@ -15,7 +15,7 @@ from ..config import DistrConfig
 from ..passes import AttentionSite
 from .plan import SiteDecision
 from .probe import (
-    EXACT, Calibrator, Maps, SiteProbe, measure, metric_error, probe_module, run_probe, within_tolerance,
+    EXACT, Calibrator, Maps, SiteProbe, measure, metric_error, run_probe, within_tolerance,
 )
 
 log = logging.getLogger("distr_compile")
@@ -56,7 +56,7 @@ def decide_sites(gm: fx.GraphModule, inputs_list: list[list], sites: list[Attent
         calibrator(inputs)
     decisions = {site.name: decide_site(site, calibrator.errors, calibrator.times, config) for site in sites}
     if config.output_tolerance is not None:
-        end_to_end(gm, inputs_list, decisions, config, calibrator.maps)
+        end_to_end(calibrator, inputs_list, decisions, config)
     attach_maps(decisions, calibrator.maps)
     return decisions
 
@@ -77,13 +77,14 @@ def decide_site(site: AttentionSite, errors: Mapping[str, dict], times: Mapping[
     return SiteDecision(site.name, site.pattern, site.shapes, g, reason, "calibrated", measured, timed, config.grouping)
 
 
-def end_to_end(gm: fx.GraphModule, inputs_list: list[list], decisions: dict[str, SiteDecision],
-               config: DistrConfig, maps: dict[str, dict[int, Maps]]) -> None:
+def end_to_end(calibrator: Calibrator, inputs_list: list[list], decisions: dict[str, SiteDecision],
+               config: DistrConfig) -> None:
     """Demote approximated sites (:func:`demote_until_within`) until the graph outputs with the
-    approximation agree with exact ones within ``output_tolerance`` on every input list. A demoted
-    site may come back at a smaller G that passed the per-site tolerance. Projected sites run with
-    the ``maps`` calibration fitted for them."""
-    probe_gm = probe_module(gm)
+    approximation agree with exact ones within ``output_tolerance`` on every input list, running
+    the graph that ``calibrator`` measured the decided sites in. A demoted site may come back at a
+    smaller G that passed the per-site tolerance. Projected sites run with the maps calibration
+    fitted for them."""
+    probe_gm, maps = calibrator.probe_gm, calibrator.maps
     exact_outputs = [run_probe(SiteProbe(probe_gm, {}), inputs) for inputs in inputs_list]
 
     def error_of(approx: dict[str, DistrConfig]) -> float:

@@ -5,6 +5,7 @@ the attention output and, when asked, the time)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Iterable, Mapping
@@ -13,11 +14,12 @@ import torch
 import torch.nn.functional as F
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils import _pytree as pytree
 
 from .. import speed
 from ..config import DistrConfig
 from ..kernels.attention import fixed_config
-from ..passes import SITE_META, AttentionSite, find_attention, rewrite_attention
+from ..passes import SITE_META, AttentionSite, rewrite_attention
 from ..projection import fit_projection, project
 
 EXACT = 1  # the group size of exact attention
@@ -160,14 +162,21 @@ def _first_kv_group(args: tuple) -> tuple:
     return (q, k, v, mask, *rest)
 
 
-def probe_module(gm: fx.GraphModule, names: Iterable[str] | None = None) -> fx.GraphModule:
-    """A copy of ``gm`` with the named sites (default: all) rewritten to the exact op."""
+def probe_module(gm: fx.GraphModule, sites: Iterable[AttentionSite]) -> fx.GraphModule:
+    """A copy of ``gm`` with ``sites`` (of its graph) rewritten to the exact op."""
     graph = copy.deepcopy(gm.graph)
-    sites, _ = find_attention(graph)
-    wanted = None if names is None else set(names)
-    exact = DistrConfig(group_size=EXACT)
-    rewrite_attention(graph, sites, {s.name: exact for s in sites if wanted is None or s.name in wanted})
+    moved = sites_on(graph, sites)
+    rewrite_attention(graph, moved, dict.fromkeys((s.name for s in moved), DistrConfig(group_size=EXACT)))
     return fx.GraphModule(gm, graph)
+
+
+def sites_on(graph: fx.Graph, sites: Iterable[AttentionSite]) -> list[AttentionSite]:
+    """``sites``, of a graph that ``graph`` is a copy of, on ``graph``'s nodes (a copy keeps the
+    node names). Matching the copy again would not do: its sites would be named as those of one
+    graph, not with the names of their model's (:class:`~distr_compile.passes.SiteNames`)."""
+    nodes = {n.name: n for n in graph.nodes}
+    move = functools.partial(pytree.tree_map_only, fx.Node, lambda n: nodes[n.name])
+    return [dataclasses.replace(s, **{f.name: move(getattr(s, f.name)) for f in dataclasses.fields(s)}) for s in sites]
 
 
 def run_probe(probe: SiteProbe, inputs: list) -> Any:
@@ -256,7 +265,7 @@ class Calibrator:
     def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], config: DistrConfig,
                  errors: dict[str, dict[int, dict[str, float]]] | None = None,
                  times: dict[str, dict[int, float]] | None = None, maps: dict[str, dict[int, Maps]] | None = None):
-        self.probe_gm = probe_module(gm, [s.name for s in sites])
+        self.probe_gm = probe_module(gm, sites)
         configs = [config.replace(group_size=g) for g in config.candidates]
         self.candidates = {s.name: [c for c in configs if runs(s, c)] for s in sites}
         self.errors = {} if errors is None else errors

@@ -12,7 +12,7 @@ from torch._dynamo.eval_frame import innermost_backend
 from torch._dynamo.symbolic_convert import InstructionTranslator
 
 from ..config import DistrConfig
-from ..passes import SkippedSite
+from ..passes import SiteNames, SkippedSite
 from .plan import DistrPlan, SiteDecision, plan_config
 
 
@@ -59,6 +59,22 @@ def compile_call() -> Any | None:
         return None
     backend = getattr(getattr(tx, "output", None), "compiler_fn", None)
     return None if backend is None else _as_compile_call(innermost_backend(backend))
+
+
+_SITE_NAMES: dict[int, SiteNames] = {}  # by id of a live torch.compile call (which is not hashable)
+
+
+def site_names() -> SiteNames:
+    """The site names of the ``torch.compile`` call being compiled (:func:`compile_call`), shared
+    by every graph of its model or function (:class:`SiteNames`), so that sites of different
+    graphs never share a name, and with it a decision; fresh ones outside such a call."""
+    call = compile_call()
+    if call is None:
+        return SiteNames()
+    if id(call) not in _SITE_NAMES:
+        _SITE_NAMES[id(call)] = SiteNames()
+        weakref.finalize(call, _SITE_NAMES.pop, id(call), None)
+    return _SITE_NAMES[id(call)]
 
 
 def compile_call_of(compiled: Any) -> Any | None:

@@ -27,11 +27,14 @@ Matching only reads the graph; ``rewrite.py`` changes it.
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import math
 import operator
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -117,11 +120,12 @@ class _Skip(Exception):
     """Attention that cannot be rewritten exactly (reported)."""
 
 
-def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSite]]:
-    """All attention sites of ``graph`` in node order, and the ones left alone with reasons."""
+def find_attention(graph: fx.Graph, names: SiteNames | None = None) -> tuple[list[AttentionSite], list[SkippedSite]]:
+    """All attention sites of ``graph`` in node order, and the ones left alone with reasons, named
+    by ``names`` (those of the other graphs of its model or function; default: this graph's own)."""
     sites: list[AttentionSite] = []
     skipped: list[SkippedSite] = []
-    names = _SiteNamer()
+    name = (SiteNames() if names is None else names).for_graph()
     simpler = functools.cache(simplify_mask)  # one mask node often serves every layer
     for node in list(graph.nodes):
         if _is_sdpa(node):
@@ -135,9 +139,9 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[SkippedSi
         except _NoMatch:
             continue
         except _Skip as why:
-            skipped.append(SkippedSite(names.name(node), pattern, str(why), _module_id(node)))
+            skipped.append(SkippedSite(name(node), pattern, str(why), _module_id(node)))
             continue
-        site.name = names.name(node)
+        site.name = name(node)
         if site.attn_mask is not None and not site.is_causal and (simple := simpler(site.attn_mask)):
             site.original_mask, site.attn_mask, site.is_causal = site.attn_mask, simple.mask, simple.is_causal
             site.pattern += f", {simple.how}"
@@ -486,23 +490,40 @@ def _unsqueezed_at_2(u: fx.Node) -> fx.Node | None:
 # ---------------------------------------------------------------------------------- names
 
 
-class _SiteNamer:
-    """Stable names from the module path of the anchor (``layers.3.self_attn``); a second site
-    in the same module gets ``#1``; a site in the compiled root module's own code is ``<root>``."""
+class SiteNames:
+    """Names for the attention sites of every graph of one model or function: the anchor's module
+    path (``layers.3.self_attn``; ``<root>`` for the compiled root module's own code), then ``#1``,
+    ``#2``... for each further site of that path, in one graph or another (a second attention in
+    one module, or attention on both sides of a graph break), in the order they are first seen.
+
+    A site seen again keeps its name, so decisions and plans made under it apply: in a copy of its
+    graph, or in a recompile of it for new shapes. It is known by its path, its source location
+    (the anchor's stack trace) and how many sites of its graph came before it with both the same
+    (a loop calls one line several times)."""
 
     def __init__(self) -> None:
-        self.seen: dict[str, int] = {}
-        self.assigned: dict[fx.Node, str] = {}
+        self._names: dict[tuple, str] = {}
 
-    def name(self, node: fx.Node) -> str:
-        if node in self.assigned:
-            return self.assigned[node]
-        stack = node.meta.get("nn_module_stack") or {}
-        path = _clean_path(list(stack.values())[-1][0]) if stack else "<root>"
-        count = self.seen.get(path, 0)
-        self.seen[path] = count + 1
-        self.assigned[node] = path if count == 0 else f"{path}#{count}"
-        return self.assigned[node]
+    def for_graph(self) -> Callable[[fx.Node], str]:
+        """The name of each anchor of one graph, asked for in node order."""
+        seen: collections.Counter = collections.Counter()
+
+        def name(node: fx.Node) -> str:
+            place = (_module_path(node), node.meta.get("stack_trace"))
+            key = (*place, seen[place])
+            seen[place] += 1
+            if key not in self._names:
+                taken, path = set(self._names.values()), place[0]
+                candidates = (f"{path}#{i}" if i else path for i in itertools.count())
+                self._names[key] = next(n for n in candidates if n not in taken)
+            return self._names[key]
+
+        return name
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return _clean_path(list(stack.values())[-1][0]) if stack else "<root>"
 
 
 def _clean_path(path: str) -> str:
