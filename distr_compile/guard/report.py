@@ -47,7 +47,9 @@ def _times(d: SiteDecision) -> str:
 def _summary(plan: DistrPlan) -> str:
     total = len(plan.sites) + len(plan.skipped)
     approx = [d for d in plan.sites.values() if d.approximated]
-    measured = [d for d in plan.sites.values() if d.errors and not d.approximated]
+    # Exact although measured within it (too slow, or demoted by the end-to-end guard) is not over it.
+    over = [d for d in plan.sites.values()
+            if not d.approximated and (err := d.error(plan.metric)) is not None and err > plan.tolerance]
     lines = [f"{len(approx)} of {total} attention sites use DistrAttention; "
              f"{total - len(approx)} keep exact attention."]
     if plan.config.get("guard_reference") == "original":
@@ -58,9 +60,9 @@ def _summary(plan: DistrPlan) -> str:
             lines.append(f"End-to-end error of this plan on the calibration batches: {plan.output_error:.3g}"
                          + (" (over output_tolerance although every site is exact: the adapted weights alone are "
                             "that far from the original)" if plan.output_error > tol else "."))
-    elif measured:
+    elif over:
         lines.append(
-            f"{len(measured)} site(s) were measured over the tolerance {plan.tolerance:g} ({plan.metric}) "
+            f"{len(over)} site(s) were measured over the tolerance {plan.tolerance:g} ({plan.metric}) "
             "and stay exact: "
             "zero-shot, the approximation is too coarse for them (see the README's results); fine-tuning with it "
             "in the loop, a looser tolerance or a smaller block_m changes that."
