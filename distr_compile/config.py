@@ -183,7 +183,7 @@ class DistrConfig:
             if not options["group_size"]:
                 raise ConfigError("group_size: an empty list; give a G value or a list of candidates such as [4, 2]")
             options["candidate_group_sizes"] = tuple(options["group_size"])
-            options["group_size"] = max(options["candidate_group_sizes"], default=cls.group_size)
+            options["group_size"] = max(options["candidate_group_sizes"])
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
