@@ -27,12 +27,30 @@ from .ops import distr_attention
 NAME = "distr"
 CAPTURE = "distr_calibration"  # exact attention that records each layer's q and k (while fitting maps)
 
+# Arguments that change what attention computes and that "distr" cannot apply, exact or not: "sdpa"
+# would drop them without a word (all but softcap; softcap too in older transformers), so they are an error.
+UNSUPPORTED = {
+    "softcap": "attention logit soft-capping",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "indices": "the keys a sparse attention selected",
+    "block_indices": "the key blocks a sparse attention selected",
+}
+
 
 def register() -> None:
     """Make ``attn_implementation="distr"`` available, with SDPA's masks (bool, or None where
     ``is_causal`` says it all): without a mask function transformers would pass no mask at all."""
     AttentionInterface.register(NAME, distr_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def check_supported(module: torch.nn.Module, kwargs: dict) -> None:
+    """A ValueError for an argument of :data:`UNSUPPORTED` that the model passes (not None)."""
+    for name, what in UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{type(module).__name__} passes {name} ({what}) to its attention function, which "
+                             "attn_implementation='distr' cannot apply: load this model with attn_implementation='eager'")
 
 
 def causal_inputs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -61,15 +79,16 @@ def distr_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Attention of one layer: q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d) -> ((B, Lq, Hq, d), None).
     DistrAttention with the layer's configured DistrConfig (``distr_compile.configure``) and, for a
-    projection, the layer's own maps; else exactly transformers' "sdpa"."""
+    projection, the layer's own maps; else exactly transformers' "sdpa". Arguments that change the
+    math and that neither applies (:data:`UNSUPPORTED`) are an error in every layer."""
+    check_supported(module, kwargs)
     config = layer_config(module, dropout)
     if config is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    for name in ("softcap", "position_bias"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"attn_implementation='distr' does not support {name}; configure this layer with "
-                             "group_size=1 (exact attention)")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError("attn_implementation='distr' does not support position_bias; configure this layer with "
+                         "group_size=1 (exact attention)")
     key, value, is_causal = causal_inputs(module, query, key, value, attention_mask, is_causal)
     out = distr_attention(query, key, value, attention_mask, 0.0, is_causal, scaling,
                           enable_gqa=query.shape[1] != key.shape[1], config=config, maps=layer_maps(module, config))
@@ -84,6 +103,7 @@ def capturing(model: torch.nn.Module) -> Iterator[dict[torch.nn.Module, list[Att
     calls: dict[torch.nn.Module, list[AttentionCall]] = defaultdict(list)
 
     def record(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        check_supported(module, kwargs)
         k, _, causal = causal_inputs(module, query, key, value, attention_mask, is_causal)
         calls[module].append(AttentionCall(query.detach().float(), k.detach().float(), attention_mask, causal, scaling))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

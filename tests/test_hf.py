@@ -207,6 +207,45 @@ def test_decoding_with_a_cache_and_removing_the_setting():
         assert torch.equal(generate(), want)
 
 
+def gpt_oss() -> tf.GptOssForCausalLM:
+    """Attention sinks (``s_aux``) in every layer: "sdpa" would drop them."""
+    config = tf.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2,
+                             num_experts_per_tok=1, attn_implementation="eager")
+    torch.manual_seed(0)
+    return tf.GptOssForCausalLM(config).eval()
+
+
+def gemma2() -> tf.Gemma2ForCausalLM:
+    """Attention logit soft-capping (``softcap``) in every layer."""
+    config = tf.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_implementation="eager")
+    torch.manual_seed(0)
+    return tf.Gemma2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("setting", [None, G2])
+@pytest.mark.parametrize(("build", "name"), [(gpt_oss, "s_aux"), (gemma2, "softcap")])
+def test_an_argument_that_changes_the_math_and_distr_cannot_apply_is_an_error(build, name, setting):
+    """Sinks and soft-capping, exact or approximated: an error that names them, never attention
+    without them (what transformers' "sdpa" function would compute)."""
+    model = build()
+    model.set_attn_implementation("distr")
+    if setting is not None:
+        configure(model, setting)
+    with torch.no_grad(), pytest.raises(ValueError, match=f"passes {name} .* attn_implementation='eager'"):
+        output(model, text_inputs())
+
+
+@pytest.mark.parametrize("name", ["sinks", "indices", "block_indices"])
+def test_every_such_argument_is_an_error(name):
+    from distr_compile.hf_attention import distr_attention_forward
+
+    q = k = v = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match=f"passes {name} "):
+        distr_attention_forward(torch.nn.Module(), q, k, v, None, **{name: torch.zeros(2)})
+
+
 # --------------------------------------------------------------------------- projection maps
 
 PROJECTION = DistrConfig(group_size=2, grouping="projection")
