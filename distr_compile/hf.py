@@ -336,9 +336,8 @@ def register_when_imported() -> None:
 
 
 def _register() -> None:
-    try:
-        from .hf_attention import register
-        register()
+    try:  # the module registers "distr" as its import ends: this hook may run inside that import
+        importlib.import_module(".hf_attention", __package__)
     except Exception as e:  # never break transformers' import: "distr" is then just unavailable
         warnings.warn(f"distr_compile could not register attn_implementation='distr' with transformers: {e!r}",
                       stacklevel=2)

@@ -1,6 +1,8 @@
 """The "distr" attention function of transformers' ``AttentionInterface`` (imports transformers).
 
-Imported by :mod:`distr_compile.hf` once transformers' modeling code is loaded. The function follows
+Imported by :mod:`distr_compile.hf` once transformers' modeling code is loaded. It registers
+"distr" as its import ends (:func:`register`), so that importing it first works too: the
+transformers import it starts runs that hook within this import. The function follows
 transformers' "sdpa" one (``integrations/sdpa_attention.py``) call for call: the same causal
 inference (``is_causal`` unless a mask is given or one query row is left), the same crop of an
 empty static cache's keys at prefill, the output transposed to (B, L, H, d). Where a layer is not
@@ -117,3 +119,6 @@ def capturing(model: torch.nn.Module) -> Iterator[dict[torch.nn.Module, list[Att
         yield calls
     finally:
         model.set_attn_implementation(previous)
+
+
+register()

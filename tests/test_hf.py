@@ -83,14 +83,16 @@ def warn_afresh():
 
 def test_import_registers_with_transformers_when_its_modeling_code_loads():
     """Importing the package does not load transformers' modeling code (2-3 s); loading it later
-    registers "distr" and leaves transformers' module its own loader; the other order works too."""
+    registers "distr" and leaves transformers' module its own loader; the other order works too,
+    and so does importing the module that needs transformers first (the hook runs within it)."""
     check = ("from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks; "
              "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as attention; "
              "assert 'distr' in attention and 'distr' in masks")
     after = ("import sys, distr_compile; assert 'transformers.modeling_utils' not in sys.modules; "
              f"{check}; import transformers.modeling_utils as m; assert type(m.__loader__).__name__ == 'SourceFileLoader'")
     before = f"import transformers.modeling_utils, distr_compile; {check}"
-    for code in (after, before):
+    internal_first = f"import distr_compile.hf_attention; {check}"
+    for code in (after, before, internal_first):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
