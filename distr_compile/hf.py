@@ -211,7 +211,7 @@ def fit_maps(model: nn.Module, config: DistrConfig, batches: Iterable) -> dict[s
 @dataclass(frozen=True)
 class AttentionCall:
     """What one attention call saw: q (B, Hq, Lq, d) and k (B, Hkv, Lk, d) as attention reads them
-    (after RoPE), SDPA's mask and causal flag, and the softmax scale."""
+    (after RoPE), SDPA's mask (with a position bias in it) and causal flag, and the softmax scale."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -233,12 +233,14 @@ def fit_layer(path: str, calls: list[AttentionCall], group_size: int) -> Maps:
 
 def stacked_masks(calls: list[AttentionCall]) -> dict[str, Any]:
     """``fit_projection``'s mask arguments for the calls stacked along the batch: their common
-    ``is_causal`` when none has a mask, else one additive mask (B, 1, Lq, Lk) for all."""
+    ``is_causal`` when none has a mask, else one additive mask (B, 1 or Hq, Lq, Lk) for all (Hq
+    where a mask has heads: a position bias)."""
     if all(c.mask is None for c in calls) and len({c.is_causal for c in calls}) == 1:
         return {"is_causal": calls[0].is_causal}
     biases = [mask_bias(c.q.shape[-2], c.k.shape[-2], is_causal=c.is_causal, attn_mask=c.mask, device=c.q.device)
               for c in calls]
-    return {"attn_mask": torch.cat([b.expand(c.q.shape[0], 1, *b.shape[-2:]) for b, c in zip(biases, calls)])}
+    heads = max(b.shape[-3] if b.dim() > 2 else 1 for b in biases)
+    return {"attn_mask": torch.cat([b.expand(c.q.shape[0], heads, *b.shape[-2:]) for b, c in zip(biases, calls)])}
 
 
 def attach_maps(module: nn.Module, maps: Maps, trainable: bool) -> None:

@@ -5,11 +5,12 @@ Imported by :mod:`distr_compile.hf` once transformers' modeling code is loaded. 
 transformers import it starts runs that hook within this import. The function follows
 transformers' "sdpa" one (``integrations/sdpa_attention.py``) call for call: the same causal
 inference (``is_causal`` unless a mask is given or one query row is left), the same crop of an
-empty static cache's keys at prefill, the output transposed to (B, L, H, d). Where a layer is not
-approximated it IS the "sdpa" function, so those layers match "sdpa" bit for bit. Where it is,
-grouped-query attention reads the shared K/V heads in place (``enable_gqa``, never ``repeat_kv``)
-and ``distr_attention`` runs the Triton kernels forward and backward on CUDA. Calibrating
-projection maps runs the model with a recording variant of "sdpa" (:func:`capturing`).
+empty static cache's keys at prefill, a position bias (T5) added to the mask, the output
+transposed to (B, L, H, d). Where a layer is not approximated it IS the "sdpa" function, so
+those layers match "sdpa" bit for bit. Where it is, grouped-query attention reads the shared K/V
+heads in place (``enable_gqa``, never ``repeat_kv``) and ``distr_attention`` runs the Triton
+kernels forward and backward on CUDA. Calibrating projection maps runs the model with a
+recording variant of "sdpa" (:func:`capturing`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import defaultdict
 from typing import Iterator
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
@@ -55,17 +56,21 @@ def check_supported(module: torch.nn.Module, kwargs: dict) -> None:
                              "attn_implementation='distr' cannot apply: load this model with attn_implementation='eager'")
 
 
-def causal_inputs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None,
-                  is_causal: bool | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(key, value, is_causal) as transformers' "sdpa" decides them: causal unless a mask is given
-    or one query row is left; at a prefill into an empty static cache, its first keys only."""
+def sdpa_inputs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, is_causal: bool | None,
+                position_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """(key, value, mask, is_causal) as transformers' "sdpa" passes them to SDPA: causal unless a
+    mask is given or one query row is left; at a prefill into an empty static cache, its first
+    keys only; a position bias (T5) added to the mask, which then carries causality too."""
     q_length = query.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = q_length > 1 and attention_mask is None and is_causal
     if is_causal and key.shape[2] > q_length:
         key, value = key[:, :, :q_length], value[:, :, :q_length]
-    return key, value, is_causal
+        position_bias = None if position_bias is None else position_bias[..., :q_length]
+    if position_bias is not None:
+        return key, value, create_position_bias_mask(position_bias, attention_mask, is_causal, query, key), False
+    return key, value, attention_mask, is_causal
 
 
 def distr_attention_forward(
@@ -88,11 +93,9 @@ def distr_attention_forward(
     if config is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if kwargs.get("position_bias") is not None:
-        raise ValueError("attn_implementation='distr' does not support position_bias; configure this layer with "
-                         "group_size=1 (exact attention)")
-    key, value, is_causal = causal_inputs(module, query, key, value, attention_mask, is_causal)
-    out = distr_attention(query, key, value, attention_mask, 0.0, is_causal, scaling,
+    key, value, mask, is_causal = sdpa_inputs(module, query, key, value, attention_mask, is_causal,
+                                              kwargs.get("position_bias"))
+    out = distr_attention(query, key, value, mask, 0.0, is_causal, scaling,
                           enable_gqa=query.shape[1] != key.shape[1], config=config, maps=layer_maps(module, config))
     return out.transpose(1, 2).contiguous(), None
 
@@ -106,8 +109,10 @@ def capturing(model: torch.nn.Module) -> Iterator[dict[torch.nn.Module, list[Att
 
     def record(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         check_supported(module, kwargs)
-        k, _, causal = causal_inputs(module, query, key, value, attention_mask, is_causal)
-        calls[module].append(AttentionCall(query.detach().float(), k.detach().float(), attention_mask, causal, scaling))
+        k, _, mask, causal = sdpa_inputs(module, query, key, value, attention_mask, is_causal,
+                                         kwargs.get("position_bias"))
+        mask = None if mask is None else mask.detach()
+        calls[module].append(AttentionCall(query.detach().float(), k.detach().float(), mask, causal, scaling))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
 

@@ -1,6 +1,7 @@
 """transformers models in eager mode with ``attn_implementation="distr"`` (CPU).
 
-Tiny random Llama (causal, GQA, padding), BERT (padding) and ViT built from config: unconfigured
+Tiny random Llama (causal, GQA, padding), BERT (padding), ViT and T5 (position bias,
+cross-attention) built from config: unconfigured
 they compute exactly what "sdpa" computes; configured with G=2 everywhere they compute what
 ``backend="distr"`` with ``approximate="always"`` computes on the same weights; a saved plan applies
 per layer; gradients flow and match the compiled path's; active dropout stays exact.
@@ -53,6 +54,14 @@ def vit() -> tf.ViTModel:
     return tf.ViTModel(config, add_pooling_layer=False).eval()
 
 
+def t5() -> tf.T5ForConditionalGeneration:
+    """Encoder-decoder with a relative position bias in every self-attention, and cross-attention."""
+    config = tf.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                         decoder_start_token_id=0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return tf.T5ForConditionalGeneration(config).eval()
+
+
 def text_inputs() -> dict:
     """Token ids with the second sequence left-padded by 5."""
     ids = torch.randint(0, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
@@ -61,11 +70,16 @@ def text_inputs() -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def seq2seq_inputs() -> dict:
+    return text_inputs() | {"decoder_input_ids": text_inputs()["input_ids"][:, :7]}
+
+
 def image_inputs() -> dict:
     return {"pixel_values": torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
 
 
-MODELS = {"llama": (llama, text_inputs), "bert": (bert, text_inputs), "vit": (vit, image_inputs)}
+MODELS = {"llama": (llama, text_inputs), "bert": (bert, text_inputs), "vit": (vit, image_inputs),
+          "t5": (t5, seq2seq_inputs)}
 
 
 def output(model, inputs: dict) -> torch.Tensor:
@@ -338,6 +352,32 @@ def test_fitted_maps_saved_as_a_plan_configure_another_copy(calibrated, tmp_path
         torch.testing.assert_close(output(fresh, text_inputs()), output(model, text_inputs()), atol=0, rtol=0)
     with pytest.raises(ValueError, match="holds projection maps"):
         configured_plan(configure(llama(), G2))
+
+
+def test_calibration_records_the_masks_sdpa_sees(monkeypatch):
+    """Maps are fitted on each call's attention as SDPA computes it under "sdpa": T5's position
+    bias is part of the recorded mask (as it is of the mask the backend fits its maps on). The
+    calibrated model then runs with the bias in every projected layer."""
+    from distr_compile.hf_attention import capturing
+
+    model, inputs, seen = t5(), seq2seq_inputs(), []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return sdpa(q, k, v, attn_mask, **kwargs)
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        output(model, inputs)
+    with capturing(model) as calls, torch.no_grad():
+        output(model, inputs)
+    recorded = [call.mask for module_calls in calls.values() for call in module_calls]
+    assert len(recorded) == len(seen) == 6
+    assert all(torch.equal(r, s) for r, s in zip(recorded, seen))
+    configure(model, PROJECTION, calibration=[inputs])
+    with torch.no_grad():
+        assert torch.isfinite(output(model, inputs)).all()
 
 
 def test_projection_needs_maps_that_fit():
