@@ -42,10 +42,20 @@ UNSUPPORTED = {
 
 
 def register() -> None:
-    """Make ``attn_implementation="distr"`` available, with SDPA's masks (bool, or None where
-    ``is_causal`` says it all): without a mask function transformers would pass no mask at all."""
+    """Make ``attn_implementation="distr"`` available, with SDPA's masks (:func:`distr_mask`):
+    without a mask function transformers would pass no mask at all."""
     AttentionInterface.register(NAME, distr_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, distr_mask)
+
+
+def distr_mask(*args, config=None, **kwargs) -> torch.Tensor | None:
+    """SDPA's mask: bool, or None where ``is_causal`` says it all, except in models with KV-shared
+    layers (Gemma 4), which slice their queries to ``logits_to_keep`` after making the masks unless
+    the implementation is named "sdpa": a missing mask would then stand for a causal one aligned
+    to the wrong queries, or for none over a static cache's empty slots."""
+    if getattr(config, "num_kv_shared_layers", 0):
+        kwargs |= {"allow_is_causal_skip": False, "allow_is_bidirectional_skip": False}
+    return sdpa_mask(*args, config=config, **kwargs)
 
 
 def check_supported(module: torch.nn.Module, kwargs: dict) -> None:
@@ -117,7 +127,7 @@ def capturing(model: torch.nn.Module) -> Iterator[dict[torch.nn.Module, list[Att
                                       is_causal=is_causal, **kwargs)
 
     AttentionInterface.register(CAPTURE, record)
-    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+    AttentionMaskInterface.register(CAPTURE, distr_mask)
     previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE)
     try:

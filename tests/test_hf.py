@@ -223,6 +223,39 @@ def test_decoding_with_a_cache_and_removing_the_setting():
         assert torch.equal(generate(), want)
 
 
+def gemma4() -> tf.Gemma4ForCausalLM:
+    """4 layers, the last 2 sharing the KV of earlier ones, sliding and full attention."""
+    config = tf.Gemma4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=16,
+                                 sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+                                 num_kv_shared_layers=2, vocab_size_per_layer_input=VOCAB,
+                                 hidden_size_per_layer_input=8, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return tf.Gemma4ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("call", ["logits_to_keep", "static_cache"])
+def test_unconfigured_kv_shared_layers_compute_what_sdpa_computes(call):
+    """Gemma 4 slices the queries of its KV-shared layers to ``logits_to_keep`` after making the
+    masks, except under "sdpa" where a mask is missing: "distr" always gets masks for it, else
+    its causal stand-in is aligned to the first queries, or a static cache's empty slots are
+    attended. The full-sequence path of "sdpa" and the sliced one of "distr" agree to rounding."""
+    model, inputs = gemma4(), {"input_ids": text_inputs()["input_ids"]}  # no padding: masks are skipped
+
+    def run():
+        if call == "logits_to_keep":
+            return model(**inputs, logits_to_keep=3).logits
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static",
+                             output_logits=True, return_dict_in_generate=True)
+        return torch.stack(out.logits)
+
+    with torch.no_grad():
+        want = run()
+        model.set_attn_implementation("distr")
+        got = run()
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def gpt_oss() -> tf.GptOssForCausalLM:
     """Attention sinks (``s_aux``) in every layer: "sdpa" would drop them."""
     config = tf.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
