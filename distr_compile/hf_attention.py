@@ -24,11 +24,14 @@ from transformers.integrations.sdpa_attention import create_position_bias_mask, 
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .hf import AttentionCall, layer_config, layer_maps
+from .hf import AttentionCall, layer_config, layer_maps, say_once
 from .ops import distr_attention
 
 NAME = "distr"
 CAPTURE = "distr_calibration"  # exact attention that records each layer's q and k (while fitting maps)
+
+NO_WEIGHTS = ("attn_implementation='distr' returns no attention weights (output_attentions=True), as 'sdpa' "
+              "returns none: set the attention to 'eager' to get them")
 
 # Arguments that change what attention computes and that "distr" cannot apply, exact or not: "sdpa"
 # would drop them without a word (all but softcap; softcap too in older transformers), so they are an error.
@@ -97,12 +100,15 @@ def distr_attention_forward(
     """Attention of one layer: q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d) -> ((B, Lq, Hq, d), None).
     DistrAttention with the layer's configured DistrConfig (``distr_compile.configure``) and, for a
     projection, the layer's own maps; else exactly transformers' "sdpa". Arguments that change the
-    math and that neither applies (:data:`UNSUPPORTED`) are an error in every layer."""
+    math and that neither applies (:data:`UNSUPPORTED`) are an error in every layer; asked for
+    attention weights, both warn that they give none."""
     check_supported(module, kwargs)
     config = layer_config(module, dropout)
     if config is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if kwargs.get("output_attentions"):
+        say_once(NO_WEIGHTS)
     key, value, mask, is_causal = sdpa_inputs(module, query, key, value, attention_mask, is_causal,
                                               kwargs.get("position_bias"))
     out = distr_attention(query, key, value, mask, 0.0, is_causal, scaling,

@@ -26,6 +26,7 @@ import transformers as tf
 import distr_compile
 from distr_compile import DistrConfig, DistrPlan, configure, plan_of
 from distr_compile.hf import DROPOUT, LAYER_ATTRIBUTE, MAPS, UNCONFIGURED, say_once
+from distr_compile.hf_attention import NO_WEIGHTS
 
 B, L, VOCAB = 2, 20, 128
 G2 = DistrConfig(group_size=2)
@@ -254,6 +255,18 @@ def test_unconfigured_kv_shared_layers_compute_what_sdpa_computes(call):
         model.set_attn_implementation("distr")
         got = run()
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_asking_for_attention_weights_warns_that_there_are_none():
+    """BART passes ``output_attentions`` to its attention function: "sdpa" warns that it returns
+    no weights, and so does an approximating layer."""
+    config = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = configure(tf.BartModel(config).eval(), G2)
+    with torch.no_grad(), pytest.warns(UserWarning, match="returns no attention weights") as record:
+        out = model(**text_inputs(), output_attentions=True)
+    assert not any(out.encoder_attentions) and sum(NO_WEIGHTS in str(w.message) for w in record) == 1
 
 
 def gpt_oss() -> tf.GptOssForCausalLM:
