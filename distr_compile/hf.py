@@ -292,8 +292,15 @@ def _uses_distr(model: nn.Module) -> bool:
 
 
 def _check_selectable(model: nn.Module) -> None:
+    """A TypeError unless ``model`` is a transformers model, a ValueError where transformers finds
+    that its attention does not call the attention interface (Bloom, GPT-Neo): configured, it would
+    stay exact without a word. ``_can_set_attn_implementation`` is transformers' own test of that."""
     if not _uses_distr(model) and not callable(getattr(model, "set_attn_implementation", None)):
         raise TypeError(f"configure needs a transformers model (set_attn_implementation), got {type(model).__name__}")
+    calls_interface = getattr(model, "_can_set_attn_implementation", None)
+    if callable(calls_interface) and not calls_interface():
+        raise ValueError(f"{type(model).__name__}'s attention does not call transformers' attention interface, so "
+                         "attn_implementation='distr' cannot reach it: its attention layers would stay exact")
 
 
 def _select_distr(model: nn.Module) -> None:

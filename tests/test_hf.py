@@ -479,6 +479,15 @@ def test_a_failing_configure_leaves_the_model_as_it_was():
     assert not hasattr(linear, "distr_layer")
 
 
+def test_a_model_whose_attention_does_not_call_the_interface_is_an_error():
+    """Bloom computes attention in its own code: configured, "distr" would never run in it and the
+    model would stay exact without a word."""
+    model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="does not call transformers' attention interface"):
+        configure(model, G2)
+    assert not any(hasattr(m, LAYER_ATTRIBUTE) for m in model.modules())
+
+
 def test_gradients_reach_the_weights_and_trainable_maps():
     """Fixed maps are buffers (no gradient, not in ``parameters()``); with ``trainable_maps`` they
     are parameters, in ``state_dict``, and the loss's gradient reaches them."""
