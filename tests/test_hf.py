@@ -209,19 +209,61 @@ def test_active_dropout_stays_exact():
 
 
 def test_decoding_with_a_cache_and_removing_the_setting():
-    """Greedy generation (prefill, then one query row per step over the cache, GQA) with G=2 runs
-    the approximation; G=1 through the op and ``configure(model, None)`` give sdpa's tokens."""
+    """Greedy generation (prefill, then one query row per step over the cache, GQA): G=1 through
+    the op and ``configure(model, None)`` give sdpa's tokens."""
     model, inputs = llama(), text_inputs()
     generate = lambda: model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)  # noqa: E731
     want = generate()
-    configure(model, G2)
-    assert generate().shape == want.shape
     configure(model, DistrConfig(group_size=1))
     assert torch.equal(generate(), want)
     configure(model, None)
     assert not any(hasattr(m, LAYER_ATTRIBUTE) for m in model.modules())
     with pytest.warns(UserWarning, match="computes exact attention"):
         assert torch.equal(generate(), want)
+
+
+def op_on_sdpa_inputs(model, run, monkeypatch, config: DistrConfig):
+    """``run()`` of ``model`` under "sdpa" with every SDPA call replaced by ``distr_attention`` at
+    ``config``: the op on exactly the inputs "sdpa" gives SDPA (KV heads shared in place, as
+    "distr" reads them: "sdpa" would otherwise fold a decoding step's query heads into rows)."""
+    from distr_compile.ops import distr_attention
+
+    def approximate(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return distr_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config=config)
+
+    with monkeypatch.context() as patch:
+        patch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", approximate)
+        return run()
+
+
+def mistral() -> tf.MistralForCausalLM:
+    """:func:`llama`'s shapes with a sliding window of 8 (of 20 tokens)."""
+    config = tf.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, sliding_window=8, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return tf.MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("build", [llama, mistral])
+def test_decoding_with_g2_runs_the_op_on_what_sdpa_sees(build, cache, monkeypatch):
+    """Greedy generation with G=2, a left-padded batch, GQA: the prefill (over a static cache's
+    empty slots too) and each one-row step over the cache, with or without a sliding window
+    shorter than the sequence, give the logits of the op applied where "sdpa" applies SDPA."""
+    model, inputs = build(), text_inputs()
+
+    def generate():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation=cache,
+                             output_logits=True, return_dict_in_generate=True)
+        return torch.stack(out.logits)
+
+    exact = generate()
+    want = op_on_sdpa_inputs(model, generate, monkeypatch, G2)
+    configure(model, G2)
+    got = generate()
+    torch.testing.assert_close(got, want, **TOL)
+    assert not torch.allclose(got, exact, **TOL)
 
 
 def gemma4() -> tf.Gemma4ForCausalLM:
