@@ -144,7 +144,7 @@ def configure(model: nn.Module, setting: DistrConfig | DistrPlan | None, *, cali
         if path in maps:
             attach_maps(module, maps[path], trainable_maps)
     if setting is not None:
-        _select_distr(model)
+        select_attention(model, "distr")
     return model
 
 
@@ -303,9 +303,14 @@ def _check_selectable(model: nn.Module) -> None:
                          "attn_implementation='distr' cannot reach it: its attention layers would stay exact")
 
 
-def _select_distr(model: nn.Module) -> None:
-    if not _uses_distr(model):
-        model.set_attn_implementation("distr")
+def select_attention(model: nn.Module, name: str) -> None:
+    """Run ``model`` and each of its submodels with the attention implementation ``name``
+    (``set_attn_implementation``): transformers 5.17 leaves out the submodels whose config is of
+    the model's class, as T5's encoder and decoder, which hold copies of its config."""
+    for module in model.modules():
+        selected = getattr(getattr(module, "config", None), "_attn_implementation", name)
+        if selected != name and callable(getattr(module, "set_attn_implementation", None)):
+            module.set_attn_implementation(name)
 
 
 def layer_config(module: nn.Module, dropout: float) -> DistrConfig | None:

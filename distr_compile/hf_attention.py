@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import create_position_bias_mask, 
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .hf import AttentionCall, layer_config, layer_maps, say_once
+from .hf import AttentionCall, layer_config, layer_maps, say_once, select_attention
 from .ops import distr_attention
 
 NAME = "distr"
@@ -135,11 +135,11 @@ def capturing(model: torch.nn.Module) -> Iterator[dict[torch.nn.Module, list[Att
     AttentionInterface.register(CAPTURE, record)
     AttentionMaskInterface.register(CAPTURE, distr_mask)
     previous = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE)
+    select_attention(model, CAPTURE)
     try:
         yield calls
     finally:
-        model.set_attn_implementation(previous)
+        select_attention(model, previous)
 
 
 register()
