@@ -171,6 +171,20 @@ def test_non_attention_matmul_softmax_is_ignored():
     assert find_attention(gm.graph) == ([], [])
 
 
+@pytest.mark.parametrize("op", ["mul", "div", "add"])
+def test_score_op_writing_out_is_not_matched(op):
+    """A scale or mask term with ``out=`` in the score chain writes a tensor the caller keeps:
+    erasing it in a rewrite would lose that write, so the site is not matched."""
+    bias = torch.zeros(8, 8).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+
+    def fn(q, k, v, buf):
+        s = q @ k.transpose(-1, -2)
+        return torch.softmax(getattr(torch, op)(s, bias if op == "add" else 0.25, out=buf), -1) @ v
+
+    q, k, v = torch.randn(3, 1, 2, 8, 16).unbind(0)
+    assert sites_of(fn, q, k, v, torch.empty(1, 2, 8, 8)) == []
+
+
 def sites_of(fn, *args, **kwargs) -> list:
     """The attention sites find_attention reports for ``fn(*args, **kwargs)``'s Dynamo graph."""
     gm, _ = attention_graph(fn, *args, **kwargs)

@@ -216,6 +216,8 @@ def _walk_scores(x: fx.Node, site: AttentionSite) -> fx.Node:
             raise _NoMatch
         if _is_matmul(x) or _is_einsum(x):
             break
+        if "out" in x.kwargs:  # erasing it would lose the write to ``out``
+            raise _NoMatch
         site.erase.append(x)
         if _is_cast(x):
             x = x.args[0]
@@ -232,7 +234,7 @@ def _walk_scores(x: fx.Node, site: AttentionSite) -> fx.Node:
                 x = b
             else:
                 raise _NoMatch
-        elif _is_call(x, _ADD_FUNCS, {"add", "__add__"}) and set(x.kwargs) <= {"input", "other"}:  # no alpha=, out=
+        elif _is_call(x, _ADD_FUNCS, {"add", "__add__"}) and set(x.kwargs) <= {"input", "other"}:  # no alpha=
             x = _split_add(x, ops)
         elif _is_call(x, {torch.masked_fill}, {"masked_fill"}):
             x, mask, value = _args(x, "input", "mask", "value")
