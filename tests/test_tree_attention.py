@@ -165,6 +165,13 @@ def test_validation_of_dtype_positions_and_backend():
         local_partial(*_inputs(4, 1, 4, 1, 33, 5, 16, 16), backend="triton")
 
 
+@pytest.mark.parametrize("attend", [tree_attention, ring_attention_decode])
+def test_causal_mask_needs_key_positions(attend):
+    """Every shard defaulting to positions 0.. would mask silently wrong: refused before any collective."""
+    with pytest.raises(ValueError, match="q_pos needs k_pos"):
+        attend(*_inputs(0, 1, 2, 2, 1, 4, 16, 16), q_pos=3)
+
+
 @pytest.mark.parametrize("policy,block", [("round_robin", 1), ("block", 3)])
 def test_cache_ownership_and_lengths(policy, block):
     world, total = 3, 20

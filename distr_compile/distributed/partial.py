@@ -36,6 +36,13 @@ def positions(pos: Positions, length: int, device: torch.device, name: str) -> t
     return pos.to(device=device, dtype=torch.int64)
 
 
+def require_k_pos(q_pos: Positions | None, k_pos: Positions | None) -> None:
+    """Across ranks a causal mask needs each shard's own positions: defaulting them to 0 would
+    place every shard at the start of the sequence and mask silently wrong."""
+    if q_pos is not None and k_pos is None:
+        raise ValueError("q_pos needs k_pos: the global positions of this rank's keys (an int start or a 1-d tensor)")
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise a clear error unless q, k, v are canonical decode tensors (see module docstring)."""
     for name, t in (("q", q), ("k", k), ("v", v)):

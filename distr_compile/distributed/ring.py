@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .comm import CommCounter, all_gather, count_send
 from .merge import merge_partials
-from .partial import Positions, check_qkv, local_partial, positions
+from .partial import Positions, check_qkv, local_partial, positions, require_k_pos
 
 
 def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], next_rank: int, prev_rank: int, group):
@@ -33,7 +33,7 @@ def ring_attention_decode(
     group=None,
     scale: float | None = None,
     q_pos: Positions | None = None,
-    k_pos: Positions = 0,
+    k_pos: Positions | None = None,
     shard_lengths: Sequence[int] | None = None,
     backend: str = "auto",
     counter: CommCounter | None = None,
@@ -42,6 +42,7 @@ def ring_attention_decode(
     the ring. ``shard_lengths`` (every rank's Tk_local, in group rank order) saves one all-gather
     per call when the caller knows them, as a sharded cache does."""
     check_qkv(q, k_local, v_local)
+    require_k_pos(q_pos, k_pos)
     p, rank = dist.get_world_size(group), dist.get_rank(group)
     if shard_lengths is None:
         mine = torch.tensor([k_local.shape[2]], device=q.device)

@@ -11,7 +11,7 @@ import torch
 
 from .combine import combine
 from .comm import CommCounter
-from .partial import Positions, local_partial
+from .partial import Positions, local_partial, require_k_pos
 
 
 def tree_attention(
@@ -22,7 +22,7 @@ def tree_attention(
     group=None,
     scale: float | None = None,
     q_pos: Positions | None = None,
-    k_pos: Positions = 0,
+    k_pos: Positions | None = None,
     mode: str = "auto",
     backend: str = "auto",
     counter: CommCounter | None = None,
@@ -37,8 +37,9 @@ def tree_attention(
         group: None (default group), a ProcessGroup, a :class:`Topology` (e.g. two-level) or a
             2-d DeviceMesh (nodes, local).
         scale: softmax scale, default 1/sqrt(D).
-        q_pos, k_pos: global positions for causal masking (int start or 1-d tensor); q_pos None
-            means no causal mask.
+        q_pos, k_pos: global positions of the queries and of this rank's keys for causal masking
+            (int start or 1-d tensor): key j is visible to query i iff k_pos[j] <= q_pos[i], across
+            shards too. q_pos None means no mask; with q_pos, k_pos is required.
         mode: combine algorithm, "auto", "three", "fused" or "allgather" (see combine.py).
         backend: local partial, "auto", "triton" or "torch" (see partial.py).
         counter: a :class:`CommCounter` that records the bytes communicated.
@@ -47,6 +48,7 @@ def tree_attention(
     Returns:
         out (B, Hq, Tq, Dv) in q's dtype, identical on every rank (and lse if asked).
     """
+    require_k_pos(q_pos, k_pos)
     out, lse = local_partial(q, k_local, v_local, scale=scale, q_pos=q_pos, k_pos=k_pos, backend=backend)
     out, lse = combine(out, lse, group, mode=mode, counter=counter)
     return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
