@@ -6,6 +6,7 @@ spawn cost (the bulk of the run time on CPU) to five launches."""
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 
 import pytest
 import torch
@@ -270,6 +271,26 @@ def _check_sharded_decode(rank: int, world: int, group) -> None:
         _assert_close(ring, ref, torch.float32)
 
 
+def _check_autograd(rank: int, world: int) -> None:
+    """With grad on, the forward is still exact; backward raises across ranks (the collectives are
+    invisible to autograd) and is plain attention's on one rank."""
+    q, k, v = _inputs(30, 1, 2, 1, 2, 6, 8, 8)
+    idx = _shards(6, world, "even", 30)[rank]
+    ref = _reference(q, k, v)[0]
+    for attend in (*(partial(tree_attention, mode=m) for m in MODES[1:]), ring_attention_decode):
+        q_grad = q.clone().requires_grad_()
+        out = attend(q_grad, k[:, :, idx], v[:, :, idx])
+        _assert_close(out, ref, torch.float32)
+        if world == 1:
+            out.sum().backward()
+            q_ref = q.double().requires_grad_()
+            _reference(q_ref, k, v)[0].sum().backward()
+            _assert_close(q_grad.grad, q_ref.grad, torch.float32)
+        else:
+            with pytest.raises(RuntimeError, match="no backward"):
+                out.sum().backward()
+
+
 def _worker(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -283,6 +304,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             topologies["mesh"] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("node", "local"))
         _check_tree_and_ring(rank, world, topologies)
         _check_sharded_decode(rank, world, topologies.get("two_level"))
+        _check_autograd(rank, world)
     finally:
         dist.destroy_process_group()
 

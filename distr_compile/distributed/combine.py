@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm import COMBINE_MODES, CommCounter, all_gather, all_reduce
+from .comm import COMBINE_MODES, CommCounter, all_gather, all_reduce, no_backward
 from .merge import merge_partials, normalize, safe_max
 from .topology import Topology
 
@@ -59,18 +59,24 @@ def combine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge this rank's partial out (..., Dv) and lse (...) with every other rank's over ``group``
     (None, a ProcessGroup, a :class:`Topology` or a DeviceMesh); every rank gets the merged
-    (out, lse). All ranks must call it with the same shapes and mode."""
+    (out, lse). All ranks must call it with the same shapes and mode. Across more than one rank
+    it has no backward (calling backward raises)."""
     if mode != "auto" and mode not in COMBINE_MODES:
         raise ValueError(f"mode must be 'auto' or one of {COMBINE_MODES}, got {mode!r}")
     if out.shape[:-1] != lse.shape or out.dtype != lse.dtype:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} and lse {tuple(lse.shape)} {lse.dtype} do not match")
     topology = Topology.of(group)
-    for level, p in zip(topology.levels, topology.sizes()):
-        if p == 1:
-            continue
-        level_mode = choose_mode(lse.numel(), out.shape[-1], p, out.element_size()) if mode == "auto" else mode
-        if level_mode == "allgather":
-            out, lse = _gather(out, lse, level, counter)
-        else:
-            out, lse = _reduce(out, lse, level, level_mode == "fused", counter)
-    return out, lse
+    levels = [(level, p) for level, p in zip(topology.levels, topology.sizes()) if p > 1]
+    if not levels:
+        return out, lse  # one rank: the identity, differentiable as is
+
+    def merge_levels(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for level, p in levels:
+            level_mode = choose_mode(lse.numel(), out.shape[-1], p, out.element_size()) if mode == "auto" else mode
+            if level_mode == "allgather":
+                out, lse = _gather(out, lse, level, counter)
+            else:
+                out, lse = _reduce(out, lse, level, level_mode == "fused", counter)
+        return out, lse
+
+    return no_backward(merge_levels, out, lse)

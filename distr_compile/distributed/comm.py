@@ -58,6 +58,29 @@ class CommCounter:
         self.stats = CommStats()
 
 
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "Tree/Ring Attention across ranks has no backward: autograd does not see through the "
+            "collectives, so the gradient would miss every other rank's keys. Run it under "
+            "torch.no_grad() or torch.inference_mode(), or detach its inputs."
+        )
+
+
+def no_backward(fn, *inputs: torch.Tensor):
+    """``fn(*inputs)``, whose result raises on backward rather than give a gradient that holds only
+    this rank's share; the forward and its collectives run unchanged, so inference with grad mode
+    on keeps working."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _NoBackward.apply(fn, *inputs)
+    return fn(*inputs)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

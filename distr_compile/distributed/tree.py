@@ -46,7 +46,8 @@ def tree_attention(
         return_lse: also return the global log-sum-exp (B, Hq, Tq), fp32.
 
     Returns:
-        out (B, Hq, Tq, Dv) in q's dtype, identical on every rank (and lse if asked).
+        out (B, Hq, Tq, Dv) in q's dtype, identical on every rank (and lse if asked). Across more
+        than one rank there is no backward: calling it raises (see combine).
     """
     require_k_pos(q_pos, k_pos)
     out, lse = local_partial(q, k_local, v_local, scale=scale, q_pos=q_pos, k_pos=k_pos, backend=backend)
