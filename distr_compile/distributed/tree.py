@@ -43,7 +43,7 @@ def tree_attention(
         mode: combine algorithm, "auto", "three", "fused" or "allgather" (see combine.py).
         backend: local partial, "auto", "triton" or "torch" (see partial.py).
         counter: a :class:`CommCounter` that records the bytes communicated.
-        return_lse: also return the global log-sum-exp (B, Hq, Tq), fp32.
+        return_lse: also return the global log-sum-exp (B, Hq, Tq), fp32 (fp64 for fp64).
 
     Returns:
         out (B, Hq, Tq, Dv) in q's dtype, identical on every rank (and lse if asked). Across more
