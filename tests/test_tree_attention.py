@@ -291,6 +291,24 @@ def _check_autograd(rank: int, world: int) -> None:
                 out.sum().backward()
 
 
+def _check_subgroup(rank: int, members: list[int]) -> None:
+    """A group of non-consecutive ranks is merged over its members only; a rank outside it is told so."""
+    group = dist.new_group(members)  # collective over the default group
+    q, k, v = _inputs(31, 1, 4, 2, 2, 9, 8, 8)
+    q_pos = torch.arange(7, 9)
+    if rank not in members:
+        for attend in (tree_attention, ring_attention_decode):
+            with pytest.raises(ValueError, match="not a member"):
+                attend(q, k, v, group=group)
+        return
+    idx = _shards(9, len(members), "uneven", 31)[members.index(rank)]
+    k_loc, v_loc, ref = k[:, :, idx], v[:, :, idx], _reference(q, k, v, q_pos)[0]
+    for mode in MODES:
+        out = tree_attention(q, k_loc, v_loc, group=group, q_pos=q_pos, k_pos=idx, mode=mode)
+        _assert_close(out, ref, torch.float32)
+    _assert_close(ring_attention_decode(q, k_loc, v_loc, group=group, q_pos=q_pos, k_pos=idx), ref, torch.float32)
+
+
 def _worker(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -305,6 +323,8 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         _check_tree_and_ring(rank, world, topologies)
         _check_sharded_decode(rank, world, topologies.get("two_level"))
         _check_autograd(rank, world)
+        if world == 3:
+            _check_subgroup(rank, [0, 2])
     finally:
         dist.destroy_process_group()
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .comm import CommCounter, all_gather, count_send, no_backward
 from .merge import merge_partials
 from .partial import Positions, check_qkv, local_partial, positions, require_k_pos
+from .topology import check_member
 
 
 def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], next_rank: int, prev_rank: int, group):
@@ -44,6 +45,7 @@ def ring_attention_decode(
     backward across more than one rank."""
     check_qkv(q, k_local, v_local)
     require_k_pos(q_pos, k_pos)
+    check_member(group)
     p, rank = dist.get_world_size(group), dist.get_rank(group)
     if shard_lengths is None:
         mine = torch.tensor([k_local.shape[2]], device=q.device)

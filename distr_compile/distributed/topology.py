@@ -16,6 +16,13 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 
+def check_member(group: ProcessGroup | None) -> None:
+    """``dist.new_group`` gives ranks outside the group a placeholder, not a group: name the mistake
+    instead of failing later on its world size of -1."""
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"rank {dist.get_rank()} is not a member of the group passed as group=; call only on its members")
+
+
 @dataclass(frozen=True)
 class Topology:
     """Process groups to reduce over, innermost first (None is the default group)."""
@@ -64,6 +71,7 @@ class Topology:
         """Accept what users pass as ``group=``: None, a ProcessGroup, a Topology or a DeviceMesh."""
         if isinstance(group, Topology):
             return group
+        check_member(group)
         if group is None or isinstance(group, ProcessGroup):
             return Topology.flat(group)
         if hasattr(group, "get_group") and hasattr(group, "ndim"):
