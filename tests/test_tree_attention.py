@@ -192,6 +192,21 @@ def test_cache_ownership_and_lengths(policy, block):
         ShardedKVCache(0, 2, "random")
 
 
+def test_cache_rejects_appends_that_do_not_fit():
+    """Writing into the layer's storage would broadcast a smaller batch or head dim and cast a dtype."""
+    cache = ShardedKVCache(0, 2)
+    with pytest.raises(KeyError, match="nothing appended"):
+        cache.get(0)
+    _, k, v = _inputs(6, 2, 1, 2, 1, 4, 4, 6)
+    cache.append(0, k, v, torch.arange(4))
+    for k_new, v_new in ((k[:1], v[:1]), (k[..., :1], v), (k.double(), v.double()), (k, v[..., :1])):
+        with pytest.raises(ValueError, match="layer 0 caches"):
+            cache.append(0, k_new, v_new, torch.arange(4, 8))
+    with pytest.raises(ValueError, match="integer tensor"):
+        cache.append(0, k, v, torch.arange(4.0, 8.0))
+    assert cache.get(0)[2].tolist() == [0, 2]
+
+
 def test_comm_formulas():
     """Message bytes are context-independent for the tree and (p-1) shards for the ring."""
     rows, dv = 2 * 8 * 1, 128

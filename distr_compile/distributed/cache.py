@@ -28,6 +28,12 @@ def _grow(t: torch.Tensor, length: int, capacity: int, dim: int) -> torch.Tensor
     return new
 
 
+def _layout(k: torch.Tensor, v: torch.Tensor) -> str:
+    """All of k, v but their length: what every append to one layer must share."""
+    B, H, _, D = k.shape
+    return f"k (B={B}, Hkv={H}, D={D}) {k.dtype}, v Dv={v.shape[3]} {v.dtype} on {k.device}"
+
+
 @dataclass
 class _LayerShard:
     k: torch.Tensor | None = None  # (B, Hkv, capacity, D)
@@ -73,14 +79,16 @@ class ShardedKVCache:
         keep the ones this rank owns."""
         if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
             raise ValueError(f"k and v must be (B, Hkv, T, E) with equal B, Hkv, T, got {tuple(k.shape)}, {tuple(v.shape)}")
-        if pos.shape != (k.shape[2],):
-            raise ValueError(f"pos must have shape ({k.shape[2]},), got {tuple(pos.shape)}")
+        if pos.shape != (k.shape[2],) or pos.dtype.is_floating_point or pos.dtype == torch.bool:
+            raise ValueError(f"pos must be an integer tensor of shape ({k.shape[2]},), got {tuple(pos.shape)} {pos.dtype}")
         mine = (self.owner(pos) == self.rank).nonzero().flatten().to(k.device)
         shard = self._layers.setdefault(layer, _LayerShard())
         if shard.k is None:
             shard.k = k.new_empty(*k.shape[:2], 0, k.shape[3])
             shard.v = v.new_empty(*v.shape[:2], 0, v.shape[3])
             shard.pos = pos.new_empty(0, dtype=torch.int64, device=k.device)
+        elif _layout(k, v) != _layout(shard.k, shard.v):  # the slice assignment would broadcast or cast
+            raise ValueError(f"layer {layer} caches {_layout(shard.k, shard.v)}, got {_layout(k, v)}")
         new_len = shard.length + mine.numel()
         if new_len > shard.k.shape[2]:
             capacity = max(new_len, 2 * shard.k.shape[2], 16)
@@ -94,6 +102,8 @@ class ShardedKVCache:
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's shard of ``layer``: k, v (views, length Tk_local) and their positions."""
+        if layer not in self._layers:
+            raise KeyError(f"layer {layer} has nothing appended yet")
         shard = self._layers[layer]
         n = shard.length
         return shard.k[:, :, :n], shard.v[:, :, :n], shard.pos[:n]
