@@ -45,6 +45,11 @@ def tree_attention(
         counter: a :class:`CommCounter` that records the bytes communicated.
         return_lse: also return the global log-sum-exp (B, Hq, Tq), fp32 (fp64 for fp64).
 
+    Every rank must pass the same q, q_pos, scale, mode and group and shards of the same B, Hkv, D,
+    Dv and dtype. Checks run before any collective, but an error whose cause only one rank sees
+    raises there alone, and a shape that differs between ranks is a collective mismatch (see
+    docs/tree-attention.md).
+
     Returns:
         out (B, Hq, Tq, Dv) in q's dtype, identical on every rank (and lse if asked). Across more
         than one rank there is no backward: calling it raises (see combine).
