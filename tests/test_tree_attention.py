@@ -290,7 +290,7 @@ def _check_autograd(rank: int, world: int) -> None:
     """With grad on, the forward is still exact; backward raises across ranks (the collectives are
     invisible to autograd) and is plain attention's on one rank."""
     q, k, v = _inputs(30, 1, 2, 1, 2, 6, 8, 8)
-    idx = _shards(6, world, "even", 30)[rank]
+    idx = _shards(6, world, "uneven", 30)[rank]  # an empty shard: its partial does not depend on q
     ref = _reference(q, k, v)[0]
     for attend in (*(partial(tree_attention, mode=m) for m in MODES[1:]), ring_attention_decode):
         q_grad = q.clone().requires_grad_()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from .combine import combine
-from .comm import CommCounter
+from .comm import CommCounter, no_backward
 from .partial import Positions, local_partial, require_k_pos
+from .topology import Topology
 
 
 def tree_attention(
@@ -55,6 +56,12 @@ def tree_attention(
         than one rank there is no backward: calling it raises (see combine).
     """
     require_k_pos(q_pos, k_pos)
-    out, lse = local_partial(q, k_local, v_local, scale=scale, q_pos=q_pos, k_pos=k_pos, backend=backend)
-    out, lse = combine(out, lse, group, mode=mode, counter=counter)
+
+    def attend(q: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = local_partial(q, k_local, v_local, scale=scale, q_pos=q_pos, k_pos=k_pos, backend=backend)
+        return combine(out, lse, group, mode=mode, counter=counter)
+
+    # guard on the inputs, not on the partial: an empty shard's partial does not depend on q
+    single = all(p == 1 for p in Topology.of(group).sizes())
+    out, lse = attend(q, k_local, v_local) if single else no_backward(attend, q, k_local, v_local)
     return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
