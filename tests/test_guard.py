@@ -323,6 +323,25 @@ def test_calibrate_on_user_batches_keeps_the_worst_case():
             assert m["rel_fro"] >= single.sites[name].errors[g]["rel_fro"] - 1e-12
 
 
+def test_repeated_calibrations_keep_measuring():
+    """Each calibration drops the code it compiled: past Dynamo's recompile limit (8) the model
+    would run eagerly and calibration would return an empty plan."""
+    model = synthetic()
+    for _ in range(torch._dynamo.config.recompile_limit + 1):
+        plan = distr_compile.calibrate(model, [inputs()], **GUARDED)
+    assert len(plan.sites) == 4
+
+
+@pytest.mark.parametrize("batches, error, match", [
+    ([], ValueError, "at least one batch"),
+    (inputs(), TypeError, "got one Tensor: wrap it in a list"),
+    ({"x": inputs()}, TypeError, "got one dict: wrap it in a list"),
+], ids=["empty", "tensor", "dict"])
+def test_calibrate_rejects_batches_that_are_not_a_list_of_batches(batches, error, match):
+    with pytest.raises(error, match=match):
+        distr_compile.calibrate(nn.Linear(4, 4), batches, **GUARDED)
+
+
 def test_report_table_chart_and_log(eager_backend, tmp_path, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="distr_compile"):
         compiled, _ = run(synthetic(), inputs(), **GUARDED)

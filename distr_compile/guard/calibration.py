@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
+from torch._dynamo.symbolic_convert import InstructionTranslator
 
 from ..config import DistrConfig
 from ..passes import AttentionSite, SiteNames, SkippedSite, find_attention
@@ -26,7 +27,10 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     ``options`` (``approximate`` is taken as "guarded"). The decisions replace the model's stored
     ones; to compile with them, save the plan and pass ``options={"plan": path}``. With
     ``grouping="projection"`` each site's maps per candidate G are fitted on the first batch that
-    reaches it; every batch measures them, and the plan keeps the chosen G's maps.
+    reaches it; every batch measures them, and the plan keeps the chosen G's maps. ``batches`` is
+    read once (a generator will do); it must hold at least one batch. Calibration leaves no
+    compiled code behind: it drops Dynamo's entries for the code it traced, so a model of the same
+    class compiled before recompiles on its next call.
 
     With ``guard_reference="original"`` (an adapted model), ``original`` is the model before
     adaptation and the decisions come from :func:`against_original`; ``output_error(output,
@@ -38,7 +42,11 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     if (original is not None) != (config.guard_reference == "original"):
         raise ValueError("pass original=<the model before adaptation> exactly when guard_reference='original'")
     model = getattr(model, "_orig_mod", model)
+    if isinstance(batches, (torch.Tensor, dict)):
+        raise TypeError(f"batches must be an iterable of batches, got one {type(batches).__name__}: wrap it in a list")
     batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate needs at least one batch: a plan measured on none would decide nothing")
     errors: dict[str, dict[int, dict[str, float]]] = {}
     times: dict[str, dict[int, float]] = {}
     maps: dict[str, dict[int, Maps]] = {}
@@ -46,7 +54,10 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
     replay: dict[str, dict[str, DistrConfig]] = {}  # set: the traced model runs with these sites approximated
     names = SiteNames()  # every graph of the model in one namespace, as the backend names them
 
+    traced_codes: set = set()  # the code objects Dynamo compiled for us, whose cache entries we drop
+
     def measuring_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        traced_codes.add(InstructionTranslator.current_tx().f_code)
         sites, skipped = find_attention(gm.graph, names)
         calibrator = Calibrator(gm, sites, config, errors, times, maps)
         seen: list[list] = []
@@ -61,22 +72,25 @@ def calibrate(model: torch.nn.Module, batches: Iterable, original: torch.nn.Modu
         return run
 
     traced = torch.compile(model, backend=measuring_backend)
-    for batch in _progress(batches, "distr calibration"):
-        call_batch(traced, batch)
-    plan = DistrPlan(plan_config(config))
-    for calibrator, sites, skipped, example_inputs, seen in graphs:
-        for site in sites:
-            plan.sites.setdefault(site.name, decide_site(site, errors, times, config))
-        if seen:
-            end_to_end(calibrator, seen, {s.name: plan.sites[s.name] for s in sites}, config)
-    if original is not None:
-        def run_with(approx: dict[str, DistrConfig]) -> list:
-            replay["sites"] = approx
-            return [call_batch(traced, batch) for batch in batches]
+    try:
+        for batch in _progress(batches, "distr calibration"):
+            call_batch(traced, batch)
+        plan = DistrPlan(plan_config(config))
+        for calibrator, sites, skipped, example_inputs, seen in graphs:
+            for site in sites:
+                plan.sites.setdefault(site.name, decide_site(site, errors, times, config))
+            if seen:
+                end_to_end(calibrator, seen, {s.name: plan.sites[s.name] for s in sites}, config)
+        if original is not None:
+            def run_with(approx: dict[str, DistrConfig]) -> list:
+                replay["sites"] = approx
+                return [call_batch(traced, batch) for batch in batches]
 
-        references = [call_batch(getattr(original, "_orig_mod", original), batch) for batch in batches]
-        plan.output_error = against_original(run_with, references, plan.sites, config,
-                                             output_error or relative_output_error)
+            references = [call_batch(getattr(original, "_orig_mod", original), batch) for batch in batches]
+            plan.output_error = against_original(run_with, references, plan.sites, config,
+                                                 output_error or relative_output_error)
+    finally:
+        _forget(traced_codes)
     attach_maps(plan.sites, maps)
     for _, sites, skipped, example_inputs, seen in graphs:
         for s in skipped:
@@ -97,6 +111,14 @@ def call_batch(model: Callable, batch: Any) -> Any:
             return model(*batch)
         return model(batch)
 
+
+def _forget(codes: Iterable) -> None:
+    """Drop Dynamo's compiled entries of ``codes``. Each calibration compiles with a new backend,
+    which Dynamo does not match to an earlier one: kept, the entries would pile up per code
+    object until the recompile limit, after which Dynamo runs the model eagerly and calibration
+    (and a later ``torch.compile`` of the same model class) silently measures nothing."""
+    for code in codes:
+        torch._dynamo.reset_code(code)
 
 
 def _progress(items: Iterable, desc: str) -> Iterable:
