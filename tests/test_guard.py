@@ -489,6 +489,43 @@ def saved_plan(tmp_path, **group_sizes: int) -> str:
     return DistrPlan(guard.plan_config(DistrConfig()), decisions).save(str(tmp_path / "plan.json"))
 
 
+def projected_plan(seed: int) -> DistrPlan:
+    maps = tuple(torch.randn(HEADS, D, D // 2, generator=torch.Generator().manual_seed(seed)) for _ in "AB")
+    site = guard.SiteDecision("layers.0", "sdpa", "", 2, "by hand", "calibrated", grouping="projection", maps=maps)
+    return DistrPlan(guard.plan_config(DistrConfig(grouping="projection")), {"layers.0": site})
+
+
+@pytest.mark.parametrize("name, maps_file", [("plan.json", "plan.safetensors"), ("plan", "plan.safetensors"),
+                                             ("plan.g2", "plan.g2.safetensors")])
+def test_plan_maps_round_trip_beside_the_json(tmp_path, name, maps_file):
+    plan = projected_plan(0)
+    loaded = DistrPlan.load(plan.save(tmp_path / name))
+    assert (tmp_path / maps_file).exists()
+    assert loaded == plan and all(map(torch.equal, loaded.sites["layers.0"].maps, plan.sites["layers.0"].maps))
+
+
+def test_plans_with_dotted_names_keep_their_own_maps(tmp_path):
+    first, second = projected_plan(0), projected_plan(1)
+    first.save(tmp_path / "run.1")
+    second.save(tmp_path / "run.2")
+    assert torch.equal(DistrPlan.load(tmp_path / "run.1").sites["layers.0"].maps[0], first.sites["layers.0"].maps[0])
+
+
+def test_a_plan_resaved_without_maps_removes_them(tmp_path):
+    path = projected_plan(0).save(tmp_path / "plan.json")
+    saved_plan(tmp_path, **{"layers.0": 2})
+    assert not (tmp_path / "plan.safetensors").exists()
+    assert DistrPlan.load(path).sites["layers.0"].maps is None
+
+
+def test_maps_of_another_save_are_an_error(tmp_path):
+    projected_plan(0).save(tmp_path / "a.json")
+    projected_plan(1).save(tmp_path / "b.json")
+    (tmp_path / "b.safetensors").replace(tmp_path / "a.safetensors")
+    with pytest.raises(ConfigError, match="holds the maps of another save than plan"):
+        DistrPlan.load(tmp_path / "a.json")
+
+
 def test_plan_of_another_model_is_an_error(eager_backend, tmp_path):
     path = saved_plan(tmp_path, **{"layers.0": 2, "layers.1": 1})
     with pytest.raises(Exception, match=r"plan does not fit this model.*'layers.0'.*<root>"):

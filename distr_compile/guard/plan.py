@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -75,12 +77,18 @@ class DistrPlan:
     skipped: dict[str, SkippedSite] = field(default_factory=dict)
     output_error: float | None = None
 
-    def save(self, path: str) -> str:
+    def save(self, path: str | os.PathLike) -> str:
         """Write the plan as JSON and, if a site has projection maps, the maps as safetensors at
-        :func:`maps_path` (keys ``"<site>.A"``, ``"<site>.B"``); returns ``path`` (handy for
+        :func:`maps_path` (keys ``"<site>.A"``, ``"<site>.B"``), tagged with an id the JSON records
+        so that :meth:`load` never pairs a plan with another save's maps; a plan without maps
+        removes a maps file left there by an earlier save. Returns ``path`` (handy for
         ``options={"plan": ...}``)."""
         from safetensors.torch import save_file
 
+        path = os.fspath(path)
+        maps = {f"{d.name}.{key}": m.detach().float().cpu().contiguous()
+                for d in self.sites.values() if d.maps is not None for key, m in zip("AB", d.maps)}
+        maps_id = uuid.uuid4().hex if maps else None
         data = {
             "version": PLAN_VERSION,
             "config": self.config,
@@ -88,19 +96,21 @@ class DistrPlan:
             "skipped": [{"name": s.name, "pattern": s.pattern, "reason": s.reason, "fault": s.fault}
                         for s in self.skipped.values()],
             "output_error": self.output_error,
+            "maps_id": maps_id,
         }
         with open(path, "w") as f:
             json.dump(data, f, indent=2)
-        maps = {f"{d.name}.{key}": m.detach().float().cpu().contiguous()
-                for d in self.sites.values() if d.maps is not None for key, m in zip("AB", d.maps)}
         if maps:
-            save_file(maps, maps_path(path))
+            save_file(maps, maps_path(path), metadata={"maps_id": maps_id})
+        else:
+            Path(maps_path(path)).unlink(missing_ok=True)
         return path
 
     @classmethod
-    def load(cls, path: str) -> "DistrPlan":
+    def load(cls, path: str | os.PathLike) -> "DistrPlan":
         """Read a plan written by :meth:`save`, with the maps of its projection sites. A file that is
         not such a plan is a :class:`ConfigError` naming the file and what is wrong with it."""
+        path = os.fspath(path)
         with open(path) as f:
             try:
                 data = json.load(f)
@@ -122,7 +132,7 @@ class DistrPlan:
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ConfigError(f"{path}: a malformed plan ({type(e).__name__}: {e}); save plans with "
                               "DistrPlan.save") from None
-        _load_maps(path, [d for d in sites.values() if d.projected])
+        _load_maps(path, [d for d in sites.values() if d.projected], data.get("maps_id"))
         return plan
 
     def decisions_for(self, sites: list[AttentionSite]) -> dict[str, SiteDecision]:
@@ -196,8 +206,11 @@ SITE_CHECKS: tuple[Callable[[AttentionSite, SiteDecision], str | None], ...] = (
 
 
 def maps_path(path: str) -> str:
-    """Where the projection maps of the plan saved at ``path`` live: beside it, ``.safetensors``."""
-    return str(Path(path).with_suffix(".safetensors"))
+    """Where the projection maps of the plan saved at ``path`` live: beside it, ``.json`` replaced
+    by ``.safetensors`` (appended to another name: plans ``run.1`` and ``run.2`` must not share
+    ``run.safetensors``)."""
+    file = Path(path)
+    return str(file.with_suffix(".safetensors") if file.suffix == ".json" else file.with_name(file.name + ".safetensors"))
 
 
 def _as_json(d: SiteDecision) -> dict[str, Any]:
@@ -206,10 +219,12 @@ def _as_json(d: SiteDecision) -> dict[str, Any]:
     return data | {"errors": {str(g): m for g, m in d.errors.items()}, "times": {str(g): t for g, t in d.times.items()}}
 
 
-def _load_maps(path: str, projected: list[SiteDecision]) -> None:
-    """Set the maps of the ``projected`` decisions of the plan at ``path`` from its safetensors file."""
+def _load_maps(path: str, projected: list[SiteDecision], maps_id: str | None) -> None:
+    """Set the maps of the ``projected`` decisions of the plan at ``path`` from its safetensors file,
+    which must carry the plan's ``maps_id`` (plans saved before it was recorded have none)."""
     if not projected:
         return
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     file = maps_path(path)
@@ -217,6 +232,12 @@ def _load_maps(path: str, projected: list[SiteDecision]) -> None:
     if not Path(file).exists():
         raise ConfigError(f"{path}: sites {names} use grouping='projection' but their maps file {file} is missing "
                           "(DistrPlan.save writes it beside the plan's JSON)")
+    if maps_id is not None:
+        with safe_open(file, "pt") as f:
+            found = (f.metadata() or {}).get("maps_id")
+        if found != maps_id:
+            raise ConfigError(f"{file} holds the maps of another save than plan {path} (maps id {found!r}, the plan's "
+                              f"{maps_id!r}): save the plan and its maps together with DistrPlan.save")
     tensors = load_file(file)
     missing = [f"{name}.{key}" for name in names for key in "AB" if f"{name}.{key}" not in tensors]
     if missing:
