@@ -156,9 +156,15 @@ def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be (B, H, L, d), got shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share the batch and head dim, got shapes {tuple(q.shape)} and {tuple(k.shape)}")
     d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
-    if d % group_size or hq % hkv:
-        raise ValueError(f"head dim {d} must be divisible by G={group_size}, and {hq} query heads by {hkv} KV heads")
+    if not isinstance(group_size, int) or group_size < 1 or d % group_size or hq % hkv:
+        raise ValueError(f"head dim {d} must be divisible by G={group_size!r} (a positive int), and {hq} query heads "
+                         f"by {hkv} KV heads")
+    q, k = q.detach(), k.detach()  # activations captured with autograd on: the fit differentiates its own leaves
+    if not (q.isfinite().all() and k.isfinite().all()):
+        raise ValueError("q and k must be finite")
     rank, ratio, dtype = d // group_size, hq // hkv, torch.promote_types(q.dtype, torch.float32)
     scale = d ** -0.5 if scale is None else scale
     bias = mask_bias(q.shape[2], k.shape[2], is_causal=is_causal, attn_mask=attn_mask, dtype=torch.float64, device=q.device)
@@ -178,6 +184,8 @@ def fit_projection(q: torch.Tensor, k: torch.Tensor, group_size: int, *, method:
         a = a if shared_query_map else query_maps(ck, b.repeat_interleave(ratio, dim=0))
     if method == "kl":
         a, b = refine_kl(*(x.to(dtype) for x in (q, k, probs, bias)), scale, a.to(dtype), b.to(dtype), steps)
+    if not (a.isfinite().all() and b.isfinite().all()):
+        raise ValueError("the fit is degenerate: q or k carries no signal, or the masks hide every key")
     return a.repeat_interleave(hq // a.shape[0], dim=0).float(), b.float()
 
 

@@ -386,3 +386,25 @@ def test_calibrate_projection_end_to_end_keeps_the_maps_of_the_final_group_size(
         for x in batches:
             q, k, v = model.qkv_heads(x)
             assert rel_err(projected_attention(q, k, v, *d.maps, is_causal=True), sdpa(q, k, v, is_causal=True)) <= 0.19
+
+
+Q, K = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+
+
+@pytest.mark.parametrize("q, k, g, kwargs, match", [
+    (Q, K, 0, {}, "divisible by G=0"),
+    (Q, K, -2, {}, "divisible by G=-2"),
+    (Q, K, 2.0, {}, "divisible by G=2.0"),
+    (Q, K[..., :8], 2, {}, "share the batch and head dim"),
+    (Q, K.expand(2, -1, -1, -1), 2, {}, "share the batch and head dim"),
+    (Q.clone().fill_(float("nan")), K, 2, {}, "must be finite"),
+    (Q, K, 2, {"attn_mask": torch.zeros(8, 8, dtype=torch.bool)}, "degenerate"),
+], ids=["g0", "g-negative", "g-float", "head-dim", "batch", "nan", "all-masked"])
+def test_fit_projection_rejects_bad_inputs(q, k, g, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fit_projection(q, k, g, steps=2, **kwargs)
+
+
+def test_fit_projection_takes_activations_that_require_grad():
+    a, b = fit_projection(Q.clone().requires_grad_(), K, 2, steps=2)
+    assert not a.requires_grad and a.shape == (4, 16, 8) and b.shape == (2, 16, 8)
