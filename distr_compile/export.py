@@ -241,13 +241,15 @@ def _dynamic_shapes(program: ExportedProgram, module: fx.GraphModule) -> dict[st
     program's range; a dimension that is an expression of symbols is ``Dim.AUTO``."""
     dims: dict[sympy.Symbol, Any] = {}
     specs = []
-    user_inputs = set(program.graph_signature.user_inputs)
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            val = node.meta.get("val")
-            shape = val.shape if isinstance(val, torch.Tensor) else ()
-            spec = {i: _dim(s, program, dims) for i, s in enumerate(shape) if isinstance(s, torch.SymInt)}
-            specs.append(spec or None)
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    # Every user input is a leaf of in_spec, constants too (a float kwarg has no placeholder).
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT:
+            continue
+        node = placeholders.get(getattr(spec.arg, "name", None))
+        val = node.meta.get("val") if node is not None else None
+        shape = val.shape if isinstance(val, torch.Tensor) else ()
+        specs.append({i: _dim(s, program, dims) for i, s in enumerate(shape) if isinstance(s, torch.SymInt)} or None)
     spec_args, spec_kwargs = pytree.tree_unflatten(specs, program.call_spec.in_spec)
     names = module.graph._codegen.pytree_info.orig_args
     return {**dict(zip(names, spec_args)), **spec_kwargs}

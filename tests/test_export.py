@@ -191,6 +191,20 @@ def test_dynamic_shapes_stay_dynamic(lengths):
     torch.testing.assert_close(program.module()(other), expected, atol=1e-5, rtol=1e-5)
 
 
+class Scaled(nn.Module):
+    def forward(self, x, *, scale=1.0):
+        return F.scaled_dot_product_attention(x, x, x) * scale
+
+
+def test_non_tensor_keyword_inputs_export():
+    x = torch.randn(1, 2, 8, 16)
+    program = export(Scaled(), (x,), {"scale": 2.0}, config=FORCED)
+    assert len(op_nodes(program)) == 1
+    with sdpa_as_distr(FORCED):
+        expected = Scaled()(x, scale=2.0)
+    torch.testing.assert_close(program.module()(x, scale=2.0), expected)
+
+
 def test_run_decompositions_keeps_the_op():
     program = export(llama(), (ids(),), config=FORCED)
     decomposed = program.run_decompositions()
