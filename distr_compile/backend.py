@@ -95,8 +95,10 @@ def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig
             warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=2)
         else:
             compiled = _Monitor(fx.GraphModule(gm, original), sites, decisions, config, patches, compiled)
-    projected = [name for name, d in decisions.items() if d.projected]
-    return _FittedParameters(compiled, example_inputs, projected) if projected else compiled
+    fitted = _FittedParameters.sites_of(decisions)
+    if not fitted:
+        return compiled
+    return _FittedParameters(compiled, example_inputs, fitted, any(d.projected for d in decisions.values()))
 
 
 class BackendFault(Exception):
@@ -220,29 +222,41 @@ def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[
 
 
 class _FittedParameters:
-    """A compiled graph whose projection maps were fitted with the parameters it was compiled with.
-    Warns once when it is called with other parameters: regional compilation
-    (``layer.compile()`` on each of a model's identical layers) reuses one graph for every layer,
-    so the first layer's maps would serve all of them.
+    """A compiled graph whose approximations were fitted to the parameters it was compiled with:
+    decisions the guard calibrated on them, and projection maps. Warns once when it is called with
+    other parameters. Dynamo reuses a graph for every module that runs the same code under equal
+    compile options (it compares backends by value): the identical layers of regional compilation
+    (``layer.compile()`` on each), a second model of the same class compiled on its own, or
+    ``torch.func.functional_call`` with other weights. The first parameters' decisions and maps
+    would then serve the others, unmeasured.
 
     Like every wrapper here it is called as Dynamo calls what a backend returns: with the graph's
     inputs as positional arguments. (Inductor's callable says ``_boxed_call`` all the same: AOT
     autograd's unboxed wrapper copies the attribute from the boxed function it wraps.)"""
 
-    def __init__(self, compiled: Callable, example_inputs: list, sites: list[str]):
-        self.compiled, self.sites = compiled, sites
+    def __init__(self, compiled: Callable, example_inputs: list, sites: list[str], projected: bool):
+        self.compiled, self.sites, self.projected = compiled, sites, projected
         self.parameters = {i: x.data_ptr() for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)}
         self.warned = False
+
+    @staticmethod
+    def sites_of(decisions: Mapping[str, SiteDecision]) -> list[str]:
+        """The sites whose approximation was fitted to the parameters: calibrated or projected."""
+        return [name for name, d in decisions.items()
+                if d.projected or (d.approximated and d.source in ("calibrated", "end-to-end"))]
 
     def __call__(self, *args: Any) -> Any:
         if not self.warned and any(args[i].data_ptr() != ptr for i, ptr in self.parameters.items()):
             self.warned = True
+            fitted = "the guard's decisions and projection maps" if self.projected else "the guard's decisions"
             warnings.warn(
-                f"distr: the projection maps of {', '.join(self.sites)} were fitted with the parameters this graph was "
-                "compiled with, and it now runs with other parameters (a graph reused across modules, as regional "
-                "compilation does for identical layers): those maps do not fit them. Compile the whole model, use "
-                "a grouping without maps, or, for a transformers model, keep each layer's maps on its attention module "
-                "(distr_compile.configure(model, config, calibration=batches)) and compile the layers with Inductor.",
+                f"distr: {fitted} of {', '.join(self.sites)} were fitted with the parameters this graph was compiled "
+                "with, and it now runs with other parameters (Dynamo reuses a graph for modules that run the same "
+                "code under equal options: regional compilation of identical layers, another model of the same "
+                "class, functional_call): they were not measured on these. Compile the whole model, give each "
+                "model its own plan (options={'plan': path}), or, for a transformers model with projection maps, "
+                "keep each layer's maps on its attention module (distr_compile.configure(model, config, "
+                "calibration=batches)) and compile the layers with Inductor.",
                 stacklevel=2)
         return self.compiled(*args)
 

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -262,6 +263,37 @@ def test_recompile_reuses_decisions(eager_backend, monkeypatch):
     assert len(eager_backend) == 2, "the second length must recompile"
     assert len(calls) == 1
     assert len(op_nodes(eager_backend)) == 2
+
+
+GUARDED_LOOSE = {"approximate": "guarded", "tolerance": 10.0, "block_m": 16, "min_speedup": 0}
+
+
+def compiled_separately(model, x):
+    return torch.compile(model, backend="distr", options=GUARDED_LOOSE)(x)
+
+
+def called_with_its_weights(model, x, first):
+    return torch.func.functional_call(first, dict(model.named_parameters()), (x,))
+
+
+@pytest.mark.parametrize("run_other", [compiled_separately, called_with_its_weights], ids=lambda f: f.__name__)
+def test_a_calibrated_graph_reused_for_other_parameters_warns(eager_backend, run_other):
+    """Dynamo compares backends by value, so a second model of the same class compiled with equal
+    options (or the first one's compiled module called with the second's weights) runs the graph
+    calibrated on the first model's weights: the backend is not called again, and says so."""
+    torch.manual_seed(0)
+    first, other = NanoGPTCausalSelfAttention().eval(), NanoGPTCausalSelfAttention().eval()
+    compiled = torch.compile(first, backend="distr", options=GUARDED_LOOSE)
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fitted with the parameters")
+        compiled(x)
+        compiled(x)
+    with torch.no_grad(), pytest.warns(UserWarning, match="the guard's decisions of <root> were fitted with the param"):
+        args = (other, x) if run_other is compiled_separately else (other, x, compiled)
+        run_other(*args)
+    assert len(eager_backend) == 1, "the graph is reused, not recompiled"
+    assert len(op_nodes(eager_backend)) == 1
 
 
 def test_training_backward_through_the_op(eager_backend):
