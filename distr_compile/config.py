@@ -124,11 +124,11 @@ class DistrConfig:
         _check_choice("representative", self.representative, REPRESENTATIVES)
         _check_choice("grouping", self.grouping, GROUPINGS)
         if not isinstance(self.num_hyperplanes, int) or not 1 <= self.num_hyperplanes <= MAX_HYPERPLANES:
-            raise ValueError(
+            raise ConfigError(
                 f"num_hyperplanes must be an int in [1, {MAX_HYPERPLANES}], got {self.num_hyperplanes!r}"
             )
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
         _check_choice("approximate", self.approximate, APPROXIMATE)
         _check_choice("metric", self.metric, METRICS)
         for name in ("tolerance", "output_tolerance", "min_speedup"):
@@ -136,24 +136,24 @@ class DistrConfig:
             if value is None and name == "output_tolerance":
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         _check_choice("guard_reference", self.guard_reference, GUARD_REFERENCES)
         if self.guard_reference == "original" and self.output_tolerance is None:
-            raise ValueError("guard_reference='original' needs output_tolerance (how far the model's outputs "
-                             "may be from the original model's)")
+            raise ConfigError("guard_reference='original' needs output_tolerance (how far the model's outputs "
+                              "may be from the original model's)")
         if not isinstance(self.candidate_group_sizes, (list, tuple)):
-            raise ValueError(f"candidate_group_sizes must be a list of G values, got {self.candidate_group_sizes!r}")
+            raise ConfigError(f"candidate_group_sizes must be a list of G values, got {self.candidate_group_sizes!r}")
         object.__setattr__(self, "candidate_group_sizes", tuple(self.candidate_group_sizes))
         for g in self.candidate_group_sizes:
             _check_choice("candidate_group_sizes entry", g, GROUP_SIZES)
         if not isinstance(self.monitor_every, int) or isinstance(self.monitor_every, bool) or self.monitor_every < 0:
-            raise ValueError(f"monitor_every must be a non-negative int, got {self.monitor_every!r}")
+            raise ConfigError(f"monitor_every must be a non-negative int, got {self.monitor_every!r}")
         if self.mode is not None:
             _check_choice("mode", self.mode, MODES)
         if self.plan is not None and not isinstance(self.plan, str):
-            raise TypeError(f"plan must be a path (str), got {type(self.plan).__name__}")
+            raise ConfigError(f"plan must be a path (str), got {type(self.plan).__name__}")
         if self.plan == "":
-            raise ValueError("plan must be the path of a saved plan, got an empty string")
+            raise ConfigError("plan must be the path of a saved plan, got an empty string")
 
     @property
     def candidates(self) -> tuple[int, ...]:
@@ -194,4 +194,4 @@ class DistrConfig:
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     """``value`` is one of ``choices`` and of their type (``2.0`` is not the G value ``2``)."""
     if value not in choices or type(value) not in {type(c) for c in choices}:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import distr_compile
 import distr_compile.backend as backend
 from distr_compile import DistrConfig
+from distr_compile.config import ConfigError
 from distr_compile.passes import SITE_META
 
 from test_passes import op_nodes, tiny_hf_llama
@@ -47,10 +48,18 @@ def test_entry_point_needs_no_import():
     assert "distr" in torch._dynamo.list_backends(exclude_tags=())
 
 
-def test_unknown_option_lists_valid_ones():
-    f = torch.compile(lambda x: x + 1, backend="distr", options={"group_sise": 2})
-    with pytest.raises(Exception, match=r"unknown DistrConfig option\(s\) \['group_sise'\].*group_size"):
+@pytest.mark.parametrize("options, message", [
+    ({"group_sise": 2}, r"unknown DistrConfig option\(s\) \['group_sise'\].*group_size"),
+    ({"group_size": 3}, r"group_size must be one of \[1, 2, 4, 8\], got 3"),
+    ({"tolerance": -1}, "tolerance must be a non-negative number"),
+    ({"plan": 1}, r"plan must be a path \(str\)"),
+])
+def test_bad_options_raise_a_config_error(options, message):
+    """Options are the user's to fix: a ConfigError naming the problem, whatever the option."""
+    f = torch.compile(lambda x: x + 1, backend="distr", options=options)
+    with pytest.raises(Exception, match=message) as caught:
         f(torch.randn(3))
+    assert isinstance(caught.value.inner_exception, ConfigError)
 
 
 def test_no_attention_compiles_like_inductor():
