@@ -236,7 +236,10 @@ class _FittedParameters:
 
     def __init__(self, compiled: Callable, example_inputs: list, sites: list[str], projected: bool):
         self.compiled, self.sites, self.projected = compiled, sites, projected
-        self.parameters = {i: x.data_ptr() for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)}
+        # One parameter tells modules apart (another layer or model owns other storage): checking
+        # it alone keeps the per-call cost constant, whatever the model's size.
+        self.parameter = next(((i, x.data_ptr()) for i, x in enumerate(example_inputs)
+                               if isinstance(x, torch.nn.Parameter)), None)
         self.warned = False
 
     @staticmethod
@@ -246,7 +249,7 @@ class _FittedParameters:
                 if d.projected or (d.approximated and d.source in ("calibrated", "end-to-end"))]
 
     def __call__(self, *args: Any) -> Any:
-        if not self.warned and any(args[i].data_ptr() != ptr for i, ptr in self.parameters.items()):
+        if not self.warned and self.parameter is not None and args[self.parameter[0]].data_ptr() != self.parameter[1]:
             self.warned = True
             fitted = "the guard's decisions and projection maps" if self.projected else "the guard's decisions"
             warnings.warn(
