@@ -12,7 +12,9 @@ fake implementation. Dispatch, decided per call from the tensors:
   Q/K head dim of d/G and a V head dim of d; its backward maps dq', dk' back through A and B.
   Exact attention (G = 1, and the static path's) runs on cuDNN's fused attention where PyTorch's
   cuDNN backend takes the inputs (no mask; :func:`cudnn_applies`), on our Triton kernel otherwise.
-  Other groupings (LSH, random) run the grouping kernel and the grouped forward, block by block;
+  Other groupings (LSH, random) run the grouping kernel and the grouped forward, block by block.
+  An eager call of ``distr_attention`` on the static path that cuDNN takes skips the op: q', k'
+  and cuDNN's attention run as plain autograd ops (same kernels, far less host time);
 * everything else (CPU, float32/float64 anywhere, other head dims): the PyTorch reference.
   float32 on CUDA takes the reference on purpose: the kernel would run the dots in tf32.
 
@@ -400,6 +402,34 @@ for _device_type in AUTOCAST_DEVICES:
     _register_autocast(_device_type)
 
 
+def _eager_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                  is_causal: bool, scale: float | None, enable_gqa: bool, config: DistrConfig,
+                  projected: bool) -> torch.Tensor | None:
+    """The static path of an eager call where cuDNN takes the mapped inputs: q' = q A, k' = k B
+    (``projected``: q, k are q', k' already) and cuDNN's fused attention as plain autograd ops.
+    The same kernels as the op, but the backward runs in C++ (cuDNN's and two matrix products)
+    without the op's Python dispatch and recomputed q', k': an uncompiled model, bound by host
+    time at small sizes, pays about what SDPA costs. None where this does not apply (tracing,
+    a mask, broadcast batch dims, a grouping that is not static...): the op runs then."""
+    if (attn_mask is not None or torch.compiler.is_compiling()
+            or not all(type(t) is torch.Tensor for t in (q, k, v))
+            or not q.dim() == k.dim() == v.dim() == 4 or not q.shape[0] == k.shape[0] == v.shape[0]):
+        return None
+    if not projected:
+        if not uses_kernel(q, v, config):
+            return None
+        canonicalize(q, k, v, None, 0.0, is_causal, scale, enable_gqa, config.group_size)  # its errors
+        with torch.no_grad():  # the maps are held fixed, as in the op's backward
+            a, b = static_maps(q, k, config)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale  # of the original head dim
+        q, k = q @ a, k @ b
+    if not cudnn_applies(q, k, v, None, is_causal):
+        return None
+    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # its backward reads the lse
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, with_grad, 0.0, is_causal, False, scale=scale)[0]
+
+
 def distr_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -452,6 +482,10 @@ def distr_attention(
     # Projected q, k have a smaller head dim than v: SDPA's flash kernel refuses that, the op's exact
     # path takes it (cuDNN or our kernel; as in a compiled graph, where the backend emits the op at G=1).
     projected_on_kernel = maps is not None and dropout_p == 0.0 and uses_kernel(q, v, config)
+    if projected_on_kernel or (maps is None and dropout_p == 0.0 and is_static(config)):
+        out = _eager_static(q, k, v, attn_mask, is_causal, scale, enable_gqa, config, projected=maps is not None)
+        if out is not None:
+            return out
     if config.exact and not projected_on_kernel:
         canonicalize(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 1)
         return F.scaled_dot_product_attention(

@@ -165,6 +165,80 @@ def test_backward_op_opcheck_gpu(grouping, cudnn):
         torch.library.opcheck(torch.ops.distr.attention_backward.default, args, test_utils=checks)
 
 
+# ---- eager calls: the static path as plain autograd ops where cuDNN takes it -------------------
+
+
+@pytest.mark.parametrize("projection, representative", [(False, "mean"), (False, "lstsq"), (True, "mean")],
+                         ids=["fixed-mean", "fixed-lstsq", "projection"])
+def test_eager_static_path_runs_autograd_ops_not_the_op(monkeypatch, projection, representative):
+    """An eager call whose mapped inputs cuDNN takes (forced here, with SDPA standing in for
+    cuDNN's kernel) runs q A, k B and the attention as autograd ops: cuDNN's op gets q', k' of head
+    dim d/G at the original head dim's scale, with the lse only when a gradient is needed, and
+    output and gradients equal the op's (whose maps stay fixed in the backward)."""
+    from distr_compile.projection import fit_projection
+
+    q, k, v = make_inputs(2, 4, 2, 24, 24, 32, torch.float32)
+    config = DistrConfig(group_size=2, grouping="projection" if projection else "fixed", representative=representative)
+    maps = fit_projection(q, k, 2, method="weighted", is_causal=True) if projection else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = distr_attention(*leaves, is_causal=True, enable_gqa=True, config=config, maps=maps)
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves, grad)
+
+    calls = []
+
+    def cudnn(q, k, v, bias, with_lse, dropout_p, is_causal, debug, scale):
+        calls.append((q.shape[-1], with_lse, scale))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                                                enable_gqa=True)
+        return out, None
+
+    monkeypatch.setattr(ops, "uses_kernel", lambda q, v, config: True)
+    monkeypatch.setattr(ops, "cudnn_applies", lambda *args: True)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", cudnn)
+    monkeypatch.setattr(torch.ops.distr, "attention", None)  # the op must not run
+    got = distr_attention(*leaves, is_causal=True, enable_gqa=True, config=config, maps=maps)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, leaves, grad), want_grads):
+        torch.testing.assert_close(g, w)
+    with torch.no_grad():
+        distr_attention(*leaves, is_causal=True, enable_gqa=True, config=config, maps=maps)
+    assert calls == [(16, True, 1 / math.sqrt(32)), (16, False, 1 / math.sqrt(32))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("projection", [False, True], ids=["fixed", "projection"])
+def test_eager_static_path_gpu(causal, projection):
+    """On CUDA an eager call of the static path runs cuDNN's attention under its own autograd
+    (no Python op in the backward), with the output transposed and made contiguous as Hugging
+    Face does (so the incoming gradient's layout is not the output's), and agrees with the op."""
+    from distr_compile.projection import fit_projection
+
+    q, k, v = make_inputs(2, 8, 2, 300, 300, 64, torch.bfloat16)
+    config = DistrConfig(group_size=2, grouping="projection" if projection else "fixed")
+    maps = fit_projection(q.float(), k.float(), 2, method="weighted", is_causal=causal) if projection else None
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = distr_attention(*leaves, is_causal=causal, enable_gqa=True, config=config, maps=maps)
+    assert "Cudnn" in type(out.grad_fn).__name__
+    grad = torch.randn(2, 300, 8, 64, device="cuda", dtype=torch.bfloat16)
+    got = torch.autograd.grad(out.transpose(1, 2).contiguous(), leaves, grad)
+
+    op_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    if projection:
+        from distr_compile.projection import project
+
+        qp, kp = project(*op_leaves[:2], *maps)
+        want = torch.ops.distr.attention(qp, kp, op_leaves[2], None, causal, 64 ** -0.5, True, 1, 64, 16, "mean",
+                                         "lsh", 0)[0]
+    else:
+        want = torch.ops.distr.attention(*op_leaves, None, causal, None, True, 2, 64, 16, "mean", "fixed", 0)[0]
+    want_grads = torch.autograd.grad(want, op_leaves, grad.transpose(1, 2))
+    assert rel_err(out, want) < 1e-2
+    for name, g, w in zip("qkv", got, want_grads):
+        assert rel_err(g, w) < 1e-2, f"d{name}: relative error {rel_err(g, w):.2e}"
+
+
 # ---- grouping="projection": calibrated maps through the public op -------------------------------
 
 
