@@ -426,8 +426,12 @@ def _eager_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     if not cudnn_applies(q, k, v, None, is_causal):
         return None
     with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # its backward reads the lse
-    return torch.ops.aten._scaled_dot_product_cudnn_attention(
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, with_grad, 0.0, is_causal, False, scale=scale)[0]
+    if with_grad:  # cuDNN's backward reads the incoming gradient in the output's layout (wrong dq otherwise)
+        shape, strides = out.shape, out.stride()
+        out.register_hook(lambda g: g if g.stride() == strides else g.new_empty_strided(shape, strides).copy_(g))
+    return out
 
 
 def distr_attention(
