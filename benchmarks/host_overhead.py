@@ -59,9 +59,9 @@ def cases(batch: int, hq: int, hkv: int, length: int, dim: int) -> dict[str, Cal
     def launch() -> None:
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         kernels._distr_fwd_kernel[grid](
-            qd, kd, vd, qd, qd, qd, out, lse, *qd.stride(), *kd.stride(), *vd.stride(), 0, 0, 0, 0, *out.stride(),
+            qd, kd, vd, qd, qd, qd, out, lse, qd, kd, vd, out, *qd.stride(), *kd.stride(), *vd.stride(), 0, 0, 0, 0, *out.stride(),
             hq, hq // hkv, length, length, grid[0], 0.18, triton.next_power_of_2(length),
-            BLOCK_M=64, D=dim, DV=dim, G=1, IS_CAUSAL=True, MASK_KIND=kernels.MASK_NONE, num_warps=config.num_warps,
+            BLOCK_M=64, D=dim, DV=dim, G=1, IS_CAUSAL=True, MASK_KIND=kernels.MASK_NONE, TMA=False, num_warps=config.num_warps,
             num_stages=config.num_stages, **config.kwargs)
 
     def sdpa() -> torch.Tensor:
