@@ -72,16 +72,17 @@ def distr_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping[
     except BackendFault as fault:
         _record(fault, gm, example_inputs, config)
         _restore(gm, original)
-        with _timed(INDUCTOR):
-            return compile_fx(gm, example_inputs, config_patches=patches)
+        return _inductor(gm, example_inputs, patches)
 
 
 def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig, plan: DistrPlan | None,
                    patches: dict, original: fx.Graph) -> Callable:
     """The backend's work on one graph: find the sites, decide each (:func:`decide_graph`), rewrite
-    and compile (:func:`_compile`), monitor the approximated sites at run time if asked
-    (``original``: an untouched copy of the graph, for the monitor). A failing stage
-    (:func:`_stage`) raises :class:`BackendFault`."""
+    and compile (:func:`_compile`); monitor the approximated sites at run time if asked
+    (:class:`_Monitor`), and run exact attention at the sites fitted to the graph's parameters when
+    it is called with others (:class:`_FittedParameters`). Both compile the graph again from
+    ``original``, an untouched copy of it. A failing stage (:func:`_stage`) raises
+    :class:`BackendFault`."""
     with _stage("matching"):
         sites, skipped = find_attention(gm.graph, site_names())
     for s in skipped:
@@ -90,15 +91,17 @@ def _distr_compile(gm: fx.GraphModule, example_inputs: list, config: DistrConfig
     with _stage("calibration", sites):
         decisions = decide_graph(gm, example_inputs, sites, config, plan)
     compiled = _compile(gm, sites, decisions, example_inputs, config, patches)
-    if config.monitor_every and any(d.approximated for d in decisions.values()):
-        if patches.get("triton.cudagraphs") or torch._inductor.config.triton.cudagraphs:
-            warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=2)
-        else:
-            compiled = _Monitor(fx.GraphModule(gm, original), sites, decisions, config, patches, compiled)
-    fitted = _FittedParameters.sites_of(decisions)
-    if not fitted:
+    monitored = _monitored(decisions, config, patches)
+    parameter = _first_parameter(example_inputs)  # without one, callers cannot be told apart
+    fitted = _FittedParameters.sites_of(decisions) if parameter is not None else []
+    if not monitored and not fitted:
         return compiled
-    return _FittedParameters(compiled, example_inputs, fitted, any(d.projected for d in decisions.values()))
+    recompiler = _Recompiler(_dynamo_copy(gm, original), sites, config, patches)
+    if monitored:
+        compiled = _Monitor(recompiler, decisions, compiled)
+    if fitted:
+        compiled = _FittedParameters(compiled, recompiler, decisions, fitted, parameter)
+    return compiled
 
 
 class BackendFault(Exception):
@@ -165,13 +168,31 @@ def _record(fault: BackendFault, gm: fx.GraphModule, example_inputs: list, confi
 def _restore(gm: fx.GraphModule, original: fx.Graph) -> None:
     """Put the untouched copy ``original`` back as ``gm``'s graph. Dynamo gives placeholders their
     source as a node attribute, not in meta, and AOTAutograd reads it; a graph copy drops it, so it
-    moves over (the passes never add or remove placeholders). The projection maps the rewrite
-    registered go too."""
-    for old, new in zip(gm.graph.find_nodes(op="placeholder"), original.find_nodes(op="placeholder")):
-        if hasattr(old, "_dynamo_source"):
-            new._dynamo_source = old._dynamo_source
+    moves over (:func:`_keep_dynamo_sources`). The projection maps the rewrite registered go too."""
+    _keep_dynamo_sources(gm.graph, original)
     gm.graph = original
     drop_maps(gm)
+
+
+def _keep_dynamo_sources(graph: fx.Graph, copied: fx.Graph) -> None:
+    """Give the placeholders of ``copied``, a copy of ``graph``, the sources Dynamo gave those of
+    ``graph`` (the passes never add or remove placeholders, so they pair up in order)."""
+    for old, new in zip(graph.find_nodes(op="placeholder"), copied.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+
+
+def _dynamo_copy(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A module of ``gm``'s attributes running ``graph`` (a copy of ``gm``'s graph, which it takes),
+    with the Dynamo metadata AOTAutograd reads from ``gm``: the module's meta, its parameters'
+    sources and the placeholders'. With them Inductor compiles the copy as a Dynamo graph, whose
+    parameters are static inputs under CUDA graphs (not copied into the graph's memory each call)."""
+    copied = fx.GraphModule(gm, graph)
+    copied.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copied._param_name_to_source = dict(gm._param_name_to_source)  # its own: register_maps adds to it
+    _keep_dynamo_sources(gm.graph, graph)
+    return copied
 
 
 def _inductor_patches(mode: str | None) -> dict:
@@ -217,30 +238,88 @@ def _compile(gm: fx.GraphModule, sites: list[AttentionSite], decisions: Mapping[
         gm.recompile()
     # Inductor failing on a graph we did not change is Inductor's error, as with backend="inductor".
     changed = _as_fault("Inductor on the rewritten graph", sites) if configs or folded else contextlib.nullcontext()
-    with _timed(INDUCTOR), changed:
+    with changed:
+        return _inductor(gm, example_inputs, patches)
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: list, patches: dict) -> Callable:
+    """Compile ``gm`` with Inductor, timed as its stage (:data:`INDUCTOR`)."""
+    with _timed(INDUCTOR):
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _monitored(decisions: Mapping[str, SiteDecision], config: DistrConfig, patches: dict) -> bool:
+    """Whether the runtime monitor watches this graph: asked for, with a site approximated, and not
+    under CUDA graphs (where it is off, with a warning)."""
+    if not config.monitor_every or not any(d.approximated for d in decisions.values()):
+        return False
+    if patches.get("triton.cudagraphs") or torch._inductor.config.triton.cudagraphs:
+        warnings.warn("distr: the runtime monitor (monitor_every) is disabled under CUDA graphs", stacklevel=3)
+        return False
+    return True
+
+
+def _first_parameter(example_inputs: list) -> tuple[int, int] | None:
+    """The position and ``data_ptr`` of the graph's first parameter input, or None without one.
+    One parameter tells modules apart (another layer or model owns other storage): checking it
+    alone keeps the per-call cost constant, whatever the model's size."""
+    return next(((i, x.data_ptr()) for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
+
+
+class _Recompiler:
+    """A graph as Dynamo gave it (``module``: an untouched copy, see :func:`_dynamo_copy`) with its
+    sites and compile settings, to compile again after the first compile with some sites made exact:
+    the runtime monitor's demotions, the exact graph for other parameters.
+
+    That compile runs at call time, outside Dynamo: it takes the graph's own example values (fake
+    tensors and symbolic sizes from Dynamo's trace) as example inputs, so that it generalises over
+    the shapes the first compile did (a call's real inputs would specialise a dynamic graph to
+    that call's shapes). Shape guards Inductor adds in that compile are not installed (Dynamo
+    installed the graph's guards at its first compile)."""
+
+    def __init__(self, module: fx.GraphModule, sites: list[AttentionSite], config: DistrConfig, patches: dict):
+        self.module, self.config, self.patches = module, config, patches
+        self.sites = sites_on(module.graph, sites)
+        self.example_inputs = [n.meta["example_value"] for n in module.graph.find_nodes(op="placeholder")]
+
+    def compile_exact(self, decisions: Mapping[str, SiteDecision], exact: Iterable[str], source: str) -> Callable:
+        """Compile a fresh copy as the backend does (:func:`_compile`) with ``decisions``, but the sites
+        named in ``exact`` made exact attention, their source ``source``: no longer forced, since a
+        forced site keeps the op (at G=1). ``decisions`` themselves do not change."""
+        made_exact = {name: dataclasses.replace(decisions[name], group_size=EXACT, source=source) for name in exact}
+        gm = self._fresh()
+        return _compile(gm, sites_on(gm.graph, self.sites), {**decisions, **made_exact}, self.example_inputs,
+                        self.config, self.patches)
+
+    def compile_unchanged(self) -> Callable:
+        """Compile a fresh copy as it came, with Inductor: what ``backend="inductor"`` would run."""
+        return _inductor(self._fresh(), self.example_inputs, self.patches)
+
+    def _fresh(self) -> fx.GraphModule:
+        return _dynamo_copy(self.module, copy.deepcopy(self.module.graph))
 
 
 class _FittedParameters:
     """A compiled graph whose approximations were fitted to the parameters it was compiled with:
-    decisions the guard calibrated on them, and projection maps. Warns once when it is called with
-    other parameters. Dynamo reuses a graph for every module that runs the same code under equal
-    compile options (it compares backends by value): the identical layers of regional compilation
-    (``layer.compile()`` on each), a second model of the same class compiled on its own, or
-    ``torch.func.functional_call`` with other weights. The first parameters' decisions and maps
-    would then serve the others, unmeasured.
+    decisions the guard calibrated on them, and projection maps. Dynamo reuses a graph for every
+    module that runs the same code under equal compile options (it compares backends by value):
+    the identical layers of regional compilation (``layer.compile()`` on each), a second model of
+    the same class compiled on its own, or ``torch.func.functional_call`` with other weights. The
+    first parameters' decisions and maps were never measured on the others, so calls with other
+    parameters (told apart by one parameter's storage, see :func:`_first_parameter`) run the graph
+    with those sites exact instead, compiled on the first such call; a warning says so once. Calls
+    with the first parameters run ``compiled`` (the runtime monitor, if any, watches only these:
+    its decisions are theirs).
 
     Like every wrapper here it is called as Dynamo calls what a backend returns: with the graph's
     inputs as positional arguments. (Inductor's callable says ``_boxed_call`` all the same: AOT
     autograd's unboxed wrapper copies the attribute from the boxed function it wraps.)"""
 
-    def __init__(self, compiled: Callable, example_inputs: list, sites: list[str], projected: bool):
-        self.compiled, self.sites, self.projected = compiled, sites, projected
-        # One parameter tells modules apart (another layer or model owns other storage): checking
-        # it alone keeps the per-call cost constant, whatever the model's size.
-        self.parameter = next(((i, x.data_ptr()) for i, x in enumerate(example_inputs)
-                               if isinstance(x, torch.nn.Parameter)), None)
-        self.warned = False
+    def __init__(self, compiled: Callable, recompiler: _Recompiler, decisions: Mapping[str, SiteDecision],
+                 sites: list[str], parameter: tuple[int, int]):
+        self.compiled, self.recompiler, self.decisions, self.sites = compiled, recompiler, decisions, sites
+        self.index, self.data_ptr = parameter
+        self.exact: Callable | None = None
 
     @staticmethod
     def sites_of(decisions: Mapping[str, SiteDecision]) -> list[str]:
@@ -249,19 +328,35 @@ class _FittedParameters:
                 if d.projected or (d.approximated and d.source in ("calibrated", "end-to-end"))]
 
     def __call__(self, *args: Any) -> Any:
-        if not self.warned and self.parameter is not None and args[self.parameter[0]].data_ptr() != self.parameter[1]:
-            self.warned = True
-            fitted = "the guard's decisions and projection maps" if self.projected else "the guard's decisions"
-            warnings.warn(
-                f"distr: {fitted} of {', '.join(self.sites)} were fitted with the parameters this graph was compiled "
-                "with, and it now runs with other parameters (Dynamo reuses a graph for modules that run the same "
-                "code under equal options: regional compilation of identical layers, another model of the same "
-                "class, functional_call): they were not measured on these. Compile the whole model, give each "
-                "model its own plan (options={'plan': path}), or, for a transformers model with projection maps, "
-                "keep each layer's maps on its attention module (distr_compile.configure(model, config, "
-                "calibration=batches)) and compile the layers with Inductor.",
-                stacklevel=2)
-        return self.compiled(*args)
+        if args[self.index].data_ptr() == self.data_ptr:
+            return self.compiled(*args)
+        if self.exact is None:
+            self.exact = self._compile_exact()
+        return self.exact(*args)
+
+    def _compile_exact(self) -> Callable:
+        """The graph with the fitted sites exact, after a warning that says why. Should its compile
+        fail (a bug of ours), the graph as it came, compiled with Inductor: exact too."""
+        names = ", ".join(self.sites)
+        projected = any(self.decisions[name].projected for name in self.sites)
+        fitted = "decisions and projection maps" if projected else "decisions"
+        warnings.warn(
+            f"distr: the guard's {fitted} of {names} were fitted to the parameters this graph was compiled with, and "
+            "it now runs with others (Dynamo reuses a graph for modules that run the same code under equal options: "
+            "identical layers compiled one by one, another model of the same class, functional_call): calls with "
+            f"other parameters run exact attention at {names}. For approximations fitted to each model or layer, "
+            "compile the whole model, give each model its own plan (options={'plan': path}), or, for a transformers "
+            "model, keep each layer's projection maps on its attention module with distr_compile.configure(model, "
+            "config, calibration=batches) and compile it with Inductor.",
+            stacklevel=3)
+        try:
+            return self.recompiler.compile_exact(self.decisions, self.sites, "other parameters")
+        except Exception as error:  # a bug of ours must not fail the user's call, nor run the approximation
+            warnings.warn(f"distr: compiling the graph with {names} exact failed ({type(error).__name__}: {error}); "
+                          "calls with other parameters run the graph as it came, compiled with Inductor. This is a "
+                          "bug in distr-compile: please report it.", stacklevel=3)
+            log.info("distr: compiling the exact graph failed", exc_info=error)
+            return self.recompiler.compile_unchanged()
 
 
 class _Monitor:
@@ -269,12 +364,10 @@ class _Monitor:
     call's real inputs (the heads reading KV head 0 only) and, if one drifted over the
     tolerance, demote it to exact and recompile the graph. Projection sites are not rechecked."""
 
-    def __init__(self, original: fx.GraphModule, sites: list[AttentionSite], decisions: dict[str, SiteDecision],
-                 config: DistrConfig, patches: dict, compiled: Callable):
-        self.original, self.decisions, self.config, self.patches = original, decisions, config, patches
-        self.sites = sites_on(original.graph, sites)
+    def __init__(self, recompiler: _Recompiler, decisions: dict[str, SiteDecision], compiled: Callable):
+        self.recompiler, self.decisions, self.config = recompiler, decisions, recompiler.config
         self.compiled = compiled
-        self.probe = probe_module(original, self.sites)
+        self.probe = probe_module(recompiler.module, recompiler.sites)
         self.calls = 0
         self.active = True
 
@@ -304,10 +397,7 @@ class _Monitor:
                                  f"> tolerance {self.config.tolerance:g}")
         if not drifted:
             return
-        gm = fx.GraphModule(self.original, copy.deepcopy(self.original.graph))
-        exact = {n: dataclasses.replace(self.decisions[n], group_size=EXACT) for n in drifted}
-        self.compiled = _compile(gm, sites_on(gm.graph, self.sites), {**self.decisions, **exact}, list(args),
-                                 self.config, self.patches)
+        self.compiled = self.recompiler.compile_exact(self.decisions, drifted, "monitor")
         for name, reason in drifted.items():  # the stored decisions change once the exact graph is in place
             d = self.decisions[name]
             d.group_size, d.source, d.reason = EXACT, "monitor", reason

@@ -275,34 +275,86 @@ def test_recompile_reuses_decisions(eager_backend, monkeypatch):
 
 
 GUARDED_LOOSE = {"approximate": "guarded", "tolerance": 10.0, "block_m": 16, "min_speedup": 0}
+REUSED = "fitted to the parameters this graph was compiled with"
 
 
-def compiled_separately(model, x):
-    return torch.compile(model, backend="distr", options=GUARDED_LOOSE)(x)
+def compiled_separately(other, compiled):
+    return torch.compile(other, backend="distr", options=GUARDED_LOOSE)
 
 
-def called_with_its_weights(model, x, first):
-    return torch.func.functional_call(first, dict(model.named_parameters()), (x,))
+def called_with_its_weights(other, compiled):
+    return lambda x: torch.func.functional_call(compiled, dict(other.named_parameters()), (x,))
+
+
+def calibrated_and_other(run_other, options=GUARDED_LOOSE):
+    """A model compiled with a site the guard approximates (calibrated on its weights), its
+    approximated output on ``x``, and a second model of the same class run through the same graph
+    (``run_other``), which Dynamo reuses without calling the backend: it compares backends by value."""
+    torch.manual_seed(0)
+    first, other = NanoGPTCausalSelfAttention().eval(), NanoGPTCausalSelfAttention().eval()
+    compiled = torch.compile(first, backend="distr", options=options)
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=f".*{REUSED}")
+        approximated = compiled(x)
+    assert (approximated - first(x)).norm() > 1e-2 * first(x).norm(), "the site must be approximated"
+    return compiled, approximated, run_other(other, compiled), other, x
 
 
 @pytest.mark.parametrize("run_other", [compiled_separately, called_with_its_weights], ids=lambda f: f.__name__)
-def test_a_calibrated_graph_reused_for_other_parameters_warns(eager_backend, run_other):
-    """Dynamo compares backends by value, so a second model of the same class compiled with equal
-    options (or the first one's compiled module called with the second's weights) runs the graph
-    calibrated on the first model's weights: the backend is not called again, and says so."""
-    torch.manual_seed(0)
-    first, other = NanoGPTCausalSelfAttention().eval(), NanoGPTCausalSelfAttention().eval()
-    compiled = torch.compile(first, backend="distr", options=GUARDED_LOOSE)
-    x = torch.randn(2, 8, 64)
+def test_a_calibrated_graph_runs_exact_attention_for_other_parameters(eager_backend, run_other):
+    """A second model of the same class compiled with equal options, or the first one's compiled
+    module called with the second's weights, runs the graph calibrated on the first model's
+    weights. The approximation was never measured on the second's: it runs exact attention (a graph
+    compiled once, on its first call), with a warning once. The first model keeps its approximated
+    output, without a warning, and its decision."""
+    compiled, approximated, run, other, x = calibrated_and_other(run_other)
+    with torch.no_grad(), pytest.warns(UserWarning, match=f"{REUSED}.*run exact attention at <root>") as caught:
+        torch.testing.assert_close(run(x), other(x))
+        torch.testing.assert_close(run(2 * x), other(2 * x))
+    assert len([w for w in caught if REUSED in str(w.message)]) == 1
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*fitted with the parameters")
+        warnings.filterwarnings("error", message=f".*{REUSED}")
+        torch.testing.assert_close(compiled(x), approximated, atol=0, rtol=0)
+    (decision,) = distr_compile.plan_of(compiled).sites.values()
+    assert (decision.group_size, decision.source) == (2, "calibrated")
+    assert [len(op_nodes([gm])) for gm in eager_backend] == [1, 0], "the exact graph is compiled once"
+
+
+def test_the_monitor_watches_only_the_parameters_its_decisions_are_for(eager_backend, monkeypatch):
+    """The runtime monitor rechecks the first model's approximation on the first model's calls; the
+    other model's calls run the exact graph and are not its to check."""
+    checks = []
+    monkeypatch.setattr(backend, "run_probe", lambda probe, args: checks.append(probe))
+    compiled, _, run, other, x = calibrated_and_other(called_with_its_weights, {**GUARDED_LOOSE, "monitor_every": 1})
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=REUSED):
+            torch.testing.assert_close(run(x), other(x))
+        assert len(checks) == 1, "the other model's call is not checked"
         compiled(x)
-        compiled(x)
-    with torch.no_grad(), pytest.warns(UserWarning, match="the guard's decisions of <root> were fitted with the param"):
-        args = (other, x) if run_other is compiled_separately else (other, x, compiled)
-        run_other(*args)
-    assert len(eager_backend) == 1, "the graph is reused, not recompiled"
-    assert len(op_nodes(eager_backend)) == 1
+    assert len(checks) == 2, "the first model's calls are"
+
+
+def test_the_exact_graph_is_compiled_with_the_same_inductor_settings(monkeypatch):
+    """Under mode="reduce-overhead" the exact graph for other parameters gets CUDA graphs too: the
+    same Inductor settings as the graph of the first parameters."""
+    patches = []
+    monkeypatch.setattr(backend, "compile_fx", lambda gm, inputs, config_patches: patches.append(config_patches) or gm)
+    _, _, run, other, x = calibrated_and_other(called_with_its_weights, {**GUARDED_LOOSE, "mode": "reduce-overhead"})
+    with torch.no_grad(), pytest.warns(UserWarning, match=REUSED):
+        torch.testing.assert_close(run(x), other(x))
+    assert len(patches) == 2 and patches[1] == patches[0] and patches[0]["triton.cudagraphs"]
+
+
+def test_a_failed_exact_compile_runs_the_graph_as_it_came(eager_backend, monkeypatch):
+    """Compiling the exact graph is the backend's own work: should it fail, the other model's calls
+    run the graph as it came (compiled with Inductor; exact too), with a warning that it is a bug,
+    never the approximation."""
+    _, _, run, other, x = calibrated_and_other(compiled_separately)
+    monkeypatch.setattr(backend, "use_simpler_masks", boom)
+    with torch.no_grad(), pytest.warns(UserWarning, match="mask rewrite failed.*This is a bug in distr-compile"):
+        torch.testing.assert_close(run(x), other(x))
+    assert len(eager_backend) == 2 and op_nodes(eager_backend[1:]) == []
 
 
 def test_training_backward_through_the_op(eager_backend):
@@ -504,16 +556,21 @@ def test_a_fault_in_the_runtime_monitor_turns_it_off(eager_backend, monkeypatch)
 def test_runtime_monitor_with_inductor_checks_and_demotes():
     """Real Inductor (whose callable Dynamo calls with positional arguments): the calls between
     checks run the compiled graph; a check that finds the site over the tolerance recompiles it
-    exact, and from then on the model computes SDPA."""
+    exact, and from then on the model computes SDPA, at every length of the dynamic graph (the
+    recompile is for the graph's shapes, not the call's)."""
     def attention(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     q, k, v = torch.randn(3, 1, 2, 32, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    for x in (q, k, v):
+        torch._dynamo.mark_dynamic(x, 2)  # the length (a dynamic head dim would keep the site exact)
     compiled = torch.compile(attention, backend="distr", options={**FORCED_G2, "monitor_every": 2, "tolerance": 0.0})
     with torch.no_grad():
         approximated = compiled(q, k, v)  # call 1: no check due
         exact = compiled(q, k, v)  # call 2: the check demotes the site
         torch.testing.assert_close(compiled(q, k, v), exact)
+        longer = torch.randn(3, 1, 2, 48, 16, generator=torch.Generator().manual_seed(1)).unbind(0)
+        torch.testing.assert_close(compiled(*longer), attention(*longer))
     assert not torch.allclose(approximated, attention(q, k, v), atol=1e-3)
     torch.testing.assert_close(exact, attention(q, k, v))
     (decision,) = distr_compile.plan_of(compiled).sites.values()

@@ -200,49 +200,78 @@ def test_backend_projection_on_gqa_llama_matches_eager(eager_backend, monkeypatc
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_graph_reused_for_other_parameters_warns(eager_backend):
+REUSED = "fitted to the parameters this graph was compiled with"
+
+
+def test_graph_reused_for_other_parameters_runs_exact_attention(eager_backend, monkeypatch):
     """Regional compilation (``layer.compile()`` on each identical layer) reuses one graph, fitted
-    on the first layer, for every layer: the maps do not fit the others, and the backend says so
-    once. Compiling the whole model gives every layer its own maps and no warning."""
-    from test_passes import tiny_hf_llama
+    on the first layer, for every layer: the first layer runs its maps, the second (whose q and k
+    the maps were not fitted on) exact attention, and the backend says so once. Compiling the whole
+    model gives every layer its own maps and no warning."""
+    import distr_compile
+    from test_passes import op_nodes, tiny_hf_llama
 
     model, ids = tiny_hf_llama()
     for layer in model.layers:
         layer.compile(backend="distr", options=PROJECTED)
-    with pytest.warns(UserWarning, match="fitted with the parameters this graph was compiled with") as caught, \
-            torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-        model(input_ids=ids, use_cache=False)
+    with pytest.warns(UserWarning, match=REUSED) as caught, torch.no_grad():
+        out = model(input_ids=ids, use_cache=False).last_hidden_state
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).last_hidden_state, out)
     assert len([w for w in caught if "projection maps" in str(w.message)]) == 1
-    assert len(eager_backend) == 1, "one graph serves both layers"
+    assert [len(op_nodes([gm])) for gm in eager_backend] == [1, 0], "one graph per layer kind, and its exact twin"
+    (site,) = distr_compile.plan_of(model.layers[0]).sites.values()
+    layer_maps = [site.maps, None]  # layer 0 projects with its maps, layer 1 attends exactly
+    real_sdpa = F.scaled_dot_product_attention
+
+    def layer_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        maps = layer_maps.pop(0)
+        if maps is not None:
+            q, k = project(q, k, *maps)
+        return real_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    with monkeypatch.context() as patch, torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        patch.setattr(F, "scaled_dot_product_attention", layer_sdpa)
+        expected = model(input_ids=ids, use_cache=False).last_hidden_state
+    assert not layer_maps
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
     model, ids = tiny_hf_llama()
     compiled = torch.compile(model, backend="distr", options=PROJECTED)
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*projection maps")
+        warnings.filterwarnings("error", message=f".*{REUSED}")
         with torch.no_grad():
             compiled(input_ids=ids, use_cache=False)
             compiled(input_ids=ids, use_cache=False)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_graph_reused_for_other_parameters_warns_with_inductor(batch):
-    """Real Inductor, whose callable Dynamo calls with positional arguments: the layer the graph
-    was compiled for runs without the warning (whatever its batch size), a second layer reusing
-    the graph warns."""
+def test_graph_reused_for_other_parameters_runs_exact_attention_with_inductor(batch):
+    """Real Inductor, whose callable Dynamo calls with positional arguments, and dynamic shapes: the
+    layer the graph was compiled for runs its maps without the warning (whatever its batch size); a
+    second layer reusing the graph warns once and computes exact attention, at every length (its
+    exact graph is compiled for the shapes the first graph was, not for the call's)."""
+    import distr_compile
+
     torch._dynamo.reset()
     torch.manual_seed(0)
     first, second = CausalSelfAttention(), CausalSelfAttention()
     for layer in (first, second):
-        layer.compile(backend="distr", options=PROJECTED)
+        layer.compile(backend="distr", dynamic=True, options=PROJECTED)
     x = randn(batch, 24, 32)
     with torch.no_grad():
         with warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".*projection maps")
-            first(x)
-            first(x)
-        with pytest.warns(UserWarning, match="fitted with the parameters this graph was compiled with"):
-            second(x)
+            warnings.filterwarnings("error", message=f".*{REUSED}")
+            projected = first(x)
+        (site,) = distr_compile.plan_of(first).sites.values()
+        q, k, v = first.qkv_heads(x)
+        torch.testing.assert_close(projected, projected_attention(q, k, v, *site.maps, is_causal=True),
+                                   atol=1e-5, rtol=1e-5)
+        with pytest.warns(UserWarning, match=REUSED) as caught:
+            for length in (24, 40):
+                x = randn(batch, length, 32, seed=length)
+                torch.testing.assert_close(second(x), second.forward(x), atol=1e-5, rtol=1e-5)
+    assert len([w for w in caught if REUSED in str(w.message)]) == 1
 
 
 def test_backend_projection_trains(eager_backend):
