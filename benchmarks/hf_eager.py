@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--block-m", type=int, default=64)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which rows to time (default: all)")
     parser.add_argument("--smoke", action="store_true", help="a 2-layer model at 2 x 64 tokens, float32")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after each row, profile one step and print its N most expensive ops (self time)")
     args = parser.parse_args()
     if args.smoke:
         args.batch, args.tokens = 2, 64
@@ -97,6 +99,8 @@ def main() -> None:
         loss = step().item()  # compiles the compiled rows
         results[name] = (median_ms(step, params, device), loss)
         print(f"{name}: {results[name][0]:.2f} ms, loss {loss:.4f}", flush=True)
+        if args.profile:
+            print(profile(step, params, device, args.profile), flush=True)
         del model, params
 
     reference_name = rows["compiled-distr"][0] if "compiled-distr" in args.rows else next(iter(results))
@@ -124,6 +128,23 @@ def median_ms(step: Callable[[], torch.Tensor], params: list[torch.Tensor], devi
         step()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def profile(step: Callable[[], torch.Tensor], params: list[torch.Tensor], device: torch.device, top: int) -> str:
+    """Where one step's time goes: ``torch.profiler``'s table of the ``top`` ops by self time on the
+    device (CPU time without CUDA), after one untimed step."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for _ in range(2):
+        for p in params:
+            p.grad = None
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=top)
 
 
 def device_name(device: torch.device) -> str:
